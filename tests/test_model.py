@@ -1,0 +1,205 @@
+"""MiniMind model: fixture logits, config inference, cache, sampler log-probs, MoE, HF round trip."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_state_dict,
+                                  sample_responses)
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures"
+
+
+def tiny(version=2, **kw):
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(**{"version": version, "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300, **kw})
+    return MiniMindForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["minimind_v2_dense.pt", "minimind_v3_dense.pt"])
+def test_fixture_logits_and_inferred_config(name):
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"{path} not found (the shared reference folder sits beside the repo)")
+    fx = torch.load(path, weights_only=False)
+    cfg = config_from_state_dict(fx["state_dict"])
+    for key, value in fx["config"].items():
+        if key != "flash_attn":  # an attention-kernel switch, not a property of the weights
+            assert getattr(cfg, key) == value, key
+    model = MiniMindForCausalLM(cfg).eval()
+    model.load_state_dict(fx["state_dict"], strict=True)
+    with torch.no_grad():
+        logits = model(fx["input_ids"], attention_mask=fx["attention_mask"]).logits
+    pad = fx["pad_len_row1"]
+    assert (logits[0] - fx["expected_logits_row0"]).abs().max() < 1e-4
+    assert (logits[1, pad:] - fx["expected_logits_row1_unpadded"]).abs().max() < 1e-4
+    # fp16 weights (how MiniMind ships .pth files) load strictly too
+    half = {k: v.half() for k, v in fx["state_dict"].items()}
+    MiniMindForCausalLM(config_from_state_dict(half)).load_state_dict(half, strict=True)
+
+
+@pytest.mark.parametrize("version,use_moe", [(2, False), (3, False), (2, True), (3, True)])
+def test_config_inferred_from_state_dict(version, use_moe):
+    model = tiny(version, use_moe=use_moe, num_hidden_layers=3)
+    cfg = config_from_state_dict(model.state_dict())
+    ref = model.config
+    for key in ["version", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "rms_norm_eps", "qk_norm", "use_moe", "n_routed_experts",
+                "n_shared_experts", "num_experts_per_tok", "vocab_size"]:
+        assert getattr(cfg, key) == getattr(ref, key), key
+    MiniMindForCausalLM(cfg).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_state_dict_layout_matches_minimind():
+    sd = tiny(2).state_dict()
+    assert sd["model.layers.0.mlp.gate_proj.weight"].shape == (192, 64)  # 64 * ceil(64 * 8/3 / 64)
+    assert "model.layers.0.self_attn.q_norm.weight" not in sd
+    sd3 = tiny(3).state_dict()
+    assert sd3["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)  # 4 kv heads of 8
+    assert sd3["model.layers.0.mlp.gate_proj.weight"].shape == (256, 64)  # 64 * ceil(64 * pi / 64)
+    moe = tiny(2, use_moe=True).state_dict()
+    assert "model.layers.0.mlp.shared_experts.0.up_proj.weight" in moe
+    assert moe["model.layers.0.mlp.gate.weight"].shape == (4, 64)
+    assert not any(k.startswith("model.rope") for k in sd), "RoPE tables must not be saved"
+    # MiniMind at 512: intermediate 1408 (v2) and 1664 (v3)
+    assert MiniMindConfig(version=2).intermediate_size == 1408
+    assert MiniMindConfig(version=3, hidden_size=512).intermediate_size == 1664
+
+
+def test_flags_contradicting_weights_name_both_values():
+    sd = tiny(2).state_dict()
+    with pytest.raises(ValueError, match=r"--hidden_size 512 .*hidden_size = 64"):
+        config_from_state_dict(sd, hidden_size=512)
+    with pytest.raises(ValueError, match=r"--use_moe True .*use_moe = False"):
+        config_from_state_dict(sd, use_moe=True)
+    assert config_from_state_dict(sd, hidden_size=64, num_hidden_layers=None).hidden_size == 64
+    with pytest.raises(ValueError, match="missing"):
+        config_from_state_dict({"foo": torch.zeros(1)})
+
+
+def greedy_by_full_reforward(model, ids, mask, n, eos):
+    """Reference decoder: re-run the whole sequence every step, no cache."""
+    out = []
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = model(ids, attention_mask=mask).logits[:, -1].argmax(-1)
+        nxt = nxt.masked_fill(done, 0)
+        out.append(nxt)
+        done |= nxt == eos
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(out, 1)
+
+
+def left_padded_batch(vocab=300):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    ids[2, :7], mask[2, :7] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("version,use_moe", [(2, False), (3, False), (2, True)])
+def test_greedy_with_cache_equals_full_reforward(version, use_moe):
+    model = tiny(version, use_moe=use_moe)
+    ids, mask = left_padded_batch()
+    resp, resp_mask, _ = sample_responses(model, ids, mask, 12, eos_token_id=-1, pad_token_id=0, greedy=True)
+    assert torch.equal(resp, greedy_by_full_reforward(model, ids, mask, 12, eos=-1))
+    assert resp_mask.all()
+
+
+def full_forward_logprobs(model, ids, mask, resp, temperature):
+    seq = torch.cat([ids, resp], 1)
+    full_mask = torch.cat([mask, torch.ones_like(resp)], 1)
+    with torch.no_grad():
+        logits = model(seq, attention_mask=full_mask).logits[:, ids.shape[1] - 1:-1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
+
+
+def test_sampled_logprobs_equal_a_separate_full_forward():
+    model = tiny(2)
+    ids, mask = left_padded_batch()
+    g = torch.Generator().manual_seed(0)
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 16, eos_token_id=2, pad_token_id=0,
+                                                 temperature=0.7, generator=g)
+    ref = full_forward_logprobs(model, ids, mask, resp, 0.7)
+    assert torch.allclose(logprobs, ref * resp_mask, atol=1e-5)
+
+
+def test_eos_stops_row_and_pads_after_it():
+    model = tiny(2)
+    # make token 5 overwhelmingly likely everywhere, so EOS=5 ends every row at step 1
+    bias = torch.zeros(300)
+    bias[5] = 100.0
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    ids, mask = left_padded_batch()
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 10, eos_token_id=5, pad_token_id=0,
+                                                 generator=torch.Generator().manual_seed(0))
+    assert resp.shape == (3, 1), "loop must exit once every row has stopped"
+    assert (resp == 5).all() and resp_mask.all()
+
+
+def test_rows_stop_independently():
+    model = tiny(2)
+    ids, mask = left_padded_batch()
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 20, eos_token_id=-1, pad_token_id=0,
+                                                 greedy=True)
+    eos = int(resp[0, 3])  # declare row 0's 4th greedy token the EOS, and decode again
+    row0_len = int((resp[0] == eos).nonzero()[0]) + 1
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 20, eos_token_id=eos, pad_token_id=0,
+                                                 greedy=True)
+    for row in range(3):
+        hits = (resp[row] == eos).nonzero()
+        n_real = int(hits[0]) + 1 if len(hits) else resp.shape[1]
+        assert resp_mask[row, :n_real].all() and not resp_mask[row, n_real:].any()
+        assert (resp[row, n_real:] == 0).all() and (logprobs[row, n_real:] == 0).all()
+    assert resp_mask[0].sum() == row0_len
+
+
+def test_top_k_and_top_p_logprobs_are_of_the_truncated_distribution():
+    model = tiny(2)
+    ids, mask = left_padded_batch()
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 8, eos_token_id=-1, pad_token_id=0,
+                                                 top_k=5, generator=torch.Generator().manual_seed(0))
+    seq_logits = model(torch.cat([ids, resp], 1), attention_mask=torch.cat([mask, resp_mask], 1)).logits
+    logits = seq_logits[:, ids.shape[1] - 1:-1].detach()
+    top5 = logits.topk(5, -1)
+    assert (top5.indices == resp[..., None]).any(-1).all(), "every sampled token is in the top 5"
+    ref = top5.values.log_softmax(-1).gather(-1, (top5.indices == resp[..., None]).float().argmax(-1, keepdim=True))
+    assert torch.allclose(logprobs, ref.squeeze(-1), atol=1e-5)
+    _, _, lp_p = sample_responses(model, ids, mask, 8, eos_token_id=-1, pad_token_id=0, top_p=0.3,
+                                  generator=torch.Generator().manual_seed(0))
+    assert (lp_p <= 0).all() and (lp_p > -torch.log(torch.tensor(300.0))).any()
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_moe_forward_and_aux_loss(version):
+    model = tiny(version, use_moe=True).train()
+    ids, mask = left_padded_batch()
+    out = model(ids, attention_mask=mask)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.aux_loss) and out.aux_loss > 0
+    (out.logits.mean() + out.aux_loss).backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_logits_to_keep_and_cache_object():
+    model = tiny(2)
+    ids, mask = left_padded_batch()
+    full = model(ids, attention_mask=mask).logits
+    last3 = model(ids, attention_mask=mask, logits_to_keep=3).logits
+    assert torch.allclose(full[:, -3:], last3, atol=1e-6)
+    out = model(ids, attention_mask=mask, use_cache=True)
+    assert out.past_key_values.length == ids.shape[1]
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model = tiny(3)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "minimind"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = left_padded_batch()
+    assert torch.allclose(model(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits, atol=1e-6)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
