@@ -1,0 +1,369 @@
+"""Training helpers shared by the trainers: distributed setup, seeding, batching,
+LR schedule, crash-safe checkpoint I/O and RNG state capture for exact resume."""
+import math
+import os
+import random
+import re
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.utils.data import BatchSampler, Sampler
+
+
+# ---------------------------------------------------------------- distributed
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def Logger(content):
+    if is_main_process():
+        print(content, flush=True)
+
+
+def init_distributed_mode(backend=None):
+    """Join the process group when launched by torchrun; a no-op for plain `python`.
+    Returns the local rank (the GPU index on this node)."""
+    if "RANK" not in os.environ:
+        return 0
+    if "LOCAL_RANK" not in os.environ:
+        raise RuntimeError("RANK is set but LOCAL_RANK is not; launch distributed runs with torchrun")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("distributed backend 'nccl' needs CUDA, which is not available; use 'gloo'")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)  # before init, so NCCL binds each rank to its own GPU
+    dist.init_process_group(backend=backend)
+    return local_rank
+
+
+def setup_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+# ---------------------------------------------------------------- batching and LR
+
+class SkipBatchSampler(Sampler):
+    """Batches of indices from `sampler`, minus the first `skip_batches` ones, so a resumed
+    epoch continues where it stopped. Skipped batches are still drawn from the sampler so a
+    seeded shuffle yields the same order as in the interrupted run."""
+
+    def __init__(self, sampler, batch_size, skip_batches=0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        self.batches = BatchSampler(sampler, batch_size, drop_last=False)
+        self.skip_batches = skip_batches
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i >= self.skip_batches:
+                yield batch
+
+    def __len__(self):
+        return max(0, len(self.batches) - self.skip_batches)
+
+
+def build_cosine_scheduler(optimizer, total_steps, warmup_steps=0, min_lr_ratio=0.1):
+    """Linear warmup (lr/warmup_steps ... lr), then cosine decay to lr*min_lr_ratio at total_steps."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    decay_steps = total_steps - warmup_steps
+
+    # A plain function, not a callable object, so state_dict() holds only numbers.
+    def lr_factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+# ---------------------------------------------------------------- file names
+
+def _model_tag(weight, hidden_size, use_moe):
+    return f"{weight}_{hidden_size}{'_moe' if use_moe else ''}"
+
+
+def weight_path(save_dir, weight, hidden_size, use_moe):
+    return os.path.join(save_dir, f"{_model_tag(weight, hidden_size, use_moe)}.pth")
+
+
+def resume_path(checkpoint_dir, weight, hidden_size, use_moe):
+    return os.path.join(checkpoint_dir, f"{_model_tag(weight, hidden_size, use_moe)}_resume.pth")
+
+
+# ---------------------------------------------------------------- crash-safe saving
+
+def _remove_if_exists(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(folder):
+    # Makes the renames themselves durable; some filesystems refuse fsync on a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_temp(obj, path):
+    """torch.save `obj` into a fully synced temp file beside `path`; returns the temp name.
+    The temp lives in the same folder so the final os.replace is an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.{os.getpid()}.tmp"  # *.tmp is git-ignored
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(tmp, "wb")
+    except OSError as e:
+        raise OSError(f"cannot write {path}: folder {folder} is not writable ({e.strerror or e})") from e
+    try:
+        with f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove_if_exists(tmp)
+        raise
+    return tmp
+
+
+def atomic_save(obj, path):
+    """torch.save that never leaves a half-written file at `path`: on any failure the
+    previous file stays intact and no temp file is left behind."""
+    path = os.fspath(path)
+    tmp = _write_temp(obj, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_if_exists(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def unwrap_model(model):
+    """The bare module under DDP / DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_weights(model, path, dtype=torch.float16):
+    """Save the bare model's state dict like MiniMind's `full_sft_512.pth`: float tensors in
+    `dtype` on CPU (integer buffers keep their type)."""
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu()
+        for k, v in unwrap_model(model).state_dict().items()
+    }
+    atomic_save(state, path)
+
+
+def _first_line(error):
+    # torch's unpickling errors run to several paragraphs; the first line says what happened.
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _strip_wrapper_prefixes(key):
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def load_state_dict_file(path):
+    """Read a weight file into a CPU state dict. Accepts plain state dicts, MiniMind resume
+    files (`{"model": state_dict, ...}`) and keys saved from DDP / compiled models."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: weight file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read weights ({_first_line(e)})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path}: expected a non-empty dict of tensors, got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise ValueError(f"{path}: not a state dict; entry {bad[0]!r} is not a tensor")
+    return {_strip_wrapper_prefixes(k): v for k, v in obj.items()}
+
+
+# ---------------------------------------------------------------- models
+
+def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
+    """A weight name becomes {save_dir}/{name}_{hidden}{_moe}.pth (hidden 512 if not given);
+    anything that looks like a path is used as it is."""
+    if weight.endswith(".pth") or os.sep in weight or os.path.isfile(weight):
+        return weight
+    return weight_path(save_dir, weight, hidden_size or 512, bool(use_moe))
+
+
+def init_model(weight, save_dir, tokenizer_path, device, hidden_size=None, num_hidden_layers=None, use_moe=None):
+    """Tokenizer + MiniMindForCausalLM in float32 on `device`.
+
+    The config is read off the weights (sizes given here are only checked against them);
+    `weight="none"` builds a random model from the given sizes (benchmarks, tests).
+    """
+    from transformers import AutoTokenizer
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except Exception as e:
+        raise ValueError(f"--tokenizer_path {tokenizer_path!r}: cannot load a tokenizer ({_first_line(e)})") from e
+    if weight == "none":
+        config = MiniMindConfig(hidden_size=hidden_size or 512, num_hidden_layers=num_hidden_layers or 8,
+                                use_moe=bool(use_moe))
+        model, state_dict = MiniMindForCausalLM(config), None
+    else:
+        path = resolve_weight(weight, save_dir, hidden_size, use_moe)
+        state_dict = load_state_dict_file(path)
+        try:
+            config = config_from_state_dict(state_dict, hidden_size=hidden_size,
+                                            num_hidden_layers=num_hidden_layers, use_moe=use_moe)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        model = MiniMindForCausalLM(config)
+        model.load_state_dict(state_dict, strict=True)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but the model's vocabulary "
+                         f"holds {model.config.vocab_size}")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"tokenizer {tokenizer_path!r}: the pad token must exist and differ from EOS "
+                         f"(pad {tokenizer.pad_token!r}, eos {tokenizer.eos_token!r}), or EOS is masked out as padding")
+    return model.float().to(device), tokenizer
+
+
+# ---------------------------------------------------------------- RNG state
+
+def get_rng_state():
+    """All RNG states, in types that torch.load(weights_only=True) accepts."""
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": (version, tuple(mt_state), gauss),
+        "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
+                  int(np_has_gauss), float(np_gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    try:
+        version, mt_state, gauss = state["python"]
+        random.setstate((version, tuple(mt_state), gauss))
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+        np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+        torch.set_rng_state(state["torch"].cpu())
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"invalid RNG state ({_first_line(e)})") from e
+    if "cuda" in state and torch.cuda.is_available():
+        # A run resumed on fewer GPUs restores the generators it has.
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+# ---------------------------------------------------------------- resume files with rotation
+
+def _numbered(path, index):
+    """`x_resume.pth` -> `x_resume.1.pth`; index 0 is `path` itself."""
+    if index == 0:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{index}{ext}"
+
+
+def _resume_candidates(path):
+    """`path` and its numbered older copies that exist on disk, newest first."""
+    folder = os.path.dirname(os.path.abspath(path))
+    root, ext = os.path.splitext(os.path.basename(path))
+    pattern = re.compile(re.escape(root) + r"\.(\d+)" + re.escape(ext))
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    indices = sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m and int(m.group(1)) > 0)
+    return [c for c in [path] + [_numbered(path, i) for i in indices] if os.path.isfile(c)]
+
+
+def save_resume(state, path, keep=2):
+    """Write a resume checkpoint and keep the `keep - 1` previous ones as path.1, path.2, ...
+
+    Order: (1) write the new file to a synced temp; (2) shift the old files one slot older,
+    newest last, each an atomic rename, so every complete file always sits under some name;
+    (3) rename the temp onto `path`; (4) drop files beyond `keep`. A crash at any point
+    leaves all previously saved checkpoints loadable (load_resume falls back to path.1)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    path = os.fspath(path)
+    tmp = _write_temp(state, path)
+    try:
+        for i in range(keep - 1, 0, -1):
+            if os.path.isfile(_numbered(path, i - 1)):
+                os.replace(_numbered(path, i - 1), _numbered(path, i))
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_if_exists(tmp)
+        raise
+    for stale in _resume_candidates(path)[keep:]:  # left over from a run with a larger `keep`
+        _remove_if_exists(stale)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def load_resume(path, map_location="cpu"):
+    """(state, file it came from) from the newest readable of path, path.1, ...;
+    (None, None) when none exists. Corrupt files are skipped with a warning."""
+    path = os.fspath(path)
+    errors = []
+    for candidate in _resume_candidates(path):
+        try:
+            state = torch.load(candidate, map_location=map_location, weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError(f"expected a dict, got {type(state).__name__}")
+            return state, candidate
+        except Exception as e:
+            errors.append(f"{candidate} ({_first_line(e)})")
+            Logger(f"warning: skipping unreadable resume file {errors[-1]}")
+    if errors:
+        raise ValueError("all resume files are unreadable: " + "; ".join(errors))
+    return None, None
