@@ -1,0 +1,162 @@
+"""The algorithm's core against brute-force loops and hand-computed cases."""
+import argparse
+import math
+
+import pytest
+import torch
+
+from train_ppo import (calculate_rewards, compute_advantages, kl_penalty, masked_whiten, micro_batches,
+                       policy_loss_per_token, value_loss_per_token, AdaptiveKLController)
+
+
+def gae_brute_force(rewards, values, lengths, gamma, lam):
+    B, T = rewards.shape
+    adv, ret = torch.zeros(B, T), torch.zeros(B, T)
+    for b in range(B):
+        last = 0.0
+        for t in reversed(range(lengths[b])):
+            next_v = values[b, t + 1].item() if t + 1 < lengths[b] else 0.0
+            delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+            ret[b, t] = last + values[b, t].item()
+    return adv, ret
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.9, 0.0)])
+def test_gae_matches_brute_force_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 13
+    lengths = [13, 1, 7, 0, 10]
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    rewards = torch.randn(B, T, generator=g) * mask
+    values = torch.randn(B, T, generator=g)  # garbage past the end must be ignored
+    adv, ret = compute_advantages(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = gae_brute_force(rewards, values, lengths, gamma, lam)
+    assert torch.allclose(adv, ref_adv, atol=1e-5)
+    assert torch.allclose(ret, ref_ret, atol=1e-5)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_gae_hand_computed():
+    # one row, 2 tokens, gamma 1, lam 0.5: r = [0, 1], V = [0.5, 0.25]
+    # delta1 = 1 - 0.25 = 0.75; delta0 = 0 + 0.25 - 0.5 = -0.25; A0 = -0.25 + 0.5 * 0.75 = 0.125
+    adv, ret = compute_advantages(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]),
+                                  torch.ones(1, 2), 1.0, 0.5)
+    assert torch.allclose(adv, torch.tensor([[0.125, 0.75]]))
+    assert torch.allclose(ret, torch.tensor([[0.625, 1.0]]))
+
+
+def test_policy_loss_clipping_cases():
+    eps = 0.2
+    old = torch.zeros(6)
+    ratio = torch.tensor([1.5, 0.5, 1.5, 0.5, 1.0, 5.0])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0, -1.0])
+    loss, r = policy_loss_per_token(ratio.log(), old, adv, eps)
+    # A>0: min(r, 1+eps) * A taken pessimistically; A<0: max(r, 1-eps) * |A|
+    expected = torch.tensor([-1.2, -0.5, 1.5, 0.8, -2.0, 5.0])
+    assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(r, ratio)
+    dual, _ = policy_loss_per_token(ratio.log(), old, adv, eps, dual_clip_c=3.0)
+    # dual clip caps the A<0 loss at c * |A|: only the ratio-5 token changes (5 -> 3)
+    assert torch.allclose(dual, torch.tensor([-1.2, -0.5, 1.5, 0.8, -2.0, 3.0]), atol=1e-6)
+
+
+def test_value_loss_clipping_cases():
+    old = torch.tensor([0.0, 0.0, 1.0])
+    new = torch.tensor([1.0, 0.1, 0.0])
+    ret = torch.tensor([1.0, 1.0, 0.0])
+    loss = value_loss_per_token(new, old, ret, 0.2)
+    # 0: unclipped err 0, clipped V 0.2 -> err 0.64 -> max 0.64 -> 0.32
+    # 1: within range, both (0.9)^2 -> 0.405 ; 2: unclipped 0, clipped V 0.8 -> 0.64 -> 0.32
+    assert torch.allclose(loss, torch.tensor([0.32, 0.405, 0.32]), atol=1e-6)
+
+
+def test_kl_estimators_hand_computed():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    d = torch.tensor([0.5, -1.0, 0.0])
+    assert torch.allclose(kl_penalty(logp, ref, "k1"), d)
+    assert torch.allclose(kl_penalty(logp, ref, "k2"), 0.5 * d ** 2)
+    k3 = torch.tensor([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0, 0.0])
+    assert torch.allclose(kl_penalty(logp, ref, "k3"), k3, atol=1e-6)
+    huge = kl_penalty(torch.tensor([0.0]), torch.tensor([100.0]), "k3")
+    assert torch.isfinite(huge).all() and huge.item() == 10.0  # clamped as verl does
+    assert (kl_penalty(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, -7.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    w = masked_whiten(x, mask)
+    real = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert torch.allclose(w[mask.bool()], (real - real.mean()) / real.std(), atol=1e-6)
+    assert (w[~mask.bool()] == 0).all()
+
+
+def test_micro_batches_split_order():
+    order = torch.tensor([5, 2, 7, 0, 1, 3, 6, 4])
+    mbs = micro_batches(order, 4, 2)
+    assert [[m.tolist() for m in mb] for mb in mbs] == [[[5, 2], [7, 0]], [[1, 3], [6, 4]]]
+
+
+def test_adaptive_kl_controller():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, 10)  # error clipped to +0.2: beta *= 1 + 0.2 * 10 / 100
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    fixed = AdaptiveKLController(0.1, target=0.0, horizon=100)
+    fixed.update(50.0, 10)
+    assert fixed.value == 0.1
+
+
+class FakeRewardModel:
+    """get_score() interface (internlm2-reward style): a score looked up from the reply text."""
+
+    def __init__(self, table):
+        self.table, self.seen = table, []
+
+    def get_score(self, tokenizer, chat):
+        self.seen.append(chat)
+        return self.table.get(chat[-1]["content"], 0.0)
+
+
+PROMPT = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n"
+GOOD = "<think>\n7 + 5 = 12\n</think>\n<answer>\n12\n</answer>"
+GOOD_BLANK = "<think>\nadd\n</think>\n\n<answer>\n12\n</answer>"
+NO_NEWLINE = "<think>7 + 5 = 12</think><answer>12</answer>"
+DOUBLE_THINK = "<think>\n<think>\n</think>\n<answer>\n12\n</answer>"
+PLAIN = "The answer is 12."
+TRAILING = GOOD + " extra"
+
+
+def args(reasoning=1):
+    return argparse.Namespace(reasoning=reasoning, rm_clip=3.0)
+
+
+def test_reward_rules_and_blend():
+    rm = FakeRewardModel({GOOD: 1.0, "12": 2.0, GOOD_BLANK: -1.0, NO_NEWLINE: 0.5, PLAIN: 10.0, TRAILING: 0.0,
+                          DOUBLE_THINK: 0.0})
+    responses = [GOOD, GOOD_BLANK, NO_NEWLINE, DOUBLE_THINK, PLAIN, TRAILING]
+    total, parts = calculate_rewards([PROMPT] * 6, responses, rm, None, args())
+    # the format regex is MiniMind's: a doubled <think> still fits it, the tag rule catches it
+    assert parts["format"].tolist() == [0.5, 0.5, 0.0, 0.5, 0.0, 0.0]
+    assert parts["tags"].tolist() == [1.0, 1.0, 1.0, 0.75, 0.0, 1.0]
+    # answer span present: 0.4 * clip(full) + 0.6 * clip(answer-only "12" -> 2.0)
+    expected_rm = [0.4 * 1.0 + 1.2, 0.4 * -1.0 + 1.2, 0.4 * 0.5 + 1.2, 0.0 + 1.2, 3.0, 0.0 + 1.2]
+    assert torch.allclose(parts["rm"], torch.tensor(expected_rm), atol=1e-6)
+    assert torch.allclose(total, parts["format"] + parts["tags"] + parts["rm"])
+    # the chat given to the RM is recovered from the ChatML prompt
+    assert rm.seen[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 + 5?"},
+                          {"role": "assistant", "content": GOOD}]
+    assert rm.seen[-1][-1] == {"role": "assistant", "content": "12"}  # an answer-only chat
+
+
+def test_reward_without_reasoning_is_clipped_rm_only():
+    rm = FakeRewardModel({GOOD: -7.0, PLAIN: 1.5})
+    total, parts = calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None, args(reasoning=0))
+    assert total.tolist() == [-3.0, 1.5]
+    assert parts["format"].tolist() == [0.0, 0.0] and len(rm.seen) == 2  # no answer-only scoring
+
+
+def test_non_finite_reward_names_the_sample():
+    rm = FakeRewardModel({PLAIN: float("nan")})
+    with pytest.raises(ValueError, match=r"sample 1 .*'The answer is 12.'"):
+        calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None, args())

@@ -1,0 +1,757 @@
+"""PPO for MiniMind: actor, old actor, reference, critic and a reward model, token-level PPO.
+
+Read top to bottom: flags -> models -> reward -> rollout -> advantages -> update -> logging
+and checkpoints -> main. Run with `python train_ppo.py` (one process) or
+`torchrun --nproc_per_node N train_ppo.py` (DDP; NCCL on GPUs, gloo on CPU).
+Formulas follow "The N Implementation Details of RLHF with PPO" (Huang et al.) and
+TRL / verl / OpenRLHF, as summarised in the project's PPO notes.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dataset.lm_dataset import PromptCollator, RLAIFDataset
+from model.model_minimind import MiniMindModel, sample_responses
+from trainer_utils import (Logger, SkipBatchSampler, build_cosine_scheduler, get_rank, get_rng_state,
+                           get_world_size, init_distributed_mode, init_model, is_main_process, load_resume,
+                           load_state_dict_file, resume_path, save_resume, save_weights, set_rng_state,
+                           setup_seed, unwrap_model, weight_path)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- flags
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="PPO (RLHF) for MiniMind. With no flags: the shipped demo kit on CPU.")
+    a = p.add_argument
+    # files
+    a("--save_dir", default="out", help="weights, metrics.jsonl, args and a copy of this script go here")
+    a("--save_weight", default="ppo_actor", help="saved as {save_dir}/{save_weight}_{hidden}{_moe}.pth")
+    a("--checkpoint_dir", default=None, help="resume files (default: {save_dir}/checkpoints)")
+    a("--from_weight", default="demo/full_sft_demo.pth",
+      help="actor init: a name resolved as {save_dir}/{name}_{hidden}{_moe}.pth, a path, or 'none' (random)")
+    a("--critic_weight", default=None, help="critic init (critic or actor .pth); default: the actor's weights")
+    a("--tokenizer_path", default=os.path.join(ROOT, "model"))
+    a("--data_path", default=os.path.join(ROOT, "dataset", "rlaif-mini.jsonl"))
+    a("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
+      help="local folder: a get_score() model (internlm2-reward style) or a 1-label sequence classifier")
+    a("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--reward_device", default=None, help="device for the reward model (default: --device)")
+    # model size: read off the weights; give them only to check or to build a random model
+    a("--hidden_size", type=int, default=None, help="default: from the weights (512 to resolve a name)")
+    a("--num_hidden_layers", type=int, default=None)
+    a("--use_moe", type=int, default=None, choices=[0, 1])
+    a("--max_seq_len", type=int, default=64, help="max prompt tokens (longer prompts lose their left part)")
+    a("--max_gen_len", type=int, default=48, help="max new tokens per response")
+    # schedule
+    a("--epochs", type=int, default=1)
+    a("--max_steps", type=int, default=0, help="stop after this many rollouts (0 = run all epochs)")
+    a("--batch_size", type=int, default=32, help="prompts per rollout per process")
+    a("--mini_batch_size", type=int, default=16, help="rollout rows per optimizer step (per process)")
+    a("--accumulation_steps", type=int, default=1, help="micro-batches per minibatch")
+    a("--ppo_epochs", type=int, default=2)
+    a("--learning_rate", type=float, default=5e-5)
+    a("--critic_learning_rate", type=float, default=2e-4)
+    a("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
+    a("--grad_clip", type=float, default=1.0)
+    # rollout
+    a("--temperature", type=float, default=1.0)
+    a("--top_k", type=int, default=0, help="0 = off. When on, the sampling distribution is truncated while "
+                                           "pi_old is scored untruncated: the ratio then is not exact")
+    a("--top_p", type=float, default=1.0, help="1.0 = off; same caveat as --top_k")
+    a("--update_old_actor_freq", type=int, default=1, help="sync the old actor every N rollouts (1 = standard)")
+    # reward
+    a("--reasoning", type=int, default=1, choices=[0, 1], help="1: format + tag rules + RM; 0: RM only")
+    a("--rm_clip", type=float, default=3.0)
+    a("--missing_eos_penalty", type=float, default=0.0, help="subtracted when a response hits --max_gen_len")
+    # PPO
+    a("--clip_epsilon", type=float, default=0.2)
+    a("--dual_clip_c", type=float, default=0.0, help="dual clip for A<0 (e.g. 3.0); 0 = off")
+    a("--cliprange_value", type=float, default=0.2)
+    a("--vf_coef", type=float, default=0.5)
+    a("--entropy_coef", type=float, default=0.0)
+    a("--kl_coef", type=float, default=0.02)
+    a("--kl_estimator", default="k3", choices=["k1", "k2", "k3"])
+    a("--kl_mode", default="reward", choices=["reward", "loss"], help="KL to ref as per-token reward or as loss")
+    a("--target_kl_ctl", type=float, default=0.0, help="adaptive KL target (e.g. 6); 0 = fixed --kl_coef")
+    a("--kl_horizon", type=int, default=10000)
+    a("--gamma", type=float, default=1.0)
+    a("--lam", type=float, default=0.95)
+    a("--early_stop_kl", type=float, default=0.0, help="stop this rollout's updates when approx_kl exceeds it")
+    # system
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="CUDA autocast; CPU: float32")
+    a("--num_workers", type=int, default=0)
+    a("--seed", type=int, default=42)
+    a("--log_interval", type=int, default=1)
+    a("--save_interval", type=int, default=50)
+    a("--keep_checkpoints", type=int, default=2)
+    a("--max_bad_steps", type=int, default=5, help="abort after this many consecutive non-finite steps")
+    a("--from_resume", type=int, default=0, choices=[0, 1])
+    a("--save_hf", type=int, default=0, choices=[0, 1], help="also export the actor with save_pretrained")
+    a("--use_wandb", "--use_swanlab", dest="use_wandb", action="store_true", help="log to swanlab")
+    a("--wandb_project", default="MiniMind-PPO")
+    a("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"])
+    args = p.parse_args(argv)
+    args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.save_dir, "checkpoints")
+    if args.batch_size % args.mini_batch_size:
+        p.error(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
+    if args.mini_batch_size % args.accumulation_steps:
+        p.error(f"--accumulation_steps {args.accumulation_steps} must divide --mini_batch_size {args.mini_batch_size}")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    return args
+
+
+# ----------------------------------------------------------------------------- models
+class CriticModel(nn.Module):
+    """MiniMind backbone (final norm included, applied once) + a scalar value head."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = MiniMindModel(config)
+        self.value_head = nn.Linear(config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden, _ = self.model(input_ids, attention_mask)
+        return self.value_head(hidden).squeeze(-1)  # [B, T]
+
+
+def build_critic(actor, critic_weight=None):
+    critic = CriticModel(actor.config)
+    if critic_weight:
+        state = load_state_dict_file(critic_weight)
+        if "value_head.weight" in state:  # a saved critic
+            critic.load_state_dict(state, strict=True)
+            return critic
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}  # an actor file
+    else:
+        state = actor.model.state_dict()
+    critic.model.load_state_dict(state, strict=True)
+    return critic
+
+
+def frozen_copy(model):
+    copy_ = copy.deepcopy(model).eval()
+    copy_.requires_grad_(False)
+    return copy_
+
+
+def load_reward_model(path, device, dtype):
+    """Load a reward model folder: get_score() remote-code models or 1-label sequence classifiers."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"--reward_model_path {path!r}: no such folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--reward_model_path {path!r}: not a model folder (no config.json)")
+    raw = json.load(open(os.path.join(path, "config.json")))
+    remote = "auto_map" in raw
+    if remote:
+        Logger(f"note: trust_remote_code enabled for the reward model folder {path} only")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+        if remote and "AutoModelForSequenceClassification" not in raw["auto_map"]:
+            model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
+    except Exception as e:
+        raise ValueError(f"--reward_model_path {path!r}: could not load a reward model ({e})") from e
+    if not hasattr(model, "get_score") and getattr(config, "num_labels", 1) != 1:
+        raise ValueError(f"--reward_model_path {path!r}: expected one output label, found {config.num_labels}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+# ----------------------------------------------------------------------------- reward
+CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\s+(.*?)<\|im_end\|>", re.DOTALL)
+FORMAT = [re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL),
+          re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.DOTALL)]
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@torch.no_grad()
+def score_chats(reward_model, reward_tokenizer, chats, batch_size=32):
+    """Reward-model score [N] for each chat (a list of {role, content} messages)."""
+    if hasattr(reward_model, "get_scores"):  # internlm2-reward style, batched
+        return torch.tensor(reward_model.get_scores(reward_tokenizer, chats), dtype=torch.float32).reshape(-1)
+    if hasattr(reward_model, "get_score"):
+        return torch.tensor([float(reward_model.get_score(reward_tokenizer, c)) for c in chats])
+    if reward_tokenizer.chat_template:
+        texts = [reward_tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+    else:
+        texts = ["\n".join(f"{m['role']}: {m['content']}" for m in c) for c in chats]
+    reward_tokenizer.padding_side = "right"  # the classifier pools at the last non-pad token
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = reward_tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(reward_model.device) for k, v in enc.items()}
+        scores.append(reward_model(**enc).logits[:, 0].float().cpu())
+    return torch.cat(scores)
+
+
+def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, args):
+    """Hybrid reward per response: (total [B], {"format", "tags", "rm": [B]}).
+
+    reasoning=1: 0.5 for the exact <think>/<answer> layout, 0.25 per tag present exactly once,
+    plus the clipped RM score, blended 0.4 * whole response + 0.6 * answer-only when an
+    <answer> span exists. reasoning=0: the clipped RM score alone.
+    """
+    B = len(responses)
+    chats, answer_chats, answer_rows = [], [], []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)]
+        chats.append(messages + [{"role": "assistant", "content": response}])
+        answer = ANSWER.search(response) if args.reasoning else None
+        if answer:
+            answer_chats.append(messages + [{"role": "assistant", "content": answer.group(1).strip()}])
+            answer_rows.append(i)
+    scores = score_chats(reward_model, reward_tokenizer, chats + answer_chats)
+    bad = (~torch.isfinite(scores)).nonzero()
+    if len(bad):
+        j = int(bad[0])
+        row = j if j < B else answer_rows[j - B]
+        raise ValueError(f"reward model returned {scores[j].item()} for sample {row} "
+                         f"(response {responses[row][:80]!r})")
+    rm = scores[:B].clamp(-args.rm_clip, args.rm_clip)
+    if answer_rows:
+        rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-args.rm_clip, args.rm_clip)
+    fmt, tags = torch.zeros(B), torch.zeros(B)
+    if args.reasoning:
+        for i, response in enumerate(responses):
+            fmt[i] = 0.5 if any(f.match(response) for f in FORMAT) else 0.0
+            tags[i] = 0.25 * sum(response.count(t) == 1 for t in ("<think>", "</think>", "<answer>", "</answer>"))
+    return fmt + tags + rm, {"format": fmt, "tags": tags, "rm": rm}
+
+
+# ----------------------------------------------------------------------------- PPO maths
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over every real token of every rank (unbiased variance, as TRL)."""
+    stats = all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double())
+    total, total_sq, n = stats.tolist()
+    mean = total / n
+    var = (total_sq - n * mean * mean) / max(n - 1, 1)
+    return ((x - mean) / math.sqrt(var + eps)) * mask
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator):
+    """Per-token KL(pi || ref) estimate from delta = logp - ref (Schulman's k1/k2/k3)."""
+    delta = logprobs - ref_logprobs
+    if estimator == "k1":
+        return delta
+    if estimator == "k2":
+        return 0.5 * delta ** 2
+    delta = delta.clamp(-20, 20)  # k3 = exp(-d) - 1 + d >= 0, clamped as verl does
+    return (torch.exp(-delta) - 1 + delta).clamp(-10, 10)
+
+
+def compute_advantages(token_rewards, values, response_mask, gamma, lam):
+    """GAE over response tokens; all [B, T]. Returns (advantages, returns), zero past each row's end.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = sum_l (gamma * lam)^l delta_{t+l}, computed
+    as one matmul with the discount matrix instead of a Python loop over tokens.
+    """
+    mask = response_mask.to(values.dtype)
+    values = values * mask
+    next_values = F.pad(values[:, 1:], (0, 1))
+    deltas = (token_rewards + gamma * next_values - values) * mask
+    T = deltas.shape[1]
+    idx = torch.arange(T, device=deltas.device)
+    power = (idx[None, :] - idx[:, None]).to(deltas.dtype)  # [T, T]: j - i
+    discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))
+    advantages = (deltas @ discount.T) * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss_per_token(logprobs, old_logprobs, advantages, clip_eps, dual_clip_c=0.0):
+    """Clipped surrogate (and dual clip for A < 0); returns (loss [B, T], ratio [B, T])."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    if dual_clip_c > 0:
+        loss = torch.where(advantages < 0, torch.min(loss, -dual_clip_c * advantages), loss)
+    return loss, ratio
+
+
+def value_loss_per_token(values, old_values, returns, clip_range):
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+class AdaptiveKLController:
+    """beta <- beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon)  (Ziegler et al.)."""
+
+    def __init__(self, kl_coef, target, horizon):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl, n_steps):
+        if self.target > 0:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_steps / self.horizon
+
+
+# ----------------------------------------------------------------------------- rollout
+def response_logprobs(model, input_ids, attention_mask, response_len, temperature, with_entropy=False):
+    """Log-probs [B, R] of the last R tokens of `input_ids` (and their entropy [B, R]).
+
+    Only the R positions that predict response tokens reach lm_head (logits_to_keep), and the
+    log-prob is gather - logsumexp, never a full log_softmax tensor. Every log-prob that
+    enters the PPO ratio (old, ref, actor) comes through here, under the same precision.
+    """
+    out = model(input_ids, attention_mask=attention_mask, logits_to_keep=response_len + 1)
+    logits = out.logits[:, :-1].float() / temperature  # [B, R, V]
+    lse = logits.logsumexp(-1)
+    logprobs = logits.gather(-1, input_ids[:, -response_len:, None]).squeeze(-1) - lse
+    entropy = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else None
+    return logprobs, entropy, out.aux_loss
+
+
+def micro_batches(order, mini_batch_size, accumulation_steps):
+    """Split a row order into minibatches, each a list of micro-batch index tensors."""
+    micro = mini_batch_size // accumulation_steps
+    return [[order[m + k:m + k + micro] for k in range(0, mini_batch_size, micro)]
+            for m in range(0, len(order), mini_batch_size)]
+
+
+@torch.no_grad()
+def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_tokenizer, tokenizer,
+                    kl_coef, orders, args, ctx):
+    """Sample responses with the old actor, score them, and turn scores into token rewards.
+
+    pi_old, pi_ref and V are computed on the very micro-batches that the first PPO epoch
+    uses (orders[0]), so with old actor == actor the first ratio is exactly 1.
+    """
+    device = args.device
+    prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    t0 = time.time()
+    with ctx:
+        response_ids, response_mask, sampler_logprobs = sample_responses(
+            old_actor, prompt_ids, prompt_mask, args.max_gen_len, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    t1 = time.time()
+    B, R = response_ids.shape
+    input_ids = torch.cat([prompt_ids, response_ids], 1)  # [B, P+R]
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    mask = response_mask.float()
+    old_logprobs, ref_logprobs, values = (torch.zeros(B, R, device=device) for _ in range(3))
+    for minibatch in micro_batches(orders[0], args.mini_batch_size, args.accumulation_steps):
+        for rows in minibatch:
+            ids, am = input_ids[rows], attention_mask[rows]
+            with ctx:
+                old_logprobs[rows] = response_logprobs(old_actor, ids, am, R, args.temperature)[0]
+                ref_logprobs[rows] = response_logprobs(ref_model, ids, am, R, args.temperature)[0]
+                values[rows] = critic(ids, am)[:, -R - 1:-1].float()
+    t2 = time.time()
+    responses = tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+    scores, parts = calculate_rewards(batch["prompts"], responses, reward_model, reward_tokenizer, args)
+    has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(1)
+    scores = scores - args.missing_eos_penalty * (~has_eos).float().cpu()
+    t3 = time.time()
+    # token-level reward: -beta * KL at every token (reward mode), plus the score at the last real token
+    kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
+    token_rewards = -kl_coef * kl if args.kl_mode == "reward" else torch.zeros_like(kl)
+    last = (response_mask.sum(1) - 1).clamp(min=0)
+    token_rewards[torch.arange(B, device=device), last] += scores.to(device)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=mask, old_logprobs=old_logprobs,
+                ref_logprobs=ref_logprobs, values=values * mask, token_rewards=token_rewards, scores=scores,
+                parts=parts, kl=kl, has_eos=has_eos, responses=responses,
+                sampler_gap=((sampler_logprobs - old_logprobs).abs() * mask).sum() / mask.sum(),
+                time_generate=t1 - t0, time_forward=t2 - t1, time_reward=t3 - t2)
+
+
+# ----------------------------------------------------------------------------- update
+def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
+               orders, kl_coef, args, ctx, scaler=None):
+    """PPO epochs over one rollout: clipped policy + value loss, one optimizer step per minibatch.
+
+    Losses are token means over the whole minibatch of every rank: each rank divides its sum by
+    the global token count times the world size, and DDP averages, so N ranks take the same
+    step as one process on the global batch. Returns (global token-mean diagnostics,
+    optimizer steps taken, steps skipped as non-finite, early-stopped?).
+    """
+    R = rollout["response_mask"].shape[1]
+    world = get_world_size()
+    # summed over tokens of every minibatch evaluated: approx_kl, clipfrac, policy, value, entropy, kl_ref, tokens
+    totals = torch.zeros(7, dtype=torch.float64, device=args.device)
+    steps = skipped = 0
+    early_stopped = False
+    for epoch in range(args.ppo_epochs):
+        for minibatch in micro_batches(orders[epoch], args.mini_batch_size, args.accumulation_steps):
+            n_tokens = all_reduce_sum(rollout["response_mask"][torch.cat(minibatch)].sum()).item()
+            sums = torch.zeros(8, dtype=torch.float64, device=args.device)  # ..., non-finite losses
+            for k, micro in enumerate(minibatch):
+                mask = rollout["response_mask"][micro]
+                ids, am = rollout["input_ids"][micro], rollout["attention_mask"][micro]
+                # gradients are all-reduced only on the last micro-batch of a minibatch
+                sync = _no_sync(actor, critic) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
+                with sync, ctx:
+                    logprobs, entropy, aux_loss = response_logprobs(actor, ids, am, R, args.temperature, True)
+                    values = critic(ids, am)[:, -R - 1:-1].float()
+                    pg_loss, ratio = policy_loss_per_token(logprobs, rollout["old_logprobs"][micro],
+                                                           advantages[micro], args.clip_epsilon, args.dual_clip_c)
+                    v_loss = value_loss_per_token(values, rollout["values"][micro], returns[micro],
+                                                  args.cliprange_value)
+                    kl_ref = kl_penalty(logprobs, rollout["ref_logprobs"][micro], args.kl_estimator)
+                    token_loss = pg_loss + args.vf_coef * v_loss - args.entropy_coef * entropy
+                    if args.kl_mode == "loss":
+                        token_loss = token_loss + kl_coef * kl_ref
+                    loss = (token_loss * mask).sum() / n_tokens * world + aux_loss / len(minibatch)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                with torch.no_grad():
+                    log_ratio = logprobs - rollout["old_logprobs"][micro]
+                    sums += torch.stack([
+                        (0.5 * log_ratio ** 2 * mask).sum(), (((ratio - 1).abs() > args.clip_epsilon) * mask).sum(),
+                        (pg_loss * mask).sum(), (v_loss * mask).sum(), (entropy * mask).sum(), (kl_ref * mask).sum(),
+                        mask.sum(), (~torch.isfinite(loss)).float()]).double()
+            sums = all_reduce_sum(sums)
+            totals += sums[:7]
+            if args.early_stop_kl > 0 and sums[0].item() / n_tokens > args.early_stop_kl:
+                # a real stop: gradients dropped, no optimizer step, no further minibatches or epochs
+                actor_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+                early_stopped = True
+                break
+            if scaler:
+                scaler.unscale_(actor_opt)
+                scaler.unscale_(critic_opt)
+            actor_norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
+            critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+            finite = sums[7].item() == 0 and bool(torch.isfinite(actor_norm) & torch.isfinite(critic_norm))
+            if finite:
+                for opt in (actor_opt, critic_opt):
+                    scaler.step(opt) if scaler else opt.step()
+                actor_sched.step()
+                critic_sched.step()
+                steps += 1
+            else:  # non-finite loss or gradient: skip the step, weights untouched
+                skipped += 1
+            actor_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.update()
+        if early_stopped:
+            break
+    n = max(totals[6].item(), 1.0)
+    names = ["approx_kl", "clipfrac", "policy_loss", "value_loss", "entropy", "kl_actor_ref"]
+    return {k: totals[i].item() / n for i, k in enumerate(names)}, steps, skipped, early_stopped
+
+
+def _no_sync(*ddp_models):
+    stack = contextlib.ExitStack()
+    for m in ddp_models:
+        stack.enter_context(m.no_sync())
+    return stack
+
+
+# ----------------------------------------------------------------------------- logging and checkpoints
+def rollout_metrics(rollout, advantages, returns):
+    """Rollout statistics averaged over ranks."""
+    mask, values = rollout["response_mask"], rollout["values"]
+    err = returns - values
+    explained_var = 1 - masked_mean((err - masked_mean(err, mask)) ** 2, mask) / \
+        masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)
+    local = {
+        "reward": rollout["scores"].mean(), "reward_format": rollout["parts"]["format"].mean(),
+        "reward_tags": rollout["parts"]["tags"].mean(), "reward_rm": rollout["parts"]["rm"].mean(),
+        "kl_ref": masked_mean(rollout["kl"], mask), "value_explained_var": explained_var,
+        "advantage_mean": masked_mean(advantages, mask),
+        "advantage_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt(),
+        "avg_response_len": mask.sum(1).mean(), "eos_rate": rollout["has_eos"].float().mean(),
+        "sampler_logprob_gap": rollout["sampler_gap"],
+    }
+    values_ = all_reduce_sum(torch.stack([v.detach().double().cpu() for v in local.values()]).to(mask.device))
+    return dict(zip(local, (values_ / get_world_size()).tolist()))
+
+
+def gather_rng_states():
+    """Every rank's RNG state, gathered to all ranks (rank 0 writes them)."""
+    state = get_rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(args, models, optimizers, schedulers, progress, tokenizer):
+    """fp16 actor weights (MiniMind format) + a resume file with everything needed to continue."""
+    actor, critic, old_actor = models
+    rng_states = gather_rng_states()  # collective: every rank calls it
+    if is_main_process():
+        config = unwrap_model(actor).config
+        hidden, moe = config.hidden_size, config.use_moe
+        save_weights(actor, weight_path(args.save_dir, args.save_weight, hidden, moe))
+        state = dict(model=unwrap_model(actor).state_dict(), critic_model=unwrap_model(critic).state_dict(),
+                     old_actor=old_actor.state_dict(), optimizer=optimizers[0].state_dict(),
+                     critic_optimizer=optimizers[1].state_dict(), scheduler=schedulers[0].state_dict(),
+                     critic_scheduler=schedulers[1].state_dict(), world_size=get_world_size(),
+                     batch_size=args.batch_size, rng_states=rng_states,
+                     model_config=dict(hidden_size=hidden, num_hidden_layers=config.num_hidden_layers,
+                                       use_moe=moe, version=config.version),
+                     **progress)
+        save_resume(state, resume_path(args.checkpoint_dir, args.save_weight, hidden, moe), keep=args.keep_checkpoints)
+        if args.save_hf:
+            hf_dir = os.path.join(args.save_dir, f"{args.save_weight}_{hidden}{'_moe' if moe else ''}_hf")
+            unwrap_model(actor).save_pretrained(hf_dir)
+            tokenizer.save_pretrained(hf_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_epoch):
+    """Load a resume file into the models and optimizers; return (epoch, step, progress)."""
+    actor, critic, old_actor = models
+    config = actor.config
+    have = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                use_moe=config.use_moe, version=config.version)
+    for key, value in state["model_config"].items():
+        if have[key] != value:
+            raise ValueError(f"resume file was written with {key}={value}, but this run has {key}={have[key]}")
+    if state["batch_size"] != args.batch_size:
+        raise ValueError(f"resume file was written with --batch_size {state['batch_size']}, "
+                         f"this run has --batch_size {args.batch_size}")
+    actor.load_state_dict(state["model"])
+    critic.load_state_dict(state["critic_model"])
+    old_actor.load_state_dict(state["old_actor"])
+    for obj, key in zip(optimizers + schedulers, ["optimizer", "critic_optimizer", "scheduler", "critic_scheduler"]):
+        obj.load_state_dict(state[key])
+    world, saved_world = get_world_size(), state["world_size"]
+    epoch, step = state["epoch"], state["step"]
+    if saved_world != world:
+        # the global data order does not depend on the world size: keep the number of prompts consumed
+        consumed = step * args.batch_size * saved_world
+        step = consumed // (args.batch_size * world)
+        Logger(f"resume: world size {saved_world} -> {world}; data position {consumed} prompts -> step {step}"
+               + ("" if consumed % (args.batch_size * world) == 0 else
+                  f" ({consumed % (args.batch_size * world)} prompts of this epoch are revisited)"))
+    if step >= steps_per_epoch:
+        epoch, step = epoch + 1, 0
+    rng = state["rng_states"]
+    if get_rank() < len(rng) and saved_world == world:
+        set_rng_state(rng[get_rank()])
+    else:
+        setup_seed(args.seed + get_rank() + 1000 * state["global_step"])
+        Logger("resume: RNG states reseeded (world size changed)")
+    return epoch, step, state
+
+
+def append_metrics(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+def main(args):
+    local_rank = init_distributed_mode()
+    rank, world = get_rank(), get_world_size()
+    if dist.is_initialized() and args.device.startswith("cuda"):
+        args.device = f"cuda:{local_rank}"
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    setup_seed(args.seed + rank)  # each rank samples its own responses
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    use_amp = device_type == "cuda" and dtype != torch.float32
+    ctx = torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda") if use_amp and dtype == torch.float16 else None
+
+    # models: actor (trained), old actor (samples, gives pi_old), ref (KL anchor), critic, reward model
+    actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
+                                  hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                                  use_moe=None if args.use_moe is None else bool(args.use_moe))
+    old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)
+    critic = build_critic(actor, args.critic_weight).to(args.device)
+    reward_dtype = {"auto": torch.float16 if device_type == "cuda" else torch.float32, "float32": torch.float32,
+                    "bfloat16": torch.bfloat16, "float16": torch.float16}[args.reward_dtype]
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model_path, args.reward_device or args.device,
+                                                       reward_dtype)
+    Logger(f"actor: {sum(p.numel() for p in actor.parameters()) / 1e6:.2f}M params "
+           f"(v{actor.config.version}, hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers"
+           f"{', MoE' if actor.config.use_moe else ''}); reward model: {args.reward_model_path}")
+
+    # data: every rank sees its own shard of one global shuffled order
+    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    if len(dataset) < args.batch_size * world:
+        raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
+                         f"prompts, but {args.data_path} has {len(dataset)}")
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    steps_per_epoch = len(sampler) // args.batch_size  # a last partial batch is left out (like drop_last)
+    total_rollouts = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_rollouts = min(total_rollouts, args.max_steps)
+    total_opt_steps = total_rollouts * args.ppo_epochs * (args.batch_size // args.mini_batch_size)
+
+    actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate)
+    actor_sched = build_cosine_scheduler(actor_opt, total_opt_steps, args.warmup_steps)
+    critic_sched = build_cosine_scheduler(critic_opt, total_opt_steps, args.warmup_steps)
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon)
+
+    metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
+    start_epoch, start_step, global_step, run_id = 0, 0, 0, None
+    if args.from_resume:
+        path = resume_path(args.checkpoint_dir, args.save_weight, actor.config.hidden_size, actor.config.use_moe)
+        state, loaded_from = load_resume(path)
+        if state is None:
+            Logger(f"--from_resume 1: no checkpoint at {path}; starting fresh")
+        else:
+            start_epoch, start_step, state = restore_checkpoint(
+                state, args, (actor, critic, old_actor), (actor_opt, critic_opt), (actor_sched, critic_sched),
+                steps_per_epoch)
+            global_step, run_id, kl_ctl.value = state["global_step"], state["wandb_id"], state["kl_coef"]
+            Logger(f"resumed from {loaded_from}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
+            if is_main_process() and os.path.exists(metrics_path):
+                # steps after the checkpoint will be run (and logged) again
+                lines = [l for l in open(metrics_path) if json.loads(l)["step"] <= global_step]
+                with open(metrics_path + ".tmp", "w") as f:
+                    f.writelines(lines)
+                os.replace(metrics_path + ".tmp", metrics_path)
+            del state
+
+    if dist.is_initialized():  # every loss-bearing forward goes through these wrappers
+        ddp_kw = dict(device_ids=[local_rank] if device_type == "cuda" else None,
+                      find_unused_parameters=actor.config.use_moe)
+        actor, critic = DistributedDataParallel(actor, **ddp_kw), DistributedDataParallel(critic, **ddp_kw)
+
+    if is_main_process():
+        os.makedirs(args.save_dir, exist_ok=True)
+        with open(os.path.join(args.save_dir, "run_args.json"), "w") as f:
+            json.dump(vars(args) | {"world_size": world}, f, indent=2)
+        shutil.copy(os.path.abspath(__file__), os.path.join(args.save_dir, "train_ppo.py"))
+    swanlab_run = None
+    if args.use_wandb and is_main_process():
+        import swanlab
+        swanlab_run = swanlab.init(project=args.wandb_project, mode={"cloud": "online"}.get(args.swanlab_mode,
+                                   args.swanlab_mode), id=run_id, resume="allow" if run_id else None,
+                                   log_dir=os.path.join(args.save_dir, "swanlog"), config=vars(args))
+        run_id = swanlab_run.id
+
+    stop = {"signal": None}  # SIGTERM / SIGINT: finish the step, save, exit
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    models = (actor, critic, old_actor)
+    bad_streak, t_start, steps_this_run = 0, time.time(), 0
+    Logger(f"training: {total_rollouts} rollouts of {args.batch_size * world} prompts, "
+           f"{total_opt_steps} optimizer steps, device {args.device}, {world} process(es)")
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        first = start_step if epoch == start_epoch else 0
+        loader = DataLoader(dataset, batch_sampler=SkipBatchSampler(sampler, args.batch_size, first),
+                            collate_fn=PromptCollator(tokenizer.pad_token_id), num_workers=args.num_workers)
+        for step, batch in enumerate(loader, start=first):
+            if step >= steps_per_epoch or global_step >= total_rollouts:
+                break
+            t0 = time.time()
+            # 1. rollout: old actor samples; old/ref log-probs, values and token rewards
+            orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
+            rollout = collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_tokenizer,
+                                      tokenizer, kl_ctl.value, orders, args, ctx)
+            # 2. advantages: GAE on token rewards, returns before whitening
+            mask = rollout["response_mask"]
+            advantages, returns = compute_advantages(rollout["token_rewards"], rollout["values"], mask,
+                                                     args.gamma, args.lam)
+            advantages = masked_whiten(advantages, mask)
+            # 3. PPO update of actor and critic
+            t1 = time.time()
+            update_stats, n_steps, n_skipped, early_stopped = ppo_update(
+                actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
+                orders, kl_ctl.value, args, ctx, scaler)
+            t2 = time.time()
+            global_step += 1
+            steps_this_run += 1
+            if (global_step % args.update_old_actor_freq) == 0:
+                old_actor.load_state_dict(unwrap_model(actor).state_dict())
+            metrics = rollout_metrics(rollout, advantages, returns)
+            kl_coef_used = kl_ctl.value
+            kl_ctl.update(metrics["kl_ref"], args.batch_size * world)
+
+            bad_streak = bad_streak + 1 if n_skipped else 0
+            if n_skipped:
+                Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped (non-finite loss or gradient)")
+            if bad_streak >= args.max_bad_steps:
+                raise RuntimeError(f"aborting at step {global_step}: {bad_streak} consecutive rollouts with "
+                                   f"non-finite losses or gradients; the last good checkpoint is kept in "
+                                   f"{args.checkpoint_dir}")
+
+            # 4. logging
+            tokens = all_reduce_sum(mask.sum()).item()
+            metrics.update(update_stats, step=global_step, epoch=epoch, kl_coef=kl_coef_used,
+                           actor_lr=actor_sched.get_last_lr()[0], critic_lr=critic_sched.get_last_lr()[0],
+                           optimizer_steps=n_steps, skipped_steps=n_skipped, early_stopped=int(early_stopped),
+                           rollout_tokens_per_s=tokens / max(rollout["time_generate"], 1e-9),
+                           time_rollout_s=rollout["time_generate"], time_forward_s=rollout["time_forward"],
+                           time_reward_s=rollout["time_reward"], time_update_s=t2 - t1, time_step_s=t2 - t0)
+            if is_main_process():
+                append_metrics(metrics_path, metrics)
+                if swanlab_run is not None:
+                    swanlab_run.log(metrics, step=global_step)
+                if global_step % args.log_interval == 0 or global_step == total_rollouts:
+                    elapsed = time.time() - t_start
+                    eta = elapsed / steps_this_run * (total_rollouts - global_step)
+                    Logger(f"step {global_step}/{total_rollouts} | reward {metrics['reward']:.3f} "
+                           f"(format {metrics['reward_format']:.2f} tags {metrics['reward_tags']:.2f} "
+                           f"rm {metrics['reward_rm']:.2f}) | kl_ref {metrics['kl_ref']:.4f} | "
+                           f"policy {metrics['policy_loss']:.4f} value {metrics['value_loss']:.4f} | "
+                           f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
+                           f"{t2 - t0:.1f}s/step, eta {eta / 60:.1f} min")
+
+            # 5. checkpoints (and a clean stop on SIGTERM / SIGINT, agreed by every rank)
+            stopping = all_reduce_sum(torch.tensor(float(stop["signal"] is not None), device=args.device)).item() > 0
+            done = global_step >= total_rollouts
+            if global_step % args.save_interval == 0 or done or stopping:
+                progress = dict(epoch=epoch, step=step + 1, global_step=global_step, kl_coef=kl_ctl.value,
+                                wandb_id=run_id, bad_streak=bad_streak)
+                save_checkpoint(args, models, (actor_opt, critic_opt), (actor_sched, critic_sched), progress,
+                                tokenizer)
+            if stopping:
+                Logger(f"stopped by signal at step {global_step}; resume file written. "
+                       f"Continue with the same command plus --from_resume 1")
+                break
+        if stop["signal"] is not None or global_step >= total_rollouts:
+            break
+
+    if is_main_process():
+        cfg = unwrap_model(actor).config
+        out = weight_path(args.save_dir, args.save_weight, cfg.hidden_size, cfg.use_moe)
+        Logger(f"done in {(time.time() - t_start) / 60:.1f} min. actor weights: {out}; metrics: {metrics_path}; "
+               f"resume: {args.checkpoint_dir}\nnext: python scripts/eval_policy.py --base {args.from_weight} "
+               f"--trained {out}\n      python scripts/plot_metrics.py {metrics_path}")
+        if swanlab_run is not None:
+            swanlab_run.finish()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
