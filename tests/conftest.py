@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny kit (actor weights, reward model, prompts) built in seconds."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from trainer_utils import save_weights  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def make_tiny_reward_model(folder, seed=0):
+    """A random 1-label Llama sequence classifier with the project tokenizer: a real HF RM folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ROOT / "model").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_kit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kit")
+    torch.manual_seed(0)
+    actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
+    save_weights(actor, root / "full_sft_64.pth")
+    return dict(actor=str(root / "full_sft_64.pth"), reward_model=make_tiny_reward_model(root / "rm"),
+                data=str(ROOT / "dataset" / "prompts_sample.jsonl"), root=root)
+
+
+def tiny_run_args(kit, save_dir, *extra):
+    """Flags for a few-second CPU run of train_ppo on the tiny kit."""
+    return ["--from_weight", kit["actor"], "--reward_model_path", kit["reward_model"], "--data_path", kit["data"],
+            "--save_dir", str(save_dir), "--batch_size", "4", "--mini_batch_size", "2", "--max_gen_len", "8",
+            "--max_seq_len", "48", "--save_interval", "2", "--device", "cpu", "--seed", "1", *extra]
