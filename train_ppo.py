@@ -667,7 +667,8 @@ def main(args):
         sampler.set_epoch(epoch)
         first = start_step if epoch == start_epoch else 0
         loader = DataLoader(dataset, batch_sampler=SkipBatchSampler(sampler, args.batch_size, first),
-                            collate_fn=PromptCollator(tokenizer.pad_token_id), num_workers=args.num_workers)
+                            collate_fn=PromptCollator(tokenizer.pad_token_id), num_workers=args.num_workers,
+                            generator=torch.Generator())  # its seed draw must not touch the global RNG
         for step, batch in enumerate(loader, start=first):
             if step >= steps_per_epoch or global_step >= total_rollouts:
                 break
