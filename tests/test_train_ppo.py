@@ -100,3 +100,17 @@ def test_early_stop_takes_no_optimizer_step(tiny_kit, tmp_path):
     metrics = read_metrics(tmp_path)
     # step 1: the first minibatch has approx_kl 0 (ratio 1) -> one step; the second exceeds 1e-12 -> stop
     assert metrics[0]["optimizer_steps"] == 1 and metrics[0]["early_stopped"] == 1
+
+
+def test_plot_metrics_writes_png(tmp_path):
+    import numpy as np
+    from scripts.plot_metrics import main as plot_main, moving_average
+    assert np.allclose(moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
+    keys = ["reward", "reward_format", "reward_tags", "reward_rm", "kl_ref", "entropy", "avg_response_len",
+            "policy_loss", "value_loss"]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 6):
+            f.write(json.dumps({"step": step, **{k: step * 0.1 for k in keys}}) + "\n")
+    plot_main([str(tmp_path / "metrics.jsonl")])
+    png = (tmp_path / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
