@@ -1,5 +1,4 @@
 """Shared fixtures: a tiny kit (actor weights, reward model, prompts) built in seconds."""
-import os
 import sys
 from pathlib import Path
 

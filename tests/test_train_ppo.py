@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 
-import pytest
 import torch
 
 import train_ppo
