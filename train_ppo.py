@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import time
 
 import torch
@@ -208,6 +209,10 @@ def score_chats(reward_model, reward_tokenizer, chats, batch_size=32):
     return torch.cat(scores)
 
 
+class NonFiniteRolloutError(ValueError):
+    """A NaN or infinite reward or value in a rollout: the trainer gives that rollout no update."""
+
+
 def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, args):
     """Hybrid reward per response: (total [B], {"format", "tags", "rm": [B]}).
 
@@ -229,8 +234,8 @@ def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, args):
     if len(bad):
         j = int(bad[0])
         row = j if j < B else answer_rows[j - B]
-        raise ValueError(f"reward model returned {scores[j].item()} for sample {row} "
-                         f"(response {responses[row][:80]!r})")
+        raise NonFiniteRolloutError(f"reward model returned {scores[j].item()} for sample {row} "
+                                    f"(response {responses[row][:80]!r})")
     rm = scores[:B].clamp(-args.rm_clip, args.rm_clip)
     if answer_rows:
         rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-args.rm_clip, args.rm_clip)
@@ -370,6 +375,11 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
                 values[rows] = critic(ids, am)[:, -R - 1:-1].float()
     t2 = time.time()
     responses = tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+    bad = (~torch.isfinite(values)).any(1).nonzero()
+    if len(bad):  # padding included (NaN * 0 is NaN); whitening would spread it to every advantage
+        row = int(bad[0])
+        raise NonFiniteRolloutError(f"critic returned a non-finite value for sample {row} "
+                                    f"(response {responses[row][:80]!r})")
     scores, parts = calculate_rewards(batch["prompts"], responses, reward_model, reward_tokenizer, args)
     has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(1)
     scores = scores - args.missing_eos_penalty * (~has_eos).float().cpu()
@@ -612,18 +622,35 @@ def main(args):
     critic_sched = build_cosine_scheduler(critic_opt, total_opt_steps, args.warmup_steps)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon)
 
+    if is_main_process():  # fail now rather than at the first save, after the training it was meant to keep
+        for flag, folder in [("--save_dir", args.save_dir), ("--checkpoint_dir", args.checkpoint_dir)]:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise OSError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
+
     metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
-    start_epoch, start_step, global_step, run_id = 0, 0, 0, None
+    start_epoch, start_step, global_step, bad_streak, run_id = 0, 0, 0, 0, None
     if args.from_resume:
         path = resume_path(args.checkpoint_dir, args.save_weight, actor.config.hidden_size, actor.config.use_moe)
         state, loaded_from = load_resume(path)
         if state is None:
+            # the file name holds the model size: a resume file for another size must not mean "start fresh"
+            names = os.listdir(args.checkpoint_dir) if os.path.isdir(args.checkpoint_dir) else []
+            others = sorted(n for n in names
+                            if re.fullmatch(re.escape(args.save_weight) + r"_\d+(_moe)?_resume(\.\d+)?\.pth", n))
+            if others:
+                raise ValueError(f"--from_resume 1: no resume file for this actor ({os.path.basename(path)}), but "
+                                 f"{args.checkpoint_dir} holds {', '.join(others)} from another model size; "
+                                 f"resume with the actor they were written for, or use another --checkpoint_dir")
             Logger(f"--from_resume 1: no checkpoint at {path}; starting fresh")
         else:
             start_epoch, start_step, state = restore_checkpoint(
                 state, args, (actor, critic, old_actor), (actor_opt, critic_opt), (actor_sched, critic_sched),
                 steps_per_epoch)
-            global_step, run_id, kl_ctl.value = state["global_step"], state["wandb_id"], state["kl_coef"]
+            global_step, bad_streak, run_id = state["global_step"], state["bad_streak"], state["wandb_id"]
+            kl_ctl.value = state["kl_coef"]
             Logger(f"resumed from {loaded_from}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
             if is_main_process() and os.path.exists(metrics_path):
                 # steps after the checkpoint will be run (and logged) again
@@ -659,7 +686,7 @@ def main(args):
     signal.signal(signal.SIGINT, request_stop)
 
     models = (actor, critic, old_actor)
-    bad_streak, t_start, steps_this_run = 0, time.time(), 0
+    t_start, steps_this_run = time.time(), 0
     Logger(f"training: {total_rollouts} rollouts of {args.batch_size * world} prompts, "
            f"{total_opt_steps} optimizer steps, device {args.device}, {world} process(es)")
     for epoch in range(start_epoch, args.epochs):
@@ -672,63 +699,72 @@ def main(args):
             if step >= steps_per_epoch or global_step >= total_rollouts:
                 break
             t0 = time.time()
-            # 1. rollout: old actor samples; old/ref log-probs, values and token rewards
-            orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
-            rollout = collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_tokenizer,
-                                      tokenizer, kl_ctl.value, orders, args, ctx)
-            # 2. advantages: GAE on token rewards, returns before whitening
-            mask = rollout["response_mask"]
-            advantages, returns = compute_advantages(rollout["token_rewards"], rollout["values"], mask,
-                                                     args.gamma, args.lam)
-            advantages = masked_whiten(advantages, mask)
-            # 3. PPO update of actor and critic
-            t1 = time.time()
-            update_stats, n_steps, n_skipped, early_stopped = ppo_update(
-                actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
-                orders, kl_ctl.value, args, ctx, scaler)
-            t2 = time.time()
             global_step += 1
             steps_this_run += 1
+            # 1. rollout: old actor samples; old/ref log-probs, values and token rewards
+            orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
+            try:
+                rollout = collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_tokenizer,
+                                          tokenizer, kl_ctl.value, orders, args, ctx)
+            except NonFiniteRolloutError as e:
+                rollout = None
+                print(f"warning: step {global_step}{f' (rank {rank})' if world > 1 else ''}: {e}", flush=True)
+            # every rank skips together: one that updated alone would wait forever for the others' gradients
+            skip_rollout = all_reduce_sum(torch.tensor(float(rollout is None), device=args.device)).item() > 0
+            if skip_rollout:
+                Logger(f"step {global_step}: non-finite reward or value; no update for this rollout")
+            else:
+                # 2. advantages: GAE on token rewards, returns before whitening
+                mask = rollout["response_mask"]
+                advantages, returns = compute_advantages(rollout["token_rewards"], rollout["values"], mask,
+                                                         args.gamma, args.lam)
+                advantages = masked_whiten(advantages, mask)
+                # 3. PPO update of actor and critic
+                t1 = time.time()
+                update_stats, n_steps, n_skipped, early_stopped = ppo_update(
+                    actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
+                    orders, kl_ctl.value, args, ctx, scaler)
+                t2 = time.time()
+                if n_skipped:
+                    Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped (non-finite loss or gradient)")
+                metrics = rollout_metrics(rollout, advantages, returns)
+                kl_coef_used = kl_ctl.value
+                kl_ctl.update(metrics["kl_ref"], args.batch_size * world)
+
+                # 4. logging
+                tokens = all_reduce_sum(mask.sum()).item()
+                metrics.update(update_stats, step=global_step, epoch=epoch, kl_coef=kl_coef_used,
+                               actor_lr=actor_sched.get_last_lr()[0], critic_lr=critic_sched.get_last_lr()[0],
+                               optimizer_steps=n_steps, skipped_steps=n_skipped, early_stopped=int(early_stopped),
+                               rollout_tokens_per_s=tokens / max(rollout["time_generate"], 1e-9),
+                               time_rollout_s=rollout["time_generate"], time_forward_s=rollout["time_forward"],
+                               time_reward_s=rollout["time_reward"], time_update_s=t2 - t1, time_step_s=t2 - t0)
+                if is_main_process():
+                    append_metrics(metrics_path, metrics)
+                    if swanlab_run is not None:
+                        swanlab_run.log(metrics, step=global_step)
+                    if global_step % args.log_interval == 0 or global_step == total_rollouts:
+                        elapsed = time.time() - t_start
+                        eta = elapsed / steps_this_run * (total_rollouts - global_step)
+                        Logger(f"step {global_step}/{total_rollouts} | reward {metrics['reward']:.3f} "
+                               f"(format {metrics['reward_format']:.2f} tags {metrics['reward_tags']:.2f} "
+                               f"rm {metrics['reward_rm']:.2f}) | kl_ref {metrics['kl_ref']:.4f} | "
+                               f"policy {metrics['policy_loss']:.4f} value {metrics['value_loss']:.4f} | "
+                               f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
+                               f"{t2 - t0:.1f}s/step, eta {eta / 60:.1f} min")
             if (global_step % args.update_old_actor_freq) == 0:
                 old_actor.load_state_dict(unwrap_model(actor).state_dict())
-            metrics = rollout_metrics(rollout, advantages, returns)
-            kl_coef_used = kl_ctl.value
-            kl_ctl.update(metrics["kl_ref"], args.batch_size * world)
-
-            bad_streak = bad_streak + 1 if n_skipped else 0
-            if n_skipped:
-                Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped (non-finite loss or gradient)")
+            bad_streak = bad_streak + 1 if skip_rollout or n_skipped else 0
             if bad_streak >= args.max_bad_steps:
                 raise RuntimeError(f"aborting at step {global_step}: {bad_streak} consecutive rollouts with "
-                                   f"non-finite losses or gradients; the last good checkpoint is kept in "
-                                   f"{args.checkpoint_dir}")
-
-            # 4. logging
-            tokens = all_reduce_sum(mask.sum()).item()
-            metrics.update(update_stats, step=global_step, epoch=epoch, kl_coef=kl_coef_used,
-                           actor_lr=actor_sched.get_last_lr()[0], critic_lr=critic_sched.get_last_lr()[0],
-                           optimizer_steps=n_steps, skipped_steps=n_skipped, early_stopped=int(early_stopped),
-                           rollout_tokens_per_s=tokens / max(rollout["time_generate"], 1e-9),
-                           time_rollout_s=rollout["time_generate"], time_forward_s=rollout["time_forward"],
-                           time_reward_s=rollout["time_reward"], time_update_s=t2 - t1, time_step_s=t2 - t0)
-            if is_main_process():
-                append_metrics(metrics_path, metrics)
-                if swanlab_run is not None:
-                    swanlab_run.log(metrics, step=global_step)
-                if global_step % args.log_interval == 0 or global_step == total_rollouts:
-                    elapsed = time.time() - t_start
-                    eta = elapsed / steps_this_run * (total_rollouts - global_step)
-                    Logger(f"step {global_step}/{total_rollouts} | reward {metrics['reward']:.3f} "
-                           f"(format {metrics['reward_format']:.2f} tags {metrics['reward_tags']:.2f} "
-                           f"rm {metrics['reward_rm']:.2f}) | kl_ref {metrics['kl_ref']:.4f} | "
-                           f"policy {metrics['policy_loss']:.4f} value {metrics['value_loss']:.4f} | "
-                           f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
-                           f"{t2 - t0:.1f}s/step, eta {eta / 60:.1f} min")
+                                   f"non-finite rewards, values, losses or gradients (--max_bad_steps "
+                                   f"{args.max_bad_steps}); the last good checkpoint is kept in {args.checkpoint_dir}")
 
             # 5. checkpoints (and a clean stop on SIGTERM / SIGINT, agreed by every rank)
             stopping = all_reduce_sum(torch.tensor(float(stop["signal"] is not None), device=args.device)).item() > 0
             done = global_step >= total_rollouts
-            if global_step % args.save_interval == 0 or done or stopping:
+            # no periodic save inside a bad streak: it would rotate the last good checkpoint out
+            if (global_step % args.save_interval == 0 and not bad_streak) or done or stopping:
                 progress = dict(epoch=epoch, step=step + 1, global_step=global_step, kl_coef=kl_ctl.value,
                                 wandb_id=run_id, bad_streak=bad_streak)
                 save_checkpoint(args, models, (actor_opt, critic_opt), (actor_sched, critic_sched), progress,

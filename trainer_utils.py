@@ -1,5 +1,6 @@
 """Training helpers shared by the trainers: distributed setup, seeding, batching,
 LR schedule, crash-safe checkpoint I/O and RNG state capture for exact resume."""
+import glob
 import math
 import os
 import random
@@ -144,6 +145,8 @@ def _write_temp(obj, path):
     The temp lives in the same folder so the final os.replace is an atomic rename."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.{os.getpid()}.tmp"  # *.tmp is git-ignored
+    for stale in glob.glob(glob.escape(path) + ".*.tmp"):  # left by a process killed while saving
+        _remove_if_exists(stale)
     try:
         os.makedirs(folder, exist_ok=True)
         f = open(tmp, "wb")
@@ -154,8 +157,13 @@ def _write_temp(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
         _remove_if_exists(tmp)
+        # torch reports a failed write (a full disk) as an opaque RuntimeError; the OSError behind it says why
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, f"cannot write {path} ({cause.strerror or cause}); "
+                                       f"the file already there, if any, is left as it was") from e
         raise
     return tmp
 
@@ -195,9 +203,14 @@ def save_weights(model, path, dtype=torch.float16):
 
 
 def _first_line(error):
-    # torch's unpickling errors run to several paragraphs; the first line says what happened.
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    # torch's unpickling errors run to several paragraphs; one line says what happened. When
+    # weights_only=True refuses a file, that is the line naming what was refused, not the
+    # opening advice to retry with weights_only=False (which lets the file run code).
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reason = next((line for line in lines[1:] if not line.startswith(("Please file", "Check the doc"))), "")
+        return f"not a plain tensor file; torch.load(weights_only=True) refused it ({reason})"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _strip_wrapper_prefixes(key):

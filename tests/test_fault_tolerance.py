@@ -1,0 +1,545 @@
+"""Fault tolerance of train_ppo on tiny models.
+
+Kill it anywhere (SIGKILL inside a save, at a random moment; SIGTERM; SIGINT) and
+`--from_resume 1` ends with the same weights and metrics as an uninterrupted run; a world-size
+change resumes at the right data position; non-finite rewards, values and losses skip the
+update and abort after --max_bad_steps; bad input fails with an error naming the culprit and
+writes nothing; weight and resume files never unpickle code.
+
+Runs that are killed, signalled, distributed or compared bit for bit run as child processes of
+a forkserver that imported train_ppo once (tests/fault_runner.py), so they start in
+milliseconds; single-process error paths run in this process.
+"""
+import ast
+import errno
+import glob
+import json
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+import fault_runner
+import train_ppo
+import trainer_utils
+from conftest import ROOT, tiny_run_args
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer_utils import load_resume, load_state_dict_file, save_weights
+
+STEPS = 8  # two epochs of 6 rollouts over the 24 sample prompts: resumes cross the epoch boundary
+RESUME = "checkpoints/ppo_actor_64_resume.pth"
+
+
+def flags(kit, save_dir, *extra):
+    return tiny_run_args(kit, save_dir, "--max_steps", str(STEPS), "--epochs", "2", "--save_interval", "1", *extra)
+
+
+def run(argv):
+    train_ppo.main(train_ppo.parse_args(argv))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs on one thread, like the children: on a busy small machine, several
+    threads per tiny matmul make a run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_metrics(save_dir):
+    return [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
+
+
+# ----------------------------------------------------------------------------- child processes
+@pytest.fixture(scope="module")
+def forkserver():
+    """A forkserver context whose server has imported fault_runner (torch, transformers, train_ppo)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["fault_runner"])
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # the server's import path
+    multiprocessing.forkserver.ensure_running()
+    if saved is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = saved
+    return ctx
+
+
+def start(ctx, argv, log, **faults):
+    open(log, "a").close()
+    proc = ctx.Process(target=fault_runner.run, args=(argv, str(log), faults))
+    proc.start()
+    return proc
+
+
+def finish(proc, log, timeout=180):
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail(f"child still running after {timeout}s:\n{open(log).read()[-3000:]}")
+    return proc.exitcode
+
+
+def wait_for(proc, log, condition, what, timeout=180):
+    deadline = time.time() + timeout
+    while not condition():
+        if not proc.is_alive():
+            pytest.fail(f"child exited ({proc.exitcode}) before {what}:\n{open(log).read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} after {timeout}s:\n{open(log).read()[-3000:]}")
+        time.sleep(0.02)
+
+
+def logged_step(log, step=r"\d+"):
+    """A condition: the child has logged a completed step (any step, or the given one)."""
+    return lambda: re.search(rf"^step {step}/{STEPS} \|", open(log).read(), re.M) is not None
+
+
+def kill_inside(ctx, kit, save_dir, hang, tmp_path, resume=True):
+    """Start a run that hangs inside a save (see fault_runner) and SIGKILL it there."""
+    marker, log = tmp_path / f"hang_{hang[0]}", tmp_path / f"log_{hang[0]}"
+    proc = start(ctx, flags(kit, save_dir, "--from_resume", str(int(resume))), log, hang=hang, marker=str(marker))
+    wait_for(proc, log, marker.exists, f"hang in a {hang[0]} save")
+    os.kill(proc.pid, signal.SIGKILL)
+    assert finish(proc, log) == -signal.SIGKILL
+    return open(log).read()
+
+
+def global_step(save_dir):
+    state, _ = load_resume(os.path.join(save_dir, RESUME))
+    return state["global_step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_kit, forkserver, tmp_path_factory):
+    """An uninterrupted run with the flags every resumed run below uses."""
+    save_dir = tmp_path_factory.mktemp("reference")
+    log = save_dir / "log"
+    assert finish(start(forkserver, flags(tiny_kit, save_dir), log), log) == 0, open(log).read()[-3000:]
+    return save_dir
+
+
+def assert_same_run(save_dir, reference_dir):
+    """Identical metrics (timings aside) for every step, and identical actor, critic and old actor."""
+    def strip(metrics):
+        return [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
+                for m in metrics]
+    got, want = strip(read_metrics(save_dir)), strip(read_metrics(reference_dir))
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        assert a == b, a["step"]
+    a, _ = load_resume(os.path.join(save_dir, RESUME))
+    b, _ = load_resume(os.path.join(reference_dir, RESUME))
+    assert a["global_step"] == b["global_step"] == STEPS
+    for key in ["model", "critic_model", "old_actor"]:
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key
+
+
+# ----------------------------------------------------------------------------- exact resume
+def test_sigkill_anywhere_and_sigterm_then_resume_is_bit_exact(tiny_kit, forkserver, reference, tmp_path):
+    save_dir = tmp_path / "run"
+    # 1. inside the weight save of step 2: the step-1 weights and resume file stay loadable
+    kill_inside(forkserver, tiny_kit, save_dir, ("weights", 2), tmp_path, resume=False)
+    assert glob.glob(str(save_dir / "ppo_actor_64.pth.*.tmp")), "the kill must land mid-write"
+    load_state_dict_file(save_dir / "ppo_actor_64.pth")
+    assert global_step(save_dir) == 1
+    # 2. inside the resume-file write of its 2nd save (step 3)
+    log = kill_inside(forkserver, tiny_kit, save_dir, ("resume", 2), tmp_path)
+    assert "global step 1" in log
+    assert global_step(save_dir) == 2
+    # 3. inside the rotation of its 2nd save (step 4): the newest file has moved to .1, the new one
+    # is not in place; the next run resumes from .1
+    kill_inside(forkserver, tiny_kit, save_dir, ("rotate", 2), tmp_path)
+    assert not (save_dir / RESUME).exists()
+    # 4. at a random moment: just after step 5 was logged (in its save, or in step 6)
+    log = tmp_path / "log_random"
+    proc = start(forkserver, flags(tiny_kit, save_dir, "--from_resume", "1"), log)
+    wait_for(proc, log, logged_step(log, 5), "step 5")
+    os.kill(proc.pid, signal.SIGKILL)
+    assert finish(proc, log) == -signal.SIGKILL
+    assert re.search(r"resumed from \S+_resume\.1\.pth: epoch 1, step 3, global step 3", open(log).read())
+    # 5. SIGTERM after its first step: finish the step, save, exit 0
+    log = tmp_path / "log_sigterm"
+    proc = start(forkserver, flags(tiny_kit, save_dir, "--from_resume", "1"), log)
+    wait_for(proc, log, logged_step(log), "a step")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc, log) == 0
+    stopped = int(re.search(r"stopped by signal at step (\d+); resume file written", open(log).read()).group(1))
+    assert global_step(save_dir) == stopped
+    # 6. the rest
+    log = tmp_path / "log_last"
+    assert finish(start(forkserver, flags(tiny_kit, save_dir, "--from_resume", "1"), log), log) == 0
+    assert f"global step {stopped}" in open(log).read()
+    assert_same_run(save_dir, reference)
+    assert sorted(os.listdir(save_dir / "checkpoints")) == ["ppo_actor_64_resume.1.pth", "ppo_actor_64_resume.pth"]
+    assert not glob.glob(str(save_dir / "**" / "*.tmp"), recursive=True)  # killed saves' temps are cleaned up
+
+
+def test_sigint_stops_cleanly_and_resume_matches_uninterrupted_run(tiny_kit, forkserver, reference, tmp_path):
+    save_dir, log = tmp_path / "run", tmp_path / "log"
+    argv = flags(tiny_kit, save_dir, "--save_interval", "100")  # the signal alone writes the resume file
+    proc = start(forkserver, argv, log)
+    wait_for(proc, log, lambda: (save_dir / "metrics.jsonl").exists() and len(read_metrics(save_dir)) >= 2,
+             "2 metrics lines")
+    os.kill(proc.pid, signal.SIGINT)
+    assert finish(proc, log) == 0
+    stopped = int(re.search(r"stopped by signal at step (\d+); resume file written. Continue with the same "
+                            r"command plus --from_resume 1", open(log).read()).group(1))
+    assert global_step(save_dir) == stopped >= 2
+    assert finish(start(forkserver, argv + ["--from_resume", "1"], tmp_path / "log2"), tmp_path / "log2") == 0
+    assert_same_run(save_dir, reference)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_kit, forkserver, reference, tmp_path):
+    shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+    shutil.copy(reference / "metrics.jsonl", tmp_path)
+    newest = tmp_path / RESUME
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn by a crash or a bad disk
+    log = tmp_path / "log"
+    assert finish(start(forkserver, flags(tiny_kit, tmp_path, "--from_resume", "1"), log), log) == 0
+    out = open(log).read()
+    assert f"warning: skipping unreadable resume file {newest}" in out
+    assert re.search(rf"resumed from \S+resume\.1\.pth: .*global step {STEPS - 1}", out)
+    assert_same_run(tmp_path, reference)
+
+
+def test_world_size_change_continues_at_the_right_data_position(tiny_kit, forkserver, tmp_path):
+    """2 gloo ranks (rank 1 sees a NaN reward at step 1: both must skip it, or DDP hangs) for 2
+    rollouts of 2 x 4 prompts, then 1 process: it starts at prompt 16 of the same epoch order."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first, second = tmp_path / "ranks2", tmp_path / "rank1"
+    first.mkdir()
+    second.mkdir()
+    argv = tiny_run_args(tiny_kit, tmp_path / "run", "--max_steps", "2")
+    procs = [start(forkserver, argv, first / f"log{r}", rank=r, world=2, port=port, log_prompts=str(first),
+                   **({"nan_reward": [1]} if r == 1 else {})) for r in range(2)]
+    assert [finish(p, first / f"log{r}", timeout=120) for r, p in enumerate(procs)] == [0, 0]
+    assert "warning: step 1 (rank 1): reward model returned nan for sample 0" in open(first / "log1").read()
+    assert "step 1: non-finite reward or value; no update for this rollout" in open(first / "log0").read()
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2]
+
+    log = second / "log"
+    argv = tiny_run_args(tiny_kit, tmp_path / "run", "--max_steps", "4", "--from_resume", "1")
+    assert finish(start(forkserver, argv, log, log_prompts=str(second)), log) == 0
+    out = open(log).read()
+    assert "resume: world size 2 -> 1; data position 16 prompts -> step 4" in out
+    assert "resume: RNG states reseeded (world size changed)" in out
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2, 3, 4]
+    # 16 prompts on 2 ranks, then the other 8 of the epoch: every prompt exactly once
+    seen = [p for f in [first / "prompts_rank0.jsonl", first / "prompts_rank1.jsonl", second / "prompts_rank0.jsonl"]
+            for line in open(f) for p in json.loads(line)]
+    dataset = train_ppo.RLAIFDataset(tiny_kit["data"], AutoTokenizer.from_pretrained(ROOT / "model"), max_length=48)
+    assert sorted(seen) == sorted(s["prompt"] for s in dataset)
+
+
+@pytest.fixture
+def checkpoint_dir(reference, tmp_path):
+    shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+    return tmp_path
+
+
+@pytest.mark.parametrize("change, message", [
+    ("layers", r"resume file was written with num_hidden_layers=2, but this run has num_hidden_layers=1"),
+    ("hidden", r"no resume file for this actor \(ppo_actor_32_resume\.pth\), but \S+ holds "
+               r"ppo_actor_64_resume\.1\.pth, ppo_actor_64_resume\.pth from another model size"),
+    ("batch", r"resume file was written with --batch_size 4, this run has --batch_size 2"),
+])
+def test_incompatible_resume_file_names_the_mismatch(tiny_kit, checkpoint_dir, tmp_path, change, message):
+    if change == "batch":
+        extra = ["--batch_size", "2"]
+    else:
+        config = dict(hidden_size=64, num_hidden_layers=1) if change == "layers" else dict(hidden_size=32)
+        torch.manual_seed(0)
+        save_weights(MiniMindForCausalLM(MiniMindConfig(**config)), tmp_path / "actor.pth")
+        extra = ["--from_weight", str(tmp_path / "actor.pth")]
+    before = sorted(os.listdir(checkpoint_dir))
+    with pytest.raises(ValueError, match=message):
+        run(flags(tiny_kit, checkpoint_dir, "--from_resume", "1", *extra))
+    assert sorted(os.listdir(checkpoint_dir)) == before  # nothing written
+
+
+# ----------------------------------------------------------------------------- numerical faults
+def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, monkeypatch, capsys):
+    """Step 2: NaN reward; step 3: NaN critic value; step 4: NaN loss. None changes a weight."""
+    snapshots = []
+    real_collect, real_score, real_whiten = train_ppo.collect_rollout, train_ppo.score_chats, train_ppo.masked_whiten
+    real_critic = train_ppo.CriticModel.forward
+
+    def collect_rollout(batch, old_actor, ref, critic, *args):
+        snapshots.append([{k: v.clone() for k, v in m.state_dict().items()} for m in (old_actor, critic)])
+        return real_collect(batch, old_actor, ref, critic, *args)
+
+    def score_chats(*args):
+        scores = real_score(*args)
+        if len(snapshots) == 2:
+            scores[1] = float("nan")
+        return scores
+
+    def critic_forward(self, *args):
+        values = real_critic(self, *args)
+        return values * float("nan") if len(snapshots) == 3 and not torch.is_grad_enabled() else values
+
+    def masked_whiten(x, mask):
+        return real_whiten(x, mask) * (float("nan") if len(snapshots) == 4 else 1.0)
+
+    monkeypatch.setattr(train_ppo, "collect_rollout", collect_rollout)
+    monkeypatch.setattr(train_ppo, "score_chats", score_chats)
+    monkeypatch.setattr(train_ppo.CriticModel, "forward", critic_forward)
+    monkeypatch.setattr(train_ppo, "masked_whiten", masked_whiten)
+    run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "5", "--max_bad_steps", "4"))
+    out = capsys.readouterr().out
+    assert re.search(r"warning: step 2: reward model returned nan for sample 1 \(response '.*'\)", out)
+    assert "step 2: non-finite reward or value; no update for this rollout" in out
+    assert re.search(r"warning: step 3: critic returned a non-finite value for sample 0 \(response '.*'\)", out)
+    assert "step 4: 4 optimizer step(s) skipped (non-finite loss or gradient)" in out
+
+    def same(a, b):
+        return all(torch.equal(a[i][k], b[i][k]) for i in range(2) for k in a[i])
+    # snapshots[k] holds the weights after step k (the old actor is synced after every step)
+    assert not same(snapshots[0], snapshots[1])  # step 1 trained
+    assert same(snapshots[1], snapshots[2]) and same(snapshots[1], snapshots[3]) and same(snapshots[1], snapshots[4])
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 4, 5]  # rollouts with no usable data leave no line
+    assert metrics[1]["skipped_steps"] == 4 and metrics[1]["optimizer_steps"] == 0
+    assert metrics[1]["actor_lr"] == metrics[0]["actor_lr"]  # the schedule did not move either
+    assert global_step(tmp_path) == 5
+
+
+def test_consecutive_bad_steps_abort_and_keep_the_last_good_checkpoint(tiny_kit, tmp_path, monkeypatch):
+    real_score, calls = train_ppo.score_chats, []
+
+    def score_chats(*args):
+        calls.append(1)
+        return real_score(*args) * (float("nan") if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(train_ppo, "score_chats", score_chats)
+    with pytest.raises(RuntimeError, match=r"aborting at step 4: 2 consecutive rollouts with non-finite rewards, "
+                                           r"values, losses or gradients \(--max_bad_steps 2\); the last good "
+                                           r"checkpoint is kept in "):
+        run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "6", "--save_interval", "1", "--max_bad_steps", "2"))
+    state, loaded_from = load_resume(str(tmp_path / RESUME))
+    assert state["global_step"] == 2 and state["bad_streak"] == 0 and loaded_from == str(tmp_path / RESUME)
+    load_state_dict_file(tmp_path / "ppo_actor_64.pth")
+
+
+def test_reward_model_folder_returning_nan_aborts(tiny_kit, tmp_path, capsys):
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_kit["reward_model"])
+    torch.nn.init.constant_(rm.score.weight, float("nan"))
+    rm.save_pretrained(tmp_path / "rm")
+    shutil.copy(os.path.join(tiny_kit["reward_model"], "tokenizer.json"), tmp_path / "rm")
+    shutil.copy(os.path.join(tiny_kit["reward_model"], "tokenizer_config.json"), tmp_path / "rm")
+    with pytest.raises(RuntimeError, match="aborting at step 1"):
+        run(tiny_run_args(tiny_kit, tmp_path / "out", "--reward_model_path", str(tmp_path / "rm"),
+                          "--max_bad_steps", "1"))
+    assert "warning: step 1: reward model returned nan for sample 0" in capsys.readouterr().out
+    assert not os.listdir(tmp_path / "out" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------- disk faults
+def test_unwritable_save_dir_fails_at_start_up(tiny_kit, tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(OSError, match=r"--save_dir '\S+blocker/out' is not writable"):
+        run(tiny_run_args(tiny_kit, tmp_path / "blocker" / "out"))
+    with pytest.raises(OSError, match=r"--checkpoint_dir '\S+blocker/ck' is not writable"):
+        run(tiny_run_args(tiny_kit, tmp_path / "out", "--checkpoint_dir", str(tmp_path / "blocker" / "ck")))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_kit, tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    class FullDisk:  # a file that takes 4 kB and then reports a full disk, as write(2) does
+        def __init__(self, f):
+            self.f, self.room = f, 4096
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    def save(obj, f):
+        saves.append(f.name)
+        return real_save(obj, FullDisk(f) if len(saves) == 4 else f)  # saves: weights, resume, weights, resume
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match=r"cannot write \S+ppo_actor_64_resume\.pth \(No space left on device\)") as e:
+        run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "4"))
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    state, loaded_from = load_resume(str(tmp_path / RESUME))
+    assert state["global_step"] == 2 and loaded_from == str(tmp_path / RESUME)
+    assert not glob.glob(str(tmp_path / "**" / "*.tmp"), recursive=True)
+
+
+# ----------------------------------------------------------------------------- bad input
+def write_rm(folder, num_labels):
+    config = LlamaConfig(vocab_size=6400, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=num_labels, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ROOT / "model").save_pretrained(folder)
+    return str(folder)
+
+
+def bad_input(case, tmp):
+    """(flags, exception, message) for one kind of bad input."""
+    data = tmp / "data.jsonl"
+    good_line = open(ROOT / "dataset" / "prompts_sample.jsonl", encoding="utf-8").readline()
+    if case == "missing weights":
+        return ["--from_weight", str(tmp / "nope.pth")], FileNotFoundError, r"nope\.pth: weight file not found"
+    if case == "corrupt weights":
+        (tmp / "bad.pth").write_bytes(b"\x00garbage, not a checkpoint")
+        return ["--from_weight", str(tmp / "bad.pth")], ValueError, r"bad\.pth: cannot read weights"
+    if case == "shape vs flags":
+        return ["--hidden_size", "32"], ValueError, r"full_sft_64\.pth: .*hidden_size"
+    if case == "tokenizer too big":
+        tok = AutoTokenizer.from_pretrained(ROOT / "model")
+        tok.add_tokens(["<extra_1>", "<extra_2>"])
+        tok.save_pretrained(tmp / "tok")
+        return (["--tokenizer_path", str(tmp / "tok")], ValueError,
+                r"tokenizer \S+tok' has 6402 tokens but the model's vocabulary holds 6400")
+    if case == "no reward folder":
+        return ["--reward_model_path", str(tmp / "rm")], FileNotFoundError, r"rm': no such folder"
+    if case == "reward folder without model":
+        (tmp / "rm").mkdir()
+        return ["--reward_model_path", str(tmp / "rm")], ValueError, r"rm': not a model folder \(no config.json\)"
+    if case == "reward folder unloadable":
+        (tmp / "rm").mkdir()
+        (tmp / "rm" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+        return ["--reward_model_path", str(tmp / "rm")], ValueError, r"rm': could not load a reward model"
+    if case == "reward model with 2 labels":
+        return (["--reward_model_path", write_rm(tmp / "rm", 2)], ValueError,
+                r"rm': expected one output label, found 2")
+    if case == "empty data":
+        data.write_text("\n\n")
+        return ["--data_path", str(data)], ValueError, r"data\.jsonl: no prompts \(the file is empty"
+    if case == "data not UTF-8":
+        data.write_bytes(good_line.encode() + b'{"conversations": "\xff\xfe"}\n')
+        return ["--data_path", str(data)], ValueError, r"data\.jsonl:2: not valid UTF-8"
+    if case == "data not JSON":
+        data.write_text(good_line + good_line + "{not json\n")
+        return ["--data_path", str(data)], ValueError, r"data\.jsonl:3: invalid JSON"
+    if case == "data without conversations":
+        data.write_text('{"text": "hello"}\n' + good_line)
+        return ["--data_path", str(data)], ValueError, r"data\.jsonl:1: missing 'conversations'"
+    if case == "batch larger than data":
+        return (["--batch_size", "32", "--mini_batch_size", "32"], ValueError,
+                r"--batch_size 32 x 1 processes needs 32 prompts, but \S+prompts_sample\.jsonl has 24")
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", [
+    "missing weights", "corrupt weights", "shape vs flags", "tokenizer too big", "no reward folder",
+    "reward folder without model", "reward folder unloadable", "reward model with 2 labels", "empty data",
+    "data not UTF-8", "data not JSON", "data without conversations", "batch larger than data"])
+def test_bad_input_names_the_culprit_and_writes_nothing(tiny_kit, tmp_path, case):
+    extra, error, message = bad_input(case, tmp_path)
+    with pytest.raises(error, match=message):
+        run(tiny_run_args(tiny_kit, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_mini_batch_size_must_divide_batch_size(tiny_kit, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_ppo.parse_args(tiny_run_args(tiny_kit, tmp_path, "--batch_size", "4", "--mini_batch_size", "3"))
+    assert "--mini_batch_size 3 must divide --batch_size 4" in capsys.readouterr().err
+
+
+def test_long_prompts_are_truncated_counted_and_reported(tiny_kit, tmp_path, capsys):
+    run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1", "--max_seq_len", "24"))
+    assert re.search(r"prompts_sample\.jsonl: \d+ of 24 prompts are longer than max_length=24 tokens and were "
+                     r"truncated from the left", capsys.readouterr().out)
+    assert len(read_metrics(tmp_path)) == 1
+
+
+# ----------------------------------------------------------------------------- security
+class RunsCode:
+    """Unpickling this runs os.system: what a malicious downloaded .pth would do."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.sentinel}",)
+
+
+def test_pickled_code_is_refused_by_weight_and_resume_loading(tmp_path, capsys):
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": RunsCode(sentinel)}, evil)
+    with pytest.raises(ValueError, match=r"evil\.pth: cannot read weights \(not a plain tensor file; "
+                                         r"torch\.load\(weights_only=True\) refused it \(.*system"):
+        load_state_dict_file(evil)
+    path = tmp_path / "ck" / "x_resume.pth"
+    path.parent.mkdir()
+    shutil.copy(evil, path)
+    with pytest.raises(ValueError, match=r"all resume files are unreadable: \S+x_resume\.pth \(not a plain tensor"):
+        load_resume(str(path))
+    trainer_utils.atomic_save({"global_step": 1}, tmp_path / "ck" / "x_resume.1.pth")
+    state, loaded_from = load_resume(str(path))  # a planted newest file does not stop the run either
+    assert state == {"global_step": 1} and loaded_from.endswith("x_resume.1.pth")
+    assert "warning: skipping unreadable resume file" in capsys.readouterr().out
+    assert not sentinel.exists()
+
+
+def project_sources():
+    """(path, syntax tree) of every project .py file outside tests/: tracked, or new and not git-ignored."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        path = ROOT / name
+        if not name.startswith("tests/") and path.exists():
+            yield path, ast.parse(path.read_text(encoding="utf-8"))
+
+
+def test_no_project_code_unpickles_arbitrary_objects():
+    checked = 0
+    for path, tree in project_sources():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if owner == "torch" and node.func.attr == "load":
+                kw = {k.arg: k.value for k in node.keywords}
+                assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, where
+                checked += 1
+            assert not (owner in ("pickle", "dill", "joblib", "marshal") and node.func.attr in ("load", "loads")), where
+            unsafe_numpy = [k for k in node.keywords if k.arg == "allow_pickle"
+                            and not (isinstance(k.value, ast.Constant) and k.value.value is False)]
+            assert not unsafe_numpy, where
+    assert checked >= 2  # load_state_dict_file and load_resume
+
+
+def test_remote_code_only_for_the_named_reward_folder_with_a_notice(tmp_path, capsys):
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_rm.RM"}}))
+    with pytest.raises(ValueError, match="could not load a reward model"):
+        train_ppo.load_reward_model(str(tmp_path / "rm"), "cpu", torch.float32)
+    out = capsys.readouterr().out
+    assert out.count("trust_remote_code") == 1
+    assert f"note: trust_remote_code enabled for the reward model folder {tmp_path / 'rm'} only" in out
+    for path, tree in project_sources():  # nowhere else is remote code turned on
+        allowed = {id(node) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "load_reward_model"
+                   for node in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
+                assert id(node) in allowed, f"{path.relative_to(ROOT)}:{node.value.lineno}"
