@@ -115,6 +115,10 @@ def parse_args(argv=None):
         p.error(f"--accumulation_steps {args.accumulation_steps} must divide --mini_batch_size {args.mini_batch_size}")
     if args.temperature <= 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
+    for flag in ("batch_size", "mini_batch_size", "accumulation_steps", "ppo_epochs", "log_interval",
+                 "save_interval", "keep_checkpoints", "max_bad_steps", "update_old_actor_freq", "max_gen_len"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     return args
 
 
@@ -136,15 +140,20 @@ class CriticModel(nn.Module):
 
 def build_critic(actor, critic_weight=None):
     critic = CriticModel(actor.config)
-    if critic_weight:
-        state = load_state_dict_file(critic_weight)
+    if not critic_weight:
+        critic.model.load_state_dict(actor.model.state_dict(), strict=True)
+        return critic
+    state = load_state_dict_file(critic_weight)
+    try:
         if "value_head.weight" in state:  # a saved critic
             critic.load_state_dict(state, strict=True)
-            return critic
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}  # an actor file
-    else:
-        state = actor.model.state_dict()
-    critic.model.load_state_dict(state, strict=True)
+        else:  # an actor file: its backbone, with a fresh value head
+            critic.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
+                                         strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"--critic_weight {critic_weight}: does not fit the actor "
+                         f"(hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers): "
+                         f"{str(e).splitlines()[0]}") from e
     return critic
 
 
@@ -577,6 +586,27 @@ def append_metrics(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def truncate_metrics(path, last_step):
+    """On resume, keep only the lines of steps <= last_step: later steps are run (and logged) again."""
+    if not os.path.exists(path):
+        return
+    lines = open(path).readlines()
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno < len(lines):
+                raise ValueError(f"{path}:{lineno}: not JSON; fix or move the file before resuming")
+            Logger(f"{path}:{lineno}: dropping a torn last line (the previous run died while writing it)")
+            continue
+        if record["step"] <= last_step:
+            kept.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------- main
 def main(args):
     local_rank = init_distributed_mode()
@@ -652,12 +682,8 @@ def main(args):
             global_step, bad_streak, run_id = state["global_step"], state["bad_streak"], state["wandb_id"]
             kl_ctl.value = state["kl_coef"]
             Logger(f"resumed from {loaded_from}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
-            if is_main_process() and os.path.exists(metrics_path):
-                # steps after the checkpoint will be run (and logged) again
-                lines = [l for l in open(metrics_path) if json.loads(l)["step"] <= global_step]
-                with open(metrics_path + ".tmp", "w") as f:
-                    f.writelines(lines)
-                os.replace(metrics_path + ".tmp", metrics_path)
+            if is_main_process():
+                truncate_metrics(metrics_path, global_step)
             del state
 
     if dist.is_initialized():  # every loss-bearing forward goes through these wrappers
@@ -682,8 +708,7 @@ def main(args):
 
     def request_stop(signum, frame):
         stop["signal"] = signum
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
     models = (actor, critic, old_actor)
     t_start, steps_this_run = time.time(), 0
@@ -784,6 +809,8 @@ def main(args):
                f"--trained {out}\n      python scripts/plot_metrics.py {metrics_path}")
         if swanlab_run is not None:
             swanlab_run.finish()
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
