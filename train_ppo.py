@@ -332,8 +332,8 @@ class AdaptiveKLController:
 
 
 # ----------------------------------------------------------------------------- rollout
-def response_logprobs(model, input_ids, attention_mask, response_len, temperature, with_entropy=False):
-    """Log-probs [B, R] of the last R tokens of `input_ids` (and their entropy [B, R]).
+def response_logprobs(model, input_ids, attention_mask, response_len, temperature):
+    """Log-probs [B, R] of the last R tokens of `input_ids`, with their logits [B, R, V] and the MoE aux loss.
 
     Only the R positions that predict response tokens reach lm_head (logits_to_keep), and the
     log-prob is gather - logsumexp, never a full log_softmax tensor. Every log-prob that
@@ -341,10 +341,13 @@ def response_logprobs(model, input_ids, attention_mask, response_len, temperatur
     """
     out = model(input_ids, attention_mask=attention_mask, logits_to_keep=response_len + 1)
     logits = out.logits[:, :-1].float() / temperature  # [B, R, V]
-    lse = logits.logsumexp(-1)
-    logprobs = logits.gather(-1, input_ids[:, -response_len:, None]).squeeze(-1) - lse
-    entropy = lse - (logits.softmax(-1) * logits).sum(-1) if with_entropy else None
-    return logprobs, entropy, out.aux_loss
+    logprobs = logits.gather(-1, input_ids[:, -response_len:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return logprobs, logits, out.aux_loss
+
+
+def entropy_from_logits(logits):
+    """H = logsumexp(z) - sum(softmax(z) * z) per position."""
+    return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
 
 
 def micro_batches(order, mini_batch_size, accumulation_steps):
@@ -431,7 +434,9 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
                 # gradients are all-reduced only on the last micro-batch of a minibatch
                 sync = _no_sync(actor, critic) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
                 with sync, ctx:
-                    logprobs, entropy, aux_loss = response_logprobs(actor, ids, am, R, args.temperature, True)
+                    logprobs, logits, aux_loss = response_logprobs(actor, ids, am, R, args.temperature)
+                    # the entropy's backward pass costs a full-vocab softmax: only pay it when it is in the loss
+                    entropy = entropy_from_logits(logits if args.entropy_coef else logits.detach())
                     values = critic(ids, am)[:, -R - 1:-1].float()
                     pg_loss, ratio = policy_loss_per_token(logprobs, rollout["old_logprobs"][micro],
                                                            advantages[micro], args.clip_epsilon, args.dual_clip_c)

@@ -160,3 +160,11 @@ def test_non_finite_reward_names_the_sample():
     rm = FakeRewardModel({PLAIN: float("nan")})
     with pytest.raises(ValueError, match=r"sample 1 .*'The answer is 12.'"):
         calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None, args())
+
+
+def test_entropy_from_logits():
+    from train_ppo import entropy_from_logits
+    uniform = torch.zeros(2, 3, 10)
+    assert torch.allclose(entropy_from_logits(uniform), torch.full((2, 3), math.log(10)))
+    p = torch.tensor([0.7, 0.2, 0.1])
+    assert torch.allclose(entropy_from_logits(p.log()), -(p * p.log()).sum(), atol=1e-6)

@@ -87,7 +87,7 @@ def test_first_ratio_is_exactly_one(tiny_kit):
     R = rollout["response_mask"].shape[1]
     first = train_ppo.micro_batches(orders[0], args.mini_batch_size, args.accumulation_steps)[0][0]
     logprobs, _, _ = train_ppo.response_logprobs(actor, rollout["input_ids"][first], rollout["attention_mask"][first],
-                                                 R, args.temperature, with_entropy=True)
+                                                 R, args.temperature)
     ratio = torch.exp(logprobs - rollout["old_logprobs"][first])
     assert torch.equal(ratio, torch.ones_like(ratio))
     # and the sampler's own log-probs describe the same distribution
