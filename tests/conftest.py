@@ -9,20 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from scripts.bench_ppo import build_tiny_reward_model  # noqa: E402
 from trainer_utils import save_weights  # noqa: E402
 
-torch.set_num_threads(2)
-
-
-def make_tiny_reward_model(folder, seed=0):
-    """A random 1-label Llama sequence classifier with the project tokenizer: a real HF RM folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
-    LlamaForSequenceClassification(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(ROOT / "model").save_pretrained(folder)
-    return str(folder)
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +21,7 @@ def tiny_kit(tmp_path_factory):
     torch.manual_seed(0)
     actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
     save_weights(actor, root / "full_sft_64.pth")
-    return dict(actor=str(root / "full_sft_64.pth"), reward_model=make_tiny_reward_model(root / "rm"),
+    return dict(actor=str(root / "full_sft_64.pth"), reward_model=build_tiny_reward_model(root / "rm"),
                 data=str(ROOT / "dataset" / "prompts_sample.jsonl"), root=root)
 
 

@@ -1,0 +1,337 @@
+"""Benchmark the real train_ppo.py loop for a few steps, and micro-benchmark its hot-path choices.
+
+    python scripts/bench_ppo.py --preset small --runs 3     # one JSON line per run, then a summary line
+    python scripts/bench_ppo.py --preset mm2 --device cuda --dtype bfloat16
+    python scripts/bench_ppo.py --preset small --ablations  # ours vs the naive reference, one line each
+
+train_ppo.main() runs unchanged on a random-init actor (--from_weight none), a tiny random reward model
+and generated arithmetic prompts, all built into a temp folder, so no files are needed. The actor's EOS
+logit is pinned low so every response runs to --max_gen_len: token counts, hence times, are comparable
+across runs and commits. Step 1 warms up; s/step and phase times summarise steps 2..N from the run's
+metrics.jsonl. train_ppo's log goes to stderr, the JSON lines to stdout. On a shared CPU, set --threads to
+the cores really free: oversubscribed OpenMP threads slow the matmuls several-fold.
+
+Upstream reference (torch 2.13 CPU, float32, random init, stub reward model, --num_workers 0):
+small 1.95 s/step, 262 generated tokens/s end to end, peak RSS 907 MB; mm2 5.2 s/step, 49 tokens/s, 1.9 GB.
+"""
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+import train_ppo
+from dataset.lm_dataset import PromptCollator, RLAIFDataset
+from model.model_minimind import sample_responses
+from train_ppo import compute_advantages, response_logprobs, score_chats
+from trainer_utils import init_model
+
+PRESETS = {
+    "small": dict(hidden_size=256, num_hidden_layers=4, batch_size=8, mini_batch_size=4, ppo_epochs=2,
+                  max_gen_len=64, prompt_len=64),
+    "mm2": dict(hidden_size=512, num_hidden_layers=8, batch_size=4, mini_batch_size=2, ppo_epochs=2,
+                max_gen_len=64, prompt_len=64),
+}
+TOKENIZER = os.path.join(ROOT, "model")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Time train_ppo.py steps at a fixed config; prints JSON lines.")
+    p.add_argument("--preset", default="small", choices=PRESETS)
+    for name in PRESETS["small"]:  # every size can override the preset
+        p.add_argument(f"--{name}", type=int, default=None)
+    p.add_argument("--steps", type=int, default=6, help="PPO steps per run; steps 2..N are summarised")
+    p.add_argument("--runs", type=int, default=1, help="repeat the PPO run in R fresh subprocesses (isolated RSS)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="CUDA autocast, as train_ppo; CPU always runs float32")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablations", action="store_true", help="micro-benchmarks instead of the PPO run")
+    args = p.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (step 1 is warm-up)")
+    return args
+
+
+# ----------------------------------------------------------------------------- inputs built on the fly
+def build_tiny_reward_model(folder, seed=0):
+    """A random 1-label Llama sequence classifier with the project tokenizer: a real HF RM folder."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return str(folder)
+
+
+def write_prompts(path, tokenizer, n, max_len, seed):
+    """n chats "What is a + b + ...?" rendering to 2/3 * max_len .. max_len tokens (so left padding varies).
+    Returns the questions."""
+    rng = random.Random(seed)
+
+    def rendered_len(question):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    questions = []
+    with open(path, "w") as f:
+        for _ in range(n):
+            target = rng.randint(max_len - max_len // 3, max_len)
+            terms = [str(rng.randint(0, 20))]
+            while True:  # add terms while the prompt still fits
+                longer = terms + [str(rng.randint(0, 20))]
+                if rendered_len(f"What is {' + '.join(longer)}?") > target:
+                    break
+                terms = longer
+            question = f"What is {' + '.join(terms)}?"
+            if rendered_len(question) > max_len:
+                raise ValueError(f"--prompt_len {max_len} is shorter than the shortest prompt")
+            questions.append(question)
+            f.write(json.dumps({"conversations": [{"role": "user", "content": question},
+                                                  {"role": "assistant", "content": "无"}]}) + "\n")
+    return questions
+
+
+def force_full_length(model, eos_token_id):
+    """Pin the EOS logit to -1e4 so sampling never stops early. Finite, not -inf: the update's entropy term
+    sums softmax * logits, and 0 * -inf is NaN. frozen_copy deep-copies the hook into the old actor and ref,
+    so sampling and every scoring pass see the same distribution."""
+    def hook(module, inputs, logits):
+        return logits.index_fill(-1, torch.tensor([eos_token_id], device=logits.device), -1e4)
+    model.lm_head.register_forward_hook(hook)
+    return model
+
+
+def full_length_init_model(*args, **kwargs):
+    """trainer_utils.init_model, then force_full_length: swapped into train_ppo for the run."""
+    model, tokenizer = init_model(*args, **kwargs)
+    return force_full_length(model, tokenizer.eos_token_id), tokenizer
+
+
+# ----------------------------------------------------------------------------- the PPO run
+def config_of(args):
+    sizes = {name: getattr(args, name) for name in PRESETS["small"]}
+    return dict(preset=args.preset, **sizes, steps=args.steps, device=args.device,
+                dtype=args.dtype if args.device.startswith("cuda") else "float32", seed=args.seed,
+                threads=torch.get_num_threads(), torch=torch.__version__)
+
+
+def bench_run(args):
+    """One train_ppo.main() run in this process; returns the summary dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = os.path.join(tmp, "prompts.jsonl")
+        write_prompts(prompts, AutoTokenizer.from_pretrained(TOKENIZER), args.batch_size * args.steps,
+                      args.prompt_len, args.seed)
+        argv = ["--from_weight", "none", "--hidden_size", args.hidden_size, "--num_hidden_layers",
+                args.num_hidden_layers, "--batch_size", args.batch_size, "--mini_batch_size", args.mini_batch_size,
+                "--ppo_epochs", args.ppo_epochs, "--max_gen_len", args.max_gen_len, "--max_seq_len", args.prompt_len,
+                "--max_steps", args.steps, "--data_path", prompts, "--tokenizer_path", TOKENIZER,
+                "--reward_model_path", build_tiny_reward_model(os.path.join(tmp, "rm")), "--device", args.device,
+                "--dtype", args.dtype, "--save_dir", tmp, "--save_interval", 10 ** 9, "--num_workers", 0,
+                "--seed", args.seed]
+        train_ppo.init_model = full_length_init_model
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
+                train_ppo.main(train_ppo.parse_args([str(a) for a in argv]))
+        finally:
+            train_ppo.init_model = init_model
+        metrics = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
+    lengths = {m["avg_response_len"] for m in metrics}
+    if lengths != {float(args.max_gen_len)}:
+        raise RuntimeError(f"responses did not run to --max_gen_len {args.max_gen_len}: lengths {lengths}")
+    timed = metrics[1:]  # step 1 warms up
+
+    def median(key):
+        return statistics.median(m[key] for m in timed)
+
+    tokens = args.batch_size * args.max_gen_len  # generated per step, all real
+    step_s = [m["time_step_s"] for m in timed]
+    result = dict(config=config_of(args),
+                  s_per_step=dict(median=median("time_step_s"), min=min(step_s), max=max(step_s)),
+                  rollout_tokens_per_s=tokens / median("time_rollout_s"),
+                  end_to_end_tokens_per_s=tokens / median("time_step_s"),
+                  phase_s=dict(rollout=median("time_rollout_s"), forwards=median("time_forward_s"),
+                               reward=median("time_reward_s"), update=median("time_update_s")),
+                  avg_response_len=timed[-1]["avg_response_len"],
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    if args.device.startswith("cuda"):
+        result["cuda_peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return result
+
+
+def bench_runs(argv, runs):
+    """The same bench in `runs` fresh subprocesses: each line as it comes, then the median of medians."""
+    results = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--runs", "1"],
+                             stdout=subprocess.PIPE, text=True, check=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+
+    def median(get):
+        return statistics.median(get(r) for r in results)
+
+    return dict(summary=True, runs=runs, config=results[0]["config"],
+                s_per_step_median=median(lambda r: r["s_per_step"]["median"]),
+                rollout_tokens_per_s=median(lambda r: r["rollout_tokens_per_s"]),
+                end_to_end_tokens_per_s=median(lambda r: r["end_to_end_tokens_per_s"]),
+                phase_s={k: median(lambda r: r["phase_s"][k]) for k in results[0]["phase_s"]},
+                peak_rss_mb=max(r["peak_rss_mb"] for r in results))
+
+
+# ----------------------------------------------------------------------------- ablations: naive references
+# Straightforward MiniMind-style alternatives to the project's hot paths, used ONLY as the baseline of
+# --ablations. Each returns the same thing as the function it stands in for.
+class CatCache:
+    """Naive reference for KVCache: per-layer k, v grown by torch.cat each token (MiniMind's past_key_values)."""
+
+    def __init__(self, num_layers):
+        self.k, self.v, self.length = [None] * num_layers, [None] * num_layers, 0
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+def naive_generate(model, input_ids, attention_mask, max_new_tokens, cache=None):
+    """Naive reference for sample_responses: re-forward the whole sequence every token (cache=None), or
+    feed the new token through a CatCache. logits_to_keep=1 as ours, so only the cache differs."""
+    ids, mask, logprobs = input_ids, attention_mask, []
+    for t in range(max_new_tokens):
+        step_ids = ids if cache is None or t == 0 else ids[:, -1:]
+        logits = model(step_ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+        logp = logits.log_softmax(-1)
+        token = torch.multinomial(logp.exp(), 1)
+        logprobs.append(logp.gather(-1, token))
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids[:, input_ids.shape[1]:], torch.cat(logprobs, 1)
+
+
+def naive_logprobs(model, input_ids, attention_mask, response_len):
+    """Naive reference for response_logprobs: logits at every position, a full log_softmax, then slice."""
+    logits = model(input_ids, attention_mask=attention_mask).logits.float()
+    logprobs = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return logprobs[:, -response_len:]
+
+
+def naive_gae(token_rewards, values, response_mask, gamma, lam):
+    """Naive reference for compute_advantages: the usual reverse Python loop over tokens."""
+    values = values * response_mask
+    advantages, last = torch.zeros_like(values), 0.0
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else 0.0
+        delta = (token_rewards[:, t] + gamma * next_value - values[:, t]) * response_mask[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * response_mask
+    return advantages, (advantages + values) * response_mask
+
+
+def paired_seconds(fn_ours, fn_naive, device, min_rounds=3, min_total=0.5):
+    """Median wall time of each fn after a warm-up call. Calls alternate, so drifting load on a shared
+    machine hits both alike; at least min_rounds rounds and min_total seconds in all."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fns, times = (fn_ours, fn_naive), ([], [])
+    for fn in fns:
+        fn()
+    while len(times[0]) < min_rounds or sum(map(sum, times)) < min_total:
+        for fn, t in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def ablate(name, ours, naive, fn_ours, fn_naive, args, compare=True):
+    """Time both, print one JSON line; compare=True also checks that they compute the same thing."""
+    line = dict(ablation=name, ours=ours, naive=naive)
+    if compare:
+        line["max_abs_diff"] = (fn_ours() - fn_naive()).abs().max().item()
+    line["ours_s"], line["naive_s"] = paired_seconds(fn_ours, fn_naive, args.device)
+    line["speedup"] = line["naive_s"] / line["ours_s"]
+    print(json.dumps(line | dict(config=config_of(args))), flush=True)
+
+
+@torch.no_grad()
+def run_ablations(args):
+    """Each hot path against its naive reference on the same model and inputs, at the bench's sizes."""
+    torch.manual_seed(args.seed)
+    model, tokenizer = full_length_init_model("none", "", TOKENIZER, args.device, hidden_size=args.hidden_size,
+                                              num_hidden_layers=args.num_hidden_layers)
+    model.eval()
+    B, G, dev = args.batch_size, args.max_gen_len, args.device
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "prompts.jsonl")
+        questions = write_prompts(path, tokenizer, B, args.prompt_len, args.seed)
+        dataset = RLAIFDataset(path, tokenizer, max_length=args.prompt_len)
+        reward_model, reward_tokenizer = train_ppo.load_reward_model(
+            build_tiny_reward_model(os.path.join(tmp, "rm")), dev, torch.float32)
+    batch = PromptCollator(tokenizer.pad_token_id)([dataset[i] for i in range(B)])
+    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    use_amp = dev.startswith("cuda") and args.dtype != "float32"
+    with torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if use_amp else contextlib.nullcontext():
+        # (1) generation
+        def ours_gen():
+            return sample_responses(model, ids, mask, G, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        ablate("generation", "sample_responses: preallocated KVCache", "no cache: full re-forward every token",
+               ours_gen, lambda: naive_generate(model, ids, mask, G), args, compare=False)
+        ablate("generation", "sample_responses: preallocated KVCache", "cache grown by torch.cat every token",
+               ours_gen, lambda: naive_generate(model, ids, mask, G, CatCache(args.num_hidden_layers)), args,
+               compare=False)
+        # (2) rollout log-probs of the sampled responses
+        response_ids, response_mask, _ = ours_gen()
+        full_ids, full_mask = torch.cat([ids, response_ids], 1), torch.cat([mask, response_mask], 1)
+        ablate("rollout_logprobs", "response_logprobs: logits_to_keep + gather - logsumexp",
+               "logits at every position + full log_softmax, then slice",
+               lambda: response_logprobs(model, full_ids, full_mask, G, 1.0)[0],
+               lambda: naive_logprobs(model, full_ids, full_mask, G), args)
+        # (3) GAE on rows of random lengths
+        rewards, values = torch.randn(B, G, device=dev), torch.randn(B, G, device=dev)
+        gae_mask = (torch.arange(G, device=dev) < torch.randint(1, G + 1, (B, 1), device=dev)).float()
+        ablate("gae", "compute_advantages: one matmul with the discount matrix", "reverse Python loop over tokens",
+               lambda: compute_advantages(rewards, values, gae_mask, 1.0, 0.95)[0],
+               lambda: naive_gae(rewards, values, gae_mask, 1.0, 0.95)[0], args)
+        # (4) reward-model scoring of the sampled responses
+        chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+                 for q, r in zip(questions, tokenizer.batch_decode(response_ids, skip_special_tokens=True))]
+        ablate("reward_scoring", "score_chats: one padded batch", "score_chats: one call per sample",
+               lambda: score_chats(reward_model, reward_tokenizer, chats),
+               lambda: torch.cat([score_chats(reward_model, reward_tokenizer, [c]) for c in chats]), args)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ablations:
+        run_ablations(args)
+    elif args.runs > 1:
+        print(json.dumps(bench_runs(argv, args.runs)), flush=True)
+    else:
+        print(json.dumps(bench_run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

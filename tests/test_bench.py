@@ -1,0 +1,30 @@
+"""scripts/bench_ppo.py at a microscopic config: the JSON contract and the naive references' agreement."""
+import json
+
+from scripts import bench_ppo
+
+MICRO = ["--hidden_size", "32", "--num_hidden_layers", "1", "--batch_size", "2", "--mini_batch_size", "1",
+         "--max_gen_len", "4", "--prompt_len", "40", "--steps", "3", "--device", "cpu"]
+
+
+def json_lines(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_bench_prints_one_json_line_with_full_length_responses(capsys):
+    bench_ppo.main(MICRO)
+    (result,) = json_lines(capsys)  # train_ppo's log went to stderr
+    assert result["config"]["hidden_size"] == 32 and result["config"]["steps"] == 3
+    assert result["avg_response_len"] == 4  # EOS pinned: every response runs to max_gen_len
+    assert result["s_per_step"]["min"] <= result["s_per_step"]["median"] <= result["s_per_step"]["max"]
+    assert set(result["phase_s"]) == {"rollout", "forwards", "reward", "update"}
+    assert result["rollout_tokens_per_s"] > result["end_to_end_tokens_per_s"] > 0
+    assert result["peak_rss_mb"] > 0 and "cuda_peak_alloc_mb" not in result
+
+
+def test_ablations_match_their_naive_references(capsys):
+    bench_ppo.main(MICRO + ["--ablations"])
+    lines = json_lines(capsys)
+    assert [l["ablation"] for l in lines] == ["generation", "generation", "rollout_logprobs", "gae", "reward_scoring"]
+    assert all(l["ours_s"] > 0 and l["naive_s"] > 0 for l in lines)
+    assert all(l["max_abs_diff"] < 1e-4 for l in lines if "max_abs_diff" in l)
