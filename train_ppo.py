@@ -30,7 +30,7 @@ from model.model_minimind import MiniMindModel, sample_responses
 from trainer_utils import (Logger, SkipBatchSampler, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, init_model, is_main_process, load_resume,
                            load_state_dict_file, resume_path, save_resume, save_weights, set_rng_state,
-                           setup_seed, unwrap_model, weight_path)
+                           setup_seed, synced_time, unwrap_model, weight_path)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -346,8 +346,9 @@ def response_logprobs(model, input_ids, attention_mask, response_len, temperatur
 
 
 def entropy_from_logits(logits):
-    """H = logsumexp(z) - sum(softmax(z) * z) per position."""
-    return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+    """H = logsumexp(z) - sum(softmax(z) * z) per position; a -inf logit (p = 0) adds nothing."""
+    p = logits.softmax(-1)
+    return logits.logsumexp(-1) - torch.where(p > 0, p * logits, 0.0).sum(-1)
 
 
 def micro_batches(order, mini_batch_size, accumulation_steps):
@@ -367,12 +368,12 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
     """
     device = args.device
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    t0 = time.time()
+    t0 = synced_time(device)
     with ctx:
         response_ids, response_mask, sampler_logprobs = sample_responses(
             old_actor, prompt_ids, prompt_mask, args.max_gen_len, tokenizer.eos_token_id, tokenizer.pad_token_id,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    t1 = time.time()
+    t1 = synced_time(device)
     B, R = response_ids.shape
     input_ids = torch.cat([prompt_ids, response_ids], 1)  # [B, P+R]
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
@@ -385,7 +386,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
                 old_logprobs[rows] = response_logprobs(old_actor, ids, am, R, args.temperature)[0]
                 ref_logprobs[rows] = response_logprobs(ref_model, ids, am, R, args.temperature)[0]
                 values[rows] = critic(ids, am)[:, -R - 1:-1].float()
-    t2 = time.time()
+    t2 = synced_time(device)
     responses = tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
     bad = (~torch.isfinite(values)).any(1).nonzero()
     if len(bad):  # padding included (NaN * 0 is NaN); whitening would spread it to every advantage
@@ -395,7 +396,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
     scores, parts = calculate_rewards(batch["prompts"], responses, reward_model, reward_tokenizer, args)
     has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(1)
     scores = scores - args.missing_eos_penalty * (~has_eos).float().cpu()
-    t3 = time.time()
+    t3 = synced_time(device)
     # token-level reward: -beta * KL at every token (reward mode), plus the score at the last real token
     kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
     token_rewards = -kl_coef * kl if args.kl_mode == "reward" else torch.zeros_like(kl)
@@ -728,7 +729,7 @@ def main(args):
         for step, batch in enumerate(loader, start=first):
             if step >= steps_per_epoch or global_step >= total_rollouts:
                 break
-            t0 = time.time()
+            t0 = synced_time(args.device)
             global_step += 1
             steps_this_run += 1
             # 1. rollout: old actor samples; old/ref log-probs, values and token rewards
@@ -750,11 +751,11 @@ def main(args):
                                                          args.gamma, args.lam)
                 advantages = masked_whiten(advantages, mask)
                 # 3. PPO update of actor and critic
-                t1 = time.time()
+                t1 = synced_time(args.device)
                 update_stats, n_steps, n_skipped, early_stopped = ppo_update(
                     actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
                     orders, kl_ctl.value, args, ctx, scaler)
-                t2 = time.time()
+                t2 = synced_time(args.device)
                 if n_skipped:
                     Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped (non-finite loss or gradient)")
                 metrics = rollout_metrics(rollout, advantages, returns)

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import re
+import time
 
 import numpy as np
 import torch
@@ -48,6 +49,13 @@ def init_distributed_mode(backend=None):
         torch.cuda.set_device(local_rank)  # before init, so NCCL binds each rank to its own GPU
     dist.init_process_group(backend=backend)
     return local_rank
+
+
+def synced_time(device):
+    """Wall time after the device's queued work has finished, so phase timings on CUDA are honest."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def setup_seed(seed):

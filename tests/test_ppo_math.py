@@ -168,3 +168,5 @@ def test_entropy_from_logits():
     assert torch.allclose(entropy_from_logits(uniform), torch.full((2, 3), math.log(10)))
     p = torch.tensor([0.7, 0.2, 0.1])
     assert torch.allclose(entropy_from_logits(p.log()), -(p * p.log()).sum(), atol=1e-6)
+    masked = torch.tensor([0.0, 0.0, float("-inf")])  # a banned token contributes nothing, not NaN
+    assert torch.allclose(entropy_from_logits(masked), torch.tensor(math.log(2)))
