@@ -202,11 +202,14 @@ def unwrap_model(model):
 
 def save_weights(model, path, dtype=torch.float16):
     """Save the bare model's state dict like MiniMind's `full_sft_512.pth`: float tensors in
-    `dtype` on CPU (integer buffers keep their type)."""
-    state = {
-        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu()
-        for k, v in unwrap_model(model).state_dict().items()
-    }
+    `dtype` on CPU (integer buffers keep their type). Tied tensors (embedding and lm_head)
+    keep both keys but share one converted copy, so the file stores them once."""
+    converted, state = {}, {}
+    for k, v in unwrap_model(model).state_dict().items():
+        key = (v.data_ptr(), v.shape, v.dtype)
+        if key not in converted:
+            converted[key] = (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu()
+        state[k] = converted[key]
     atomic_save(state, path)
 
 

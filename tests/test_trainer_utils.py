@@ -326,3 +326,15 @@ def test_load_resume_all_corrupt_raises_listing_them(tmp_path):
     (tmp_path / "x_resume.1.pth").write_bytes(b"more garbage")
     with pytest.raises(ValueError, match=r"x_resume\.pth.*x_resume\.1\.pth"):
         tu.load_resume(str(path))
+
+
+def test_save_weights_stores_tied_tensors_once(tmp_path):
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1))
+    tu.save_weights(model, tmp_path / "w.pth")
+    embed_bytes = 6400 * 64 * 2
+    total_bytes = sum(p.numel() for p in model.parameters()) * 2  # parameters() yields the tied one once
+    assert os.path.getsize(tmp_path / "w.pth") < total_bytes + embed_bytes // 2
+    state = tu.load_state_dict_file(tmp_path / "w.pth")
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    MiniMindForCausalLM(model.config).load_state_dict(state, strict=True)
