@@ -43,7 +43,7 @@ def parse_args(argv=None):
     a("--save_dir", default="out", help="weights, metrics.jsonl, args and a copy of this script go here")
     a("--save_weight", default="ppo_actor", help="saved as {save_dir}/{save_weight}_{hidden}{_moe}.pth")
     a("--checkpoint_dir", default=None, help="resume files (default: {save_dir}/checkpoints)")
-    a("--from_weight", default="demo/full_sft_demo.pth",
+    a("--from_weight", default=os.path.join(ROOT, "demo", "full_sft_128.pth"),
       help="actor init: a name resolved as {save_dir}/{name}_{hidden}{_moe}.pth, a path, or 'none' (random)")
     a("--critic_weight", default=None, help="critic init (critic or actor .pth); default: the actor's weights")
     a("--tokenizer_path", default=os.path.join(ROOT, "model"))
@@ -587,9 +587,19 @@ def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_ep
     return epoch, step, state
 
 
-def append_metrics(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta_s, args):
+    """Append the step's metrics to metrics.jsonl (and swanlab); print a line every --log_interval."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if swanlab_run is not None:
+        swanlab_run.log(metrics, step=metrics["step"])
+    if metrics["step"] % args.log_interval == 0 or metrics["step"] == total_rollouts:
+        Logger(f"step {metrics['step']}/{total_rollouts} | reward {metrics['reward']:.3f} "
+               f"(format {metrics['reward_format']:.2f} tags {metrics['reward_tags']:.2f} "
+               f"rm {metrics['reward_rm']:.2f}) | kl_ref {metrics['kl_ref']:.4f} | "
+               f"policy {metrics['policy_loss']:.4f} value {metrics['value_loss']:.4f} | "
+               f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
+               f"{metrics['time_step_s']:.1f}s/step, eta {eta_s / 60:.1f} min")
 
 
 def truncate_metrics(path, last_step):
@@ -771,18 +781,8 @@ def main(args):
                                time_rollout_s=rollout["time_generate"], time_forward_s=rollout["time_forward"],
                                time_reward_s=rollout["time_reward"], time_update_s=t2 - t1, time_step_s=t2 - t0)
                 if is_main_process():
-                    append_metrics(metrics_path, metrics)
-                    if swanlab_run is not None:
-                        swanlab_run.log(metrics, step=global_step)
-                    if global_step % args.log_interval == 0 or global_step == total_rollouts:
-                        elapsed = time.time() - t_start
-                        eta = elapsed / steps_this_run * (total_rollouts - global_step)
-                        Logger(f"step {global_step}/{total_rollouts} | reward {metrics['reward']:.3f} "
-                               f"(format {metrics['reward_format']:.2f} tags {metrics['reward_tags']:.2f} "
-                               f"rm {metrics['reward_rm']:.2f}) | kl_ref {metrics['kl_ref']:.4f} | "
-                               f"policy {metrics['policy_loss']:.4f} value {metrics['value_loss']:.4f} | "
-                               f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
-                               f"{t2 - t0:.1f}s/step, eta {eta / 60:.1f} min")
+                    eta = (time.time() - t_start) / steps_this_run * (total_rollouts - global_step)
+                    log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta, args)
             if (global_step % args.update_old_actor_freq) == 0:
                 old_actor.load_state_dict(unwrap_model(actor).state_dict())
             bad_streak = bad_streak + 1 if skip_rollout or n_skipped else 0
