@@ -59,7 +59,7 @@ def parse_args(argv=None):
     a("--max_seq_len", type=int, default=64, help="max prompt tokens (longer prompts lose their left part)")
     a("--max_gen_len", type=int, default=48, help="max new tokens per response")
     # schedule
-    a("--epochs", type=int, default=1)
+    a("--epochs", type=int, default=10, help="passes over --data_path (the demo: 10 x 14 rollouts)")
     a("--max_steps", type=int, default=0, help="stop after this many rollouts (0 = run all epochs)")
     a("--batch_size", type=int, default=32, help="prompts per rollout per process")
     a("--mini_batch_size", type=int, default=16, help="rollout rows per optimizer step (per process)")
