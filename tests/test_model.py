@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_state_dict,
-                                  sample_responses)
+                                  sample_categorical, sample_responses)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures"
 
@@ -174,6 +174,46 @@ def test_top_k_and_top_p_logprobs_are_of_the_truncated_distribution():
     assert (lp_p <= 0).all() and (lp_p > -torch.log(torch.tensor(300.0))).any()
 
 
+def test_sample_categorical_matches_the_distribution():
+    # unnormalised rows with zeros first, inside and last: frequencies vs the exact probabilities
+    probs = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0],
+                          [0.5, 0.0, 0.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 3.0],
+                          [1e-6, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros_like(probs)
+    for _ in range(n // 100):
+        draws = sample_categorical(probs.repeat_interleave(100, 0), g).view(4, 100)
+        counts += torch.nn.functional.one_hot(draws, 6).sum(1).float()
+    expected = probs / probs.sum(-1, keepdim=True)
+    assert (counts[probs == 0] == 0).all(), "a zero-probability token was drawn"
+    # 5 standard errors of a binomial frequency
+    assert ((counts / n - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt() + 1e-9).all()
+
+
+def test_sample_categorical_never_draws_past_the_row_total():
+    # the largest float32 uniform draw, 1 - 2^-24: still the last token with p > 0, not a zero after it
+    real_rand = torch.rand
+    try:
+        torch.rand = lambda shape, **kw: torch.full(shape, 1 - 2 ** -24)
+        for total in (1.0, 1.5, 0.3, 7.0, 1e-30):
+            probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]]) * total
+            assert int(sample_categorical(probs)) == 1, total
+        torch.rand = lambda shape, **kw: torch.zeros(shape)  # the smallest draw: the first token with p > 0
+        assert int(sample_categorical(torch.tensor([[0.0, 0.0, 0.3, 0.7]]))) == 2
+    finally:
+        torch.rand = real_rand
+
+
+def test_non_finite_logits_while_sampling_raise():
+    model = tiny(2)
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    ids, mask = left_padded_batch()
+    with pytest.raises(FloatingPointError, match="non-finite logits while sampling"):
+        sample_responses(model, ids, mask, 4, eos_token_id=-1, pad_token_id=0, generator=torch.Generator())
+
+
 @pytest.mark.parametrize("version", [2, 3])
 def test_moe_forward_and_aux_loss(version):
     model = tiny(version, use_moe=True).train()
@@ -190,6 +230,8 @@ def test_logits_to_keep_and_cache_object():
     full = model(ids, attention_mask=mask).logits
     last3 = model(ids, attention_mask=mask, logits_to_keep=3).logits
     assert torch.allclose(full[:, -3:], last3, atol=1e-6)
+    picked = model(ids, attention_mask=mask, logits_to_keep=torch.tensor([0, 4, 5])).logits
+    assert torch.allclose(full[:, [0, 4, 5]], picked, atol=1e-6)
     out = model(ids, attention_mask=mask, use_cache=True)
     assert out.past_key_values.length == ids.shape[1]
 
