@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 
 import train_ppo
 from dataset.lm_dataset import PromptCollator, RLAIFDataset
-from model.model_minimind import sample_responses
+from model.model_minimind import sample_categorical, sample_responses
 from train_ppo import compute_advantages, response_logprobs, score_chats
 from trainer_utils import init_model
 
@@ -318,6 +318,31 @@ def run_ablations(args):
         ablate("reward_scoring", "score_chats: one padded batch", "score_chats: one call per sample",
                lambda: score_chats(reward_model, reward_tokenizer, chats),
                lambda: torch.cat([score_chats(reward_model, reward_tokenizer, [c]) for c in chats]), args)
+        # (5) drawing one token per row, as each generation step does (different draws: timing only)
+        probs = model(full_ids[:, :-1], attention_mask=full_mask[:, :-1], logits_to_keep=1).logits[:, -1].float().softmax(-1)
+        ablate("token_sampling", "sample_categorical: one uniform + binary search per row",
+               "torch.multinomial: an exponential draw per vocabulary entry",
+               lambda: sample_categorical(probs), lambda: torch.multinomial(probs, 1).squeeze(-1), args, compare=False)
+    # (6) one AdamW step on the actor's parameters (~16 per PPO step at the presets, actor and critic)
+    ablate_adamw(model, args)
+
+
+def ablate_adamw(model, args):
+    """Fused AdamW (train_ppo) vs torch's default multi-tensor AdamW, from identical states and gradients."""
+    params = {kind: [p.detach().clone().requires_grad_() for p in model.parameters()] for kind in ("fused", "default")}
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    grads = [torch.randn(p.shape, generator=gen, device=args.device) * 1e-3 for p in params["fused"]]
+    opts = {kind: torch.optim.AdamW(ps, lr=1e-4, fused=kind == "fused") for kind, ps in params.items()}
+    for kind, ps in params.items():
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opts[kind].step()
+    diff = max((a - b).abs().max().item() for a, b in zip(params["fused"], params["default"]))
+    line = dict(ablation="optimizer_step", ours="AdamW(fused=True)", naive="AdamW() default (foreach)",
+                max_abs_diff=diff)
+    line["ours_s"], line["naive_s"] = paired_seconds(opts["fused"].step, opts["default"].step, args.device)
+    line["speedup"] = line["naive_s"] / line["ours_s"]
+    print(json.dumps(line | dict(config=config_of(args))), flush=True)
 
 
 def main(argv=None):
