@@ -3,6 +3,7 @@
     python scripts/bench_ppo.py --preset small --runs 3     # one JSON line per run, then a summary line
     python scripts/bench_ppo.py --preset mm2 --device cuda --dtype bfloat16
     python scripts/bench_ppo.py --preset small --ablations  # ours vs the naive reference, one line each
+    python scripts/bench_ppo.py --preset small --flops      # matmul GFLOP per step and the floor they set
 
 train_ppo.main() runs unchanged on a random-init actor (--from_weight none), a tiny random reward model
 and generated arithmetic prompts, all built into a temp folder, so no files are needed. The actor's EOS
@@ -60,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablations", action="store_true", help="micro-benchmarks instead of the PPO run")
+    p.add_argument("--flops", action="store_true",
+                   help="count the matmul FLOPs of a PPO step (slow: not timed) and the floor they set at this "
+                        "machine's measured GEMM rate, instead of timing the run")
     args = p.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
@@ -174,6 +178,36 @@ def bench_run(args):
     if args.device.startswith("cuda"):
         result["cuda_peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return result
+
+
+def gemm_gflops(device, seconds=1.0):
+    """This machine's float32 GEMM rate at a training-sized shape (tokens x hidden x intermediate)."""
+    a, b = torch.randn(512, 512, device=device), torch.randn(512, 1408, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(5):
+        a @ b
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    sync()
+    return 2 * 512 * 512 * 1408 * n / (time.perf_counter() - t0) / 1e9
+
+
+def flops_run(args):
+    """Matmul FLOPs per PPO step (torch's FlopCounterMode over a 2-step run of the real loop; every step
+    does the same work since responses run to full length) and the s/step they need at the measured
+    GEMM rate: a floor for float32 at this config, whatever the rest of the code does."""
+    from torch.utils.flop_counter import FlopCounterMode
+    args = argparse.Namespace(**{**vars(args), "steps": 2})
+    counter = FlopCounterMode(display=False)
+    with counter:
+        bench_run(args)
+    per_op = {str(op): n / 2e9 for op, n in counter.get_flop_counts()["Global"].items()}
+    gflop, rate = counter.get_total_flops() / 2e9, gemm_gflops(args.device)
+    return dict(config=config_of(args), matmul_gflop_per_step=gflop, gflop_by_op=per_op, gemm_gflops=rate,
+                matmul_floor_s_per_step=gflop / rate)
 
 
 def bench_runs(argv, runs):
@@ -352,6 +386,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.ablations:
         run_ablations(args)
+    elif args.flops:
+        print(json.dumps(flops_run(args)), flush=True)
     elif args.runs > 1:
         print(json.dumps(bench_runs(argv, args.runs)), flush=True)
     else:

@@ -29,3 +29,14 @@ def test_ablations_match_their_naive_references(capsys):
                                               "token_sampling", "optimizer_step"]
     assert all(l["ours_s"] > 0 and l["naive_s"] > 0 for l in lines)
     assert all(l["max_abs_diff"] < 1e-4 for l in lines if "max_abs_diff" in l)
+
+
+def test_flops_count_the_step_and_grow_with_the_model(capsys):
+    bench_ppo.main(MICRO + ["--flops"])
+    bench_ppo.main([*MICRO, "--hidden_size", "64", "--flops"])
+    small, wide = json_lines(capsys)
+    assert small["config"]["steps"] == 2  # the count runs 2 identical steps and halves the total
+    assert small["matmul_gflop_per_step"] > 0 and small["gemm_gflops"] > 0
+    assert small["matmul_floor_s_per_step"] == small["matmul_gflop_per_step"] / small["gemm_gflops"]
+    # twice the width: the layers' matmuls 4x, the vocabulary head 2x, so between 2x and 4x overall
+    assert 2 < wide["matmul_gflop_per_step"] / small["matmul_gflop_per_step"] < 4
