@@ -340,7 +340,7 @@ class MiniMindForCausalLM(PreTrainedModel):
 def sample_categorical(probs, generator=None):
     """One token per row of probs [B, V] (rows need not sum to exactly 1), by inverting the CDF.
 
-    One uniform draw per row and a binary search: ~20x cheaper on CPU than torch.multinomial,
+    One uniform draw per row and a binary search: ~15x cheaper on CPU than torch.multinomial,
     which draws an exponential variate for every vocabulary entry. u < 1, so u * total stays
     below the total and the first index whose cumulative sum exceeds it has p > 0 (zeros
     repeat the previous cumulative sum and are never the first to exceed it).

@@ -248,7 +248,7 @@ class CatCache:
 
 def naive_generate(model, input_ids, attention_mask, max_new_tokens, cache=None):
     """Naive reference for sample_responses: re-forward the whole sequence every token (cache=None), or
-    feed the new token through a CatCache. logits_to_keep=1 as ours, so only the cache differs."""
+    feed the new token through a CatCache; tokens drawn with torch.multinomial. logits_to_keep=1 as ours."""
     ids, mask, logprobs = input_ids, attention_mask, []
     for t in range(max_new_tokens):
         step_ids = ids if cache is None or t == 0 else ids[:, -1:]
@@ -328,9 +328,9 @@ def run_ablations(args):
         # (1) generation
         def ours_gen():
             return sample_responses(model, ids, mask, G, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        ablate("generation", "sample_responses: preallocated KVCache", "no cache: full re-forward every token",
+        ablate("generation", "sample_responses: preallocated KVCache", "no cache: full re-forward + torch.multinomial",
                ours_gen, lambda: naive_generate(model, ids, mask, G), args, compare=False)
-        ablate("generation", "sample_responses: preallocated KVCache", "cache grown by torch.cat every token",
+        ablate("generation", "sample_responses: preallocated KVCache", "cache grown by torch.cat + torch.multinomial",
                ours_gen, lambda: naive_generate(model, ids, mask, G, CatCache(args.num_hidden_layers)), args,
                compare=False)
         # (2) rollout log-probs of the sampled responses
