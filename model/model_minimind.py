@@ -14,12 +14,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-# What differs between the two generations of MiniMind checkpoints.
+# What differs between the two generations of MiniMind checkpoints (MoE loss: MoEFeedForward.balance_loss).
 VERSIONS = {
     2: dict(num_key_value_heads=2, rms_norm_eps=1e-5, qk_norm=False, mlp_ratio=8 / 3,
-            n_shared_experts=1, num_experts_per_tok=2),
+            n_shared_experts=1, num_experts_per_tok=2, aux_loss_alpha=0.1, seq_aux=True),
     3: dict(num_key_value_heads=4, rms_norm_eps=1e-6, qk_norm=True, mlp_ratio=math.pi,
-            n_shared_experts=0, num_experts_per_tok=1),
+            n_shared_experts=0, num_experts_per_tok=1, aux_loss_alpha=5e-4, seq_aux=False),
 }
 
 
@@ -30,7 +30,7 @@ class MiniMindConfig(PretrainedConfig):
                  num_attention_heads=8, num_key_value_heads=None, intermediate_size=None,
                  rms_norm_eps=None, qk_norm=None, rope_theta=1e6, max_position_embeddings=32768,
                  use_moe=False, n_routed_experts=4, n_shared_experts=None,
-                 num_experts_per_tok=None, norm_topk_prob=True, aux_loss_alpha=0.01,
+                 num_experts_per_tok=None, norm_topk_prob=True, aux_loss_alpha=None,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True, **kwargs):
         if version not in VERSIONS:
             raise ValueError(f"MiniMind version must be 2 or 3, got {version!r}")
@@ -51,7 +51,7 @@ class MiniMindConfig(PretrainedConfig):
         self.n_shared_experts = defaults["n_shared_experts"] if n_shared_experts is None else n_shared_experts
         self.num_experts_per_tok = num_experts_per_tok or defaults["num_experts_per_tok"]
         self.norm_topk_prob = norm_topk_prob
-        self.aux_loss_alpha = aux_loss_alpha
+        self.aux_loss_alpha = defaults["aux_loss_alpha"] if aux_loss_alpha is None else aux_loss_alpha
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}")
         if num_attention_heads % self.num_key_value_heads:
@@ -197,34 +197,72 @@ class FeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Softmax-gated top-k experts (renormalised weights) plus optional shared experts."""
+    """Softmax-gated top-k experts (renormalised weights) plus optional shared experts.
+
+    Two routings give the same output; which one runs depends only on the token count N,
+    never on tensor values, so choosing cannot sync:
+    - N <= dense_max_tokens (a decode step: one token per row): every expert runs on every
+      token and a [N, E] weight matrix, zero for unchosen experts, mixes the outputs. No
+      data-dependent shapes, hence no device->host sync per expert per layer per token on CUDA;
+      a GPU reads every expert's weights either way, so the extra rows are nearly free there
+      (on CPU they cost up to E / top_k times the expert FLOPs).
+    - larger N (training forwards, prefill): each expert runs only on the tokens routed to it,
+      E / top_k times fewer FLOPs, at one host sync per expert on CUDA.
+    """
+    dense_max_tokens = 64
 
     def __init__(self, config):
         super().__init__()
         self.top_k, self.n_experts = config.num_experts_per_tok, config.n_routed_experts
         self.norm_topk_prob, self.alpha = config.norm_topk_prob, config.aux_loss_alpha
+        self.seq_aux = VERSIONS[config.version]["seq_aux"]
         self.gate = nn.Linear(config.hidden_size, self.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(config) for _ in range(self.n_experts))
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [N, hidden]
+    def forward(self, x):  # x [B, T, hidden]
+        B, T, hidden = x.shape
+        x = x.reshape(-1, hidden)  # [N, hidden]
         scores = F.softmax(self.gate(x).float(), dim=-1)  # [N, E]
         weights, chosen = scores.topk(self.top_k, dim=-1)  # [N, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
+        route = self.route_dense if B * T <= self.dense_max_tokens else self.route_sparse
+        out = route(x, weights, chosen)
+        for expert in self.shared_experts:
+            out = out + expert(x)
+        return out.view(B, T, hidden), self.balance_loss(scores.view(B, T, -1), chosen.view(B, T, -1))
+
+    def route_dense(self, x, weights, chosen):
+        mix = weights.new_zeros(x.shape[0], self.n_experts).scatter(1, chosen, weights)  # [N, E]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (expert(x) * mix[:, e, None]).to(x.dtype)
+        return out
+
+    def route_sparse(self, x, weights, chosen):
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
             if token.numel():
                 out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(x.dtype))
-        for expert in self.shared_experts:
-            out = out + expert(x)
-        # Switch-style load balancing: alpha * E * sum_e(fraction routed to e * mean gate prob of e)
-        routed = F.one_hot(chosen, self.n_experts).float().sum(1).mean(0) / self.top_k
-        aux_loss = self.alpha * self.n_experts * (routed * scores.mean(0)).sum()
-        return out.view(shape), aux_loss
+        return out
+
+    def balance_loss(self, scores, chosen):  # scores [B, T, E], chosen [B, T, k]
+        """MiniMind's load-balancing loss: alpha * E * sum_e load[e] * mean_t p[e], where load[e] is
+        the fraction of top-k slots routed to expert e and p the gate's softmax (all experts).
+
+        v2 measures it per sequence and averages over the batch (its ce[b, e] = E * load[b, e]);
+        v3 measures it once over all B * T tokens. Counted with scatter_add rather than one_hot,
+        whose range check reads the indices back with .item().
+        """
+        if not self.seq_aux:
+            scores, chosen = scores.flatten(0, 1)[None], chosen.flatten(0, 1)[None]  # one group of B*T tokens
+        G, T, k = chosen.shape
+        slots = scores.new_zeros(G, self.n_experts).scatter_add_(1, chosen.reshape(G, T * k),
+                                                                 scores.new_ones(G, T * k))  # [G, E]
+        load = slots / (T * k)
+        return self.alpha * self.n_experts * (load * scores.mean(1)).sum(-1).mean()
 
 
 class Block(nn.Module):

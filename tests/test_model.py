@@ -1,13 +1,15 @@
 """MiniMind model: fixture logits, config inference, cache, sampler log-probs, MoE, HF round trip."""
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_state_dict,
                                   sample_categorical, sample_responses)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def tiny(version=2, **kw):
@@ -16,25 +18,32 @@ def tiny(version=2, **kw):
     return MiniMindForCausalLM(cfg).eval()
 
 
+def fixture_state_dict(fx):
+    """A full state dict from a compact fixture: embedding rows outside `kept_ids` are zeros, which
+    changes no kept logit column (see tests/fixtures/make_fixtures.py). Tied: lm_head = embedding."""
+    embed = fx["embed_rows"].new_zeros(fx["vocab_size"], fx["embed_rows"].shape[1])  # [V, hidden]
+    embed[fx["kept_ids"]] = fx["embed_rows"]
+    return {**fx["weights"], "model.embed_tokens.weight": embed, "lm_head.weight": embed.clone()}
+
+
 @pytest.mark.parametrize("name", ["minimind_v2_dense.pt", "minimind_v3_dense.pt"])
 def test_fixture_logits_and_inferred_config(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (the shared reference folder sits beside the repo)")
-    fx = torch.load(path, weights_only=False)
-    cfg = config_from_state_dict(fx["state_dict"])
+    fx = torch.load(FIXTURES / name, weights_only=True)
+    assert torch.isin(fx["input_ids"], fx["kept_ids"]).all(), "the hidden states need every input id's row"
+    state_dict = fixture_state_dict(fx)
+    cfg = config_from_state_dict(state_dict)
     for key, value in fx["config"].items():
         if key != "flash_attn":  # an attention-kernel switch, not a property of the weights
             assert getattr(cfg, key) == value, key
     model = MiniMindForCausalLM(cfg).eval()
-    model.load_state_dict(fx["state_dict"], strict=True)
+    model.load_state_dict(state_dict, strict=True)
     with torch.no_grad():
-        logits = model(fx["input_ids"], attention_mask=fx["attention_mask"]).logits
+        logits = model(fx["input_ids"], attention_mask=fx["attention_mask"]).logits[..., fx["kept_ids"]]
     pad = fx["pad_len_row1"]
     assert (logits[0] - fx["expected_logits_row0"]).abs().max() < 1e-4
     assert (logits[1, pad:] - fx["expected_logits_row1_unpadded"]).abs().max() < 1e-4
     # fp16 weights (how MiniMind ships .pth files) load strictly too
-    half = {k: v.half() for k, v in fx["state_dict"].items()}
+    half = {k: v.half() for k, v in state_dict.items()}
     MiniMindForCausalLM(config_from_state_dict(half)).load_state_dict(half, strict=True)
 
 
@@ -101,7 +110,7 @@ def left_padded_batch(vocab=300):
     return ids, mask
 
 
-@pytest.mark.parametrize("version,use_moe", [(2, False), (3, False), (2, True)])
+@pytest.mark.parametrize("version,use_moe", [(2, False), (3, False), (2, True), (3, True)])
 def test_greedy_with_cache_equals_full_reforward(version, use_moe):
     model = tiny(version, use_moe=use_moe)
     ids, mask = left_padded_batch()
@@ -222,6 +231,89 @@ def test_moe_forward_and_aux_loss(version):
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.aux_loss) and out.aux_loss > 0
     (out.logits.mean() + out.aux_loss).backward()
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+GATE_LOGITS = torch.tensor([[[2.0, 0.5, -1.0, 0.1], [0.3, 1.7, 0.2, -0.4], [-0.5, 0.0, 1.2, 0.9]],
+                            [[1.1, -0.3, 0.4, 2.2], [0.6, 0.8, -1.5, 0.0], [2.5, 1.0, 0.7, -2.0]]])  # [B=2, T=3, E=4]
+
+
+def expected_balance_loss(logits, top_k, alpha, per_sequence):
+    """MiniMind's load-balancing loss (MINIMIND_FACTS section 8) by explicit loops over b, t, e."""
+    B, T, E = len(logits), len(logits[0]), len(logits[0][0])
+    p = [[[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in seq] for seq in logits]
+    chosen = [[sorted(range(E), key=lambda e: -row[e])[:top_k] for row in seq] for seq in logits]
+    total = 0.0
+    if per_sequence:  # v2: alpha * mean_b sum_e ce[b, e] * mean_t p[b, t, e]
+        for b in range(B):
+            for e in range(E):
+                ce = sum(chosen[b][t].count(e) for t in range(T)) / (T * top_k / E)
+                total += ce * sum(p[b][t][e] for t in range(T)) / T
+        return alpha * total / B
+    for e in range(E):  # v3: alpha * E * sum_e load[e] * mean_t p[t, e], over all B * T tokens
+        load = sum(chosen[b][t].count(e) for b in range(B) for t in range(T)) / (B * T * top_k)
+        total += load * sum(p[b][t][e] for b in range(B) for t in range(T)) / (B * T)
+    return alpha * E * total
+
+
+@pytest.mark.parametrize("version,top_k,alpha,per_sequence", [(2, 2, 0.1, True), (3, 1, 5e-4, False)])
+def test_moe_balance_loss_by_hand(version, top_k, alpha, per_sequence):
+    assert MiniMindConfig(version=version).aux_loss_alpha == alpha
+    assert MiniMindConfig(version=version, aux_loss_alpha=0.01).aux_loss_alpha == 0.01
+    moe = tiny(version, use_moe=True).model.layers[0].mlp
+    assert moe.top_k == top_k
+    with torch.no_grad():  # gate logits = the first 4 input features
+        moe.gate.weight.zero_()
+        moe.gate.weight[:, :4] = torch.eye(4)
+    x = torch.zeros(2, 3, 64)
+    x[..., :4] = GATE_LOGITS
+    _, aux = moe(x)
+    assert aux.item() == pytest.approx(expected_balance_loss(GATE_LOGITS.tolist(), top_k, alpha, per_sequence),
+                                       rel=1e-6)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_moe_dense_and_sparse_routing_agree(version):
+    moe = tiny(version, use_moe=True).model.layers[0].mlp
+    x = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(0))  # N = 27 tokens
+    moe.dense_max_tokens = 27
+    dense, dense_aux = moe(x)
+    moe.dense_max_tokens = 26
+    sparse, sparse_aux = moe(x)
+    assert (dense - sparse).abs().max() <= 1e-5 * sparse.abs().max()
+    assert torch.equal(dense_aux, sparse_aux)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten op that runs inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))  # e.g. "aten.mm.default"
+        return func(*args, **(kwargs or {}))
+
+
+def forces_host_sync(op):
+    """Ops whose result a CUDA device must hand back to the host: a value, or a data-dependent shape."""
+    return (op.startswith(("aten._local_scalar_dense.", "aten.nonzero.", "aten.masked_select.",
+                           "aten.unique", "aten._unique"))
+            or op in ("aten.repeat_interleave.Tensor", "aten.repeat_interleave.self_Tensor"))
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_moe_decode_step_forces_no_host_sync(version):
+    model = tiny(version, use_moe=True)
+    ids, mask = left_padded_batch()
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + 1)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1)  # prefill
+        with OpRecorder() as recorder:  # one new token per row, as sample_responses feeds it
+            model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache,
+                  logits_to_keep=1)
+    assert "aten.mm.default" in recorder.ops, "the recorder saw no forward"
+    assert not [op for op in recorder.ops if forces_host_sync(op)]
 
 
 def test_logits_to_keep_and_cache_object():
