@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from no_skips import pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary  # noqa: E402,F401
 from scripts.bench_ppo import build_tiny_reward_model  # noqa: E402
 from trainer_utils import save_weights  # noqa: E402
 
