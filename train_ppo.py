@@ -50,7 +50,10 @@ def parse_args(argv=None):
     a("--data_path", default=os.path.join(ROOT, "dataset", "rlaif-mini.jsonl"))
     a("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
       help="local folder: a get_score() model (internlm2-reward style) or a 1-label sequence classifier")
-    a("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="auto: float32 on CPU; on CUDA the model's own dtype when its config names one, else bfloat16 "
+           "where the GPU supports it, else float32")
+    a("--reward_batch_size", type=int, default=32, help="chats per reward-model forward (get_scores calls too)")
     a("--reward_device", default=None, help="device for the reward model (default: --device)")
     # model size: read off the weights; give them only to check or to build a random model
     a("--hidden_size", type=int, default=None, help="default: from the weights (512 to resolve a name)")
@@ -81,21 +84,26 @@ def parse_args(argv=None):
     a("--missing_eos_penalty", type=float, default=0.0, help="subtracted when a response hits --max_gen_len")
     # PPO
     a("--clip_epsilon", type=float, default=0.2)
-    a("--dual_clip_c", type=float, default=0.0, help="dual clip for A<0 (e.g. 3.0); 0 = off")
+    a("--dual_clip_c", type=float, default=0.0, help="dual clip for A<0: 0 = off, else a value > 1 (verl: 3.0)")
     a("--cliprange_value", type=float, default=0.2)
     a("--vf_coef", type=float, default=0.5)
     a("--entropy_coef", type=float, default=0.0)
     a("--kl_coef", type=float, default=0.02)
     a("--kl_estimator", default="k3", choices=["k1", "k2", "k3"])
     a("--kl_mode", default="reward", choices=["reward", "loss"], help="KL to ref as per-token reward or as loss")
-    a("--target_kl_ctl", type=float, default=0.0, help="adaptive KL target (e.g. 6); 0 = fixed --kl_coef")
+    a("--target_kl_ctl", type=float, default=0.0,
+      help="adaptive KL target in nats per response: the controller compares it with kl_ref_per_response, the "
+           "mean over responses of the summed per-token KL estimate (TRL's convention, e.g. 6); 0 = fixed --kl_coef")
     a("--kl_horizon", type=int, default=10000)
     a("--gamma", type=float, default=1.0)
     a("--lam", type=float, default=0.95)
     a("--early_stop_kl", type=float, default=0.0, help="stop this rollout's updates when approx_kl exceeds it")
     # system
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="CUDA autocast; CPU: float32")
+    a("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+      help="autocast precision (default: bfloat16 on CUDA, float32 on CPU). On CPU, bfloat16/float16 run under "
+           "torch.autocast('cpu') (float16 with a loss scaler) to check the mixed-precision path: slow on CPUs "
+           "without bf16/fp16 instructions")
     a("--num_workers", type=int, default=0)
     a("--seed", type=int, default=42)
     a("--log_interval", type=int, default=1)
@@ -109,14 +117,19 @@ def parse_args(argv=None):
     a("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"])
     args = p.parse_args(argv)
     args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.save_dir, "checkpoints")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.batch_size % args.mini_batch_size:
         p.error(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     if args.mini_batch_size % args.accumulation_steps:
         p.error(f"--accumulation_steps {args.accumulation_steps} must divide --mini_batch_size {args.mini_batch_size}")
+    if args.dual_clip_c != 0 and not args.dual_clip_c > 1:
+        p.error(f"--dual_clip_c must be 0 (off) or > 1, got {args.dual_clip_c}: a value <= 1 would cap the loss "
+                f"of every negative-advantage token at ratio ~1 and zero its gradient")
     if args.temperature <= 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
     for flag in ("batch_size", "mini_batch_size", "accumulation_steps", "ppo_epochs", "log_interval",
-                 "save_interval", "keep_checkpoints", "max_bad_steps", "update_old_actor_freq", "max_gen_len"):
+                 "save_interval", "keep_checkpoints", "max_bad_steps", "update_old_actor_freq", "max_gen_len",
+                 "reward_batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     return args
@@ -163,14 +176,33 @@ def frozen_copy(model):
     return copy_
 
 
-def load_reward_model(path, device, dtype):
-    """Load a reward model folder: get_score() remote-code models or 1-label sequence classifiers."""
+def resolve_reward_dtype(name, config, device, bf16_supported=None):
+    """--reward_dtype as a torch dtype. auto: float32 on CPU; on CUDA the dtype the model's config names
+    (`torch_dtype`, or `dtype` in transformers 5), else bfloat16 where the GPU supports it, else float32.
+    Never a blanket float16: models trained in bfloat16 overflow in it."""
+    if name != "auto":
+        return getattr(torch, name)
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    named = config.get("torch_dtype") or config.get("dtype")
+    if named in ("float32", "bfloat16", "float16"):
+        return getattr(torch, named)
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float32
+
+
+def load_reward_model(path, device, dtype="auto"):
+    """Load a reward model folder: get_score() remote-code models or 1-label sequence classifiers.
+    `dtype` is a torch dtype or a --reward_dtype name."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"--reward_model_path {path!r}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--reward_model_path {path!r}: not a model folder (no config.json)")
     raw = json.load(open(os.path.join(path, "config.json")))
+    if isinstance(dtype, str):
+        dtype = resolve_reward_dtype(dtype, raw, device)
     remote = "auto_map" in raw
     if remote:
         Logger(f"note: trust_remote_code enabled for the reward model folder {path} only")
@@ -200,8 +232,14 @@ ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 @torch.no_grad()
 def score_chats(reward_model, reward_tokenizer, chats, batch_size=32):
-    """Reward-model score [N] for each chat (a list of {role, content} messages)."""
-    if hasattr(reward_model, "get_scores"):  # internlm2-reward style, batched
+    """Reward-model score [N] for each chat (a list of {role, content} messages), `batch_size` chats
+    per forward: one padded batch of every chat would grow memory with the rollout."""
+    return torch.cat([_score_batch(reward_model, reward_tokenizer, chats[i:i + batch_size])
+                      for i in range(0, len(chats), batch_size)])
+
+
+def _score_batch(reward_model, reward_tokenizer, chats):
+    if hasattr(reward_model, "get_scores"):  # internlm2-reward style: one padded batch per call
         return torch.tensor(reward_model.get_scores(reward_tokenizer, chats), dtype=torch.float32).reshape(-1)
     if hasattr(reward_model, "get_score"):
         return torch.tensor([float(reward_model.get_score(reward_tokenizer, c)) for c in chats])
@@ -210,12 +248,9 @@ def score_chats(reward_model, reward_tokenizer, chats, batch_size=32):
     else:
         texts = ["\n".join(f"{m['role']}: {m['content']}" for m in c) for c in chats]
     reward_tokenizer.padding_side = "right"  # the classifier pools at the last non-pad token
-    scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = reward_tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(reward_model.device) for k, v in enc.items()}
-        scores.append(reward_model(**enc).logits[:, 0].float().cpu())
-    return torch.cat(scores)
+    enc = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = {k: v.to(reward_model.device) for k, v in enc.items()}
+    return reward_model(**enc).logits[:, 0].float().cpu()
 
 
 class NonFiniteRolloutError(ValueError):
@@ -238,7 +273,7 @@ def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, args):
         if answer:
             answer_chats.append(messages + [{"role": "assistant", "content": answer.group(1).strip()}])
             answer_rows.append(i)
-    scores = score_chats(reward_model, reward_tokenizer, chats + answer_chats)
+    scores = score_chats(reward_model, reward_tokenizer, chats + answer_chats, args.reward_batch_size)
     bad = (~torch.isfinite(scores)).nonzero()
     if len(bad):
         j = int(bad[0])
@@ -268,11 +303,15 @@ def all_reduce_sum(t):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over every real token of every rank (unbiased variance, as TRL)."""
-    stats = all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double())
-    total, total_sq, n = stats.tolist()
+    """(x - mean) / std over every real token of every rank (unbiased variance, as TRL).
+
+    Two passes with float64 sums: E[x^2] - mean^2 cancels catastrophically when |mean| >> std.
+    """
+    x64, mask64 = x.double(), mask.double()
+    total, n = all_reduce_sum(torch.stack([(x64 * mask64).sum(), mask64.sum()])).tolist()
     mean = total / n
-    var = (total_sq - n * mean * mean) / max(n - 1, 1)
+    squares = all_reduce_sum(((x64 - mean) ** 2 * mask64).sum()).item()
+    var = squares / max(n - 1, 1)
     return ((x - mean) / math.sqrt(var + eps)) * mask
 
 
@@ -306,8 +345,12 @@ def compute_advantages(token_rewards, values, response_mask, gamma, lam):
 
 
 def policy_loss_per_token(logprobs, old_logprobs, advantages, clip_eps, dual_clip_c=0.0):
-    """Clipped surrogate (and dual clip for A < 0); returns (loss [B, T], ratio [B, T])."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    """Clipped surrogate (and dual clip for A < 0); returns (loss [B, T], ratio [B, T]).
+
+    The log-ratio is clamped to +-20 before exp (as verl and OpenRLHF): one token with a huge
+    ratio and A < 0 would otherwise dominate the loss with |A| * e^25.
+    """
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
     loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
     if dual_clip_c > 0:
         loss = torch.where(advantages < 0, torch.min(loss, -dual_clip_c * advantages), loss)
@@ -364,16 +407,18 @@ def micro_batches(order, mini_batch_size, accumulation_steps):
 
 @torch.no_grad()
 def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_tokenizer, tokenizer,
-                    kl_coef, orders, args, ctx):
+                    kl_coef, orders, args, autocast):
     """Sample responses with the old actor, score them, and turn scores into token rewards.
 
     pi_old, pi_ref and V are computed on the very micro-batches that the first PPO epoch
-    uses (orders[0]), so with old actor == actor the first ratio is exactly 1.
+    uses (orders[0]), so with old actor == actor the first ratio is exactly 1. No collective
+    runs in here (pass the bare critic, not its DDP wrapper): a rank can drop its rollout on a
+    stop signal without leaving the others waiting.
     """
     device = args.device
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     t0 = synced_time(device)
-    with ctx:
+    with autocast:
         response_ids, response_mask, sampler_logprobs = sample_responses(
             old_actor, prompt_ids, prompt_mask, args.max_gen_len, tokenizer.eos_token_id, tokenizer.pad_token_id,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -386,7 +431,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
     for minibatch in micro_batches(orders[0], args.mini_batch_size, args.accumulation_steps):
         for rows in minibatch:
             ids, am = input_ids[rows], attention_mask[rows]
-            with ctx:
+            with autocast:
                 old_logprobs[rows] = response_logprobs(old_actor, ids, am, R, args.temperature)[0]
                 ref_logprobs[rows] = response_logprobs(ref_model, ids, am, R, args.temperature)[0]
                 values[rows] = critic(ids, am)[:, -R - 1:-1].float()
@@ -415,30 +460,33 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
 
 # ----------------------------------------------------------------------------- update
 def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
-               orders, kl_coef, args, ctx, scaler=None):
+               orders, kl_coef, args, autocast, scaler=None):
     """PPO epochs over one rollout: clipped policy + value loss, one optimizer step per minibatch.
 
     Losses are token means over the whole minibatch of every rank: each rank divides its sum by
     the global token count times the world size, and DDP averages, so N ranks take the same
     step as one process on the global batch. Returns (global token-mean diagnostics,
-    optimizer steps taken, steps skipped as non-finite, early-stopped?).
+    optimizer steps taken, steps skipped as non-finite, early-stopped?). With a float16 loss
+    scaler, steps whose gradients overflowed are the scaler's business (it lowers the scale):
+    they are counted in the diagnostics as `scaler_skipped_steps`, not as skipped.
     """
     R = rollout["response_mask"].shape[1]
     world = get_world_size()
     # summed over tokens of every minibatch evaluated: approx_kl, clipfrac, policy, value, entropy, kl_ref, tokens
     totals = torch.zeros(7, dtype=torch.float64, device=args.device)
-    steps = skipped = 0
+    steps = skipped = scaler_skipped = 0
+    first_ratio_dev = None
     early_stopped = False
     for epoch in range(args.ppo_epochs):
         for minibatch in micro_batches(orders[epoch], args.mini_batch_size, args.accumulation_steps):
             n_tokens = all_reduce_sum(rollout["response_mask"][torch.cat(minibatch)].sum()).item()
-            sums = torch.zeros(8, dtype=torch.float64, device=args.device)  # ..., non-finite losses
+            sums = torch.zeros(9, dtype=torch.float64, device=args.device)  # ..., non-finite losses, |ratio - 1|
             for k, micro in enumerate(minibatch):
                 mask = rollout["response_mask"][micro]
                 ids, am = rollout["input_ids"][micro], rollout["attention_mask"][micro]
                 # gradients are all-reduced only on the last micro-batch of a minibatch
                 sync = _no_sync(actor, critic) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
-                with sync, ctx:
+                with sync, autocast:
                     logprobs, logits, aux_loss = response_logprobs(actor, ids, am, R, args.temperature)
                     # the entropy's backward pass costs a full-vocab softmax: only pay it when it is in the loss
                     entropy = entropy_from_logits(logits if args.entropy_coef else logits.detach())
@@ -458,9 +506,11 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
                     sums += torch.stack([
                         (0.5 * log_ratio ** 2 * mask).sum(), (((ratio - 1).abs() > args.clip_epsilon) * mask).sum(),
                         (pg_loss * mask).sum(), (v_loss * mask).sum(), (entropy * mask).sum(), (kl_ref * mask).sum(),
-                        mask.sum(), (~torch.isfinite(loss)).float()]).double()
+                        mask.sum(), (~torch.isfinite(loss)).float(), ((ratio - 1).abs() * mask).sum()]).double()
             sums = all_reduce_sum(sums)
             totals += sums[:7]
+            if first_ratio_dev is None:  # 0 exactly when the old actor is the actor (the standard sync)
+                first_ratio_dev = sums[8].item() / n_tokens
             if args.early_stop_kl > 0 and sums[0].item() / n_tokens > args.early_stop_kl:
                 # a real stop: gradients dropped, no optimizer step, no further minibatches or epochs
                 actor_opt.zero_grad(set_to_none=True)
@@ -472,13 +522,15 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
                 scaler.unscale_(critic_opt)
             actor_norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
             critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
-            finite = sums[7].item() == 0 and bool(torch.isfinite(actor_norm) & torch.isfinite(critic_norm))
-            if finite:
+            finite_loss = sums[7].item() == 0
+            if finite_loss and bool(torch.isfinite(actor_norm) & torch.isfinite(critic_norm)):
                 for opt in (actor_opt, critic_opt):
                     scaler.step(opt) if scaler else opt.step()
                 actor_sched.step()
                 critic_sched.step()
                 steps += 1
+            elif finite_loss and scaler:  # float16 gradients overflowed: the scaler lowers its scale
+                scaler_skipped += 1
             else:  # non-finite loss or gradient: skip the step, weights untouched
                 skipped += 1
             actor_opt.zero_grad(set_to_none=True)
@@ -489,7 +541,11 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
             break
     n = max(totals[6].item(), 1.0)
     names = ["approx_kl", "clipfrac", "policy_loss", "value_loss", "entropy", "kl_actor_ref"]
-    return {k: totals[i].item() / n for i, k in enumerate(names)}, steps, skipped, early_stopped
+    stats = {k: totals[i].item() / n for i, k in enumerate(names)}
+    stats.update(first_minibatch_ratio_dev=first_ratio_dev, scaler_skipped_steps=scaler_skipped)
+    if scaler:
+        stats["loss_scale"] = scaler.get_scale()
+    return stats, steps, skipped, early_stopped
 
 
 def _no_sync(*ddp_models):
@@ -509,7 +565,8 @@ def rollout_metrics(rollout, advantages, returns):
     local = {
         "reward": rollout["scores"].mean(), "reward_format": rollout["parts"]["format"].mean(),
         "reward_tags": rollout["parts"]["tags"].mean(), "reward_rm": rollout["parts"]["rm"].mean(),
-        "kl_ref": masked_mean(rollout["kl"], mask), "value_explained_var": explained_var,
+        "kl_ref": masked_mean(rollout["kl"], mask), "kl_ref_per_response": rollout["kl"].sum(1).mean(),
+        "value_explained_var": explained_var,
         "advantage_mean": masked_mean(advantages, mask),
         "advantage_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt(),
         "avg_response_len": mask.sum(1).mean(), "eos_rate": rollout["has_eos"].float().mean(),
@@ -519,9 +576,8 @@ def rollout_metrics(rollout, advantages, returns):
     return dict(zip(local, (values_ / get_world_size()).tolist()))
 
 
-def gather_rng_states():
-    """Every rank's RNG state, gathered to all ranks (rank 0 writes them)."""
-    state = get_rng_state()
+def gather_rng_states(state):
+    """Every rank's RNG `state`, gathered to all ranks (rank 0 writes them)."""
     if not dist.is_initialized():
         return [state]
     states = [None] * get_world_size()
@@ -529,10 +585,11 @@ def gather_rng_states():
     return states
 
 
-def save_checkpoint(args, models, optimizers, schedulers, progress, tokenizer):
-    """fp16 actor weights (MiniMind format) + a resume file with everything needed to continue."""
+def save_checkpoint(args, models, optimizers, schedulers, progress, tokenizer, rng_state):
+    """fp16 actor weights (MiniMind format) + a resume file with everything needed to continue.
+    `rng_state` is this rank's RNG state at the start of the next step to run."""
     actor, critic, old_actor = models
-    rng_states = gather_rng_states()  # collective: every rank calls it
+    rng_states = gather_rng_states(rng_state)  # collective: every rank calls it
     if is_main_process():
         config = unwrap_model(actor).config
         hidden, moe = config.hidden_size, config.use_moe
@@ -554,8 +611,13 @@ def save_checkpoint(args, models, optimizers, schedulers, progress, tokenizer):
         dist.barrier()
 
 
-def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_epoch):
-    """Load a resume file into the models and optimizers; return (epoch, step, progress)."""
+def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_epoch, scaler=None):
+    """Load a resume file into the models, optimizers and loss scaler; return (epoch, step, global_step).
+
+    Under another world size every counter is re-derived from the prompts consumed: the data
+    position, the global step (so the run still trains every remaining prompt) and the
+    schedulers' step counts (so the LR continues where a fresh run at that world size would be).
+    """
     actor, critic, old_actor = models
     config = actor.config
     have = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
@@ -571,13 +633,21 @@ def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_ep
     old_actor.load_state_dict(state["old_actor"])
     for obj, key in zip(optimizers + schedulers, ["optimizer", "critic_optimizer", "scheduler", "critic_scheduler"]):
         obj.load_state_dict(state[key])
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     world, saved_world = get_world_size(), state["world_size"]
-    epoch, step = state["epoch"], state["step"]
+    epoch, step, global_step = state["epoch"], state["step"], state["global_step"]
     if saved_world != world:
         # the global data order does not depend on the world size: keep the number of prompts consumed
         consumed = step * args.batch_size * saved_world
-        step = consumed // (args.batch_size * world)
-        Logger(f"resume: world size {saved_world} -> {world}; data position {consumed} prompts -> step {step}"
+        step = min(consumed // (args.batch_size * world), steps_per_epoch)
+        global_step = epoch * steps_per_epoch + step
+        for sched in schedulers:  # the same share of optimizer steps as of rollouts
+            sched.last_epoch = round(sched.last_epoch * global_step / state["global_step"]) - 1 \
+                if state["global_step"] else -1
+            sched.step()
+        Logger(f"resume: world size {saved_world} -> {world}; data position {consumed} prompts -> step {step}, "
+               f"global step {state['global_step']} -> {global_step}"
                + ("" if consumed % (args.batch_size * world) == 0 else
                   f" ({consumed % (args.batch_size * world)} prompts of this epoch are revisited)"))
     if step >= steps_per_epoch:
@@ -586,9 +656,9 @@ def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_ep
     if get_rank() < len(rng) and saved_world == world:
         set_rng_state(rng[get_rank()])
     else:
-        setup_seed(args.seed + get_rank() + 1000 * state["global_step"])
+        setup_seed(args.seed + get_rank() + 1000 * global_step)
         Logger("resume: RNG states reseeded (world size changed)")
-    return epoch, step, state
+    return epoch, step, global_step
 
 
 def log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta_s, args):
@@ -627,18 +697,65 @@ def truncate_metrics(path, last_step):
     os.replace(path + ".tmp", path)
 
 
+# ----------------------------------------------------------------------------- stop signals
+class RolloutInterrupted(BaseException):
+    """Raised by the stop-signal handler inside a rollout. A BaseException, as KeyboardInterrupt is,
+    so that no `except Exception` in model or tokenizer code swallows it."""
+
+
+class StopSignal:
+    """SIGTERM / SIGINT. Inside a rollout (generation, scoring: nothing has changed yet) the handler
+    raises RolloutInterrupted at once, so the rollout is dropped and the state after the last
+    finished step is saved: torchrun SIGKILLs its workers 30 s after forwarding SIGTERM, less than
+    one real-size step. Elsewhere (the update, a save) it only records the signal: the update
+    finishes, the step is saved, and the run exits."""
+
+    def __init__(self):
+        self.signum, self.in_rollout, self.previous = None, False, {}
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        if self.in_rollout:
+            raise RolloutInterrupted(signum)
+
+    def collect(self, step_label, *rollout_args):
+        """collect_rollout(*rollout_args), or None when a value was non-finite (a warning names the sample)
+        or a stop signal came in; returns (rollout, non_finite)."""
+        try:
+            try:
+                self.in_rollout = True
+                return collect_rollout(*rollout_args), False
+            finally:  # a signal landing here, before the flag is down, is caught below too
+                self.in_rollout = False
+        except NonFiniteRolloutError as e:
+            print(f"warning: {step_label}: {e}", flush=True)
+            return None, True
+        except RolloutInterrupted:
+            return None, False
+
+
 # ----------------------------------------------------------------------------- main
 def main(args):
-    local_rank = init_distributed_mode()
+    local_rank = init_distributed_mode(args.device)
     rank, world = get_rank(), get_world_size()
     if dist.is_initialized() and args.device.startswith("cuda"):
         args.device = f"cuda:{local_rank}"
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
     setup_seed(args.seed + rank)  # each rank samples its own responses
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    use_amp = device_type == "cuda" and dtype != torch.float32
-    ctx = torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler("cuda") if use_amp and dtype == torch.float16 else None
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device_type) if dtype == torch.float16 else None
+    if device_type == "cpu" and dtype != torch.float32:
+        Logger(f"note: --dtype {args.dtype} on CPU runs under torch.autocast('cpu') to check the mixed-precision "
+               f"path; it is slow on CPUs without {args.dtype} instructions")
 
     # models: actor (trained), old actor (samples, gives pi_old), ref (KL anchor), critic, reward model
     actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
@@ -646,10 +763,8 @@ def main(args):
                                   use_moe=None if args.use_moe is None else bool(args.use_moe))
     old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)
     critic = build_critic(actor, args.critic_weight).to(args.device)
-    reward_dtype = {"auto": torch.float16 if device_type == "cuda" else torch.float32, "float32": torch.float32,
-                    "bfloat16": torch.bfloat16, "float16": torch.float16}[args.reward_dtype]
     reward_model, reward_tokenizer = load_reward_model(args.reward_model_path, args.reward_device or args.device,
-                                                       reward_dtype)
+                                                       args.reward_dtype)
     Logger(f"actor: {sum(p.numel() for p in actor.parameters()) / 1e6:.2f}M params "
            f"(v{actor.config.version}, hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers"
            f"{', MoE' if actor.config.use_moe else ''}); reward model: {args.reward_model_path}")
@@ -698,19 +813,20 @@ def main(args):
                                  f"resume with the actor they were written for, or use another --checkpoint_dir")
             Logger(f"--from_resume 1: no checkpoint at {path}; starting fresh")
         else:
-            start_epoch, start_step, state = restore_checkpoint(
+            start_epoch, start_step, global_step = restore_checkpoint(
                 state, args, (actor, critic, old_actor), (actor_opt, critic_opt), (actor_sched, critic_sched),
-                steps_per_epoch)
-            global_step, bad_streak, run_id = state["global_step"], state["bad_streak"], state["wandb_id"]
-            kl_ctl.value = state["kl_coef"]
+                steps_per_epoch, scaler)
+            bad_streak, run_id, kl_ctl.value = state["bad_streak"], state["wandb_id"], state["kl_coef"]
             Logger(f"resumed from {loaded_from}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
             if is_main_process():
                 truncate_metrics(metrics_path, global_step)
             del state
 
     if dist.is_initialized():  # every loss-bearing forward goes through these wrappers
+        # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank by
+        # construction; broadcasting them costs ~17 MB per forward at hidden 512
         ddp_kw = dict(device_ids=[local_rank] if device_type == "cuda" else None,
-                      find_unused_parameters=actor.config.use_moe)
+                      find_unused_parameters=actor.config.use_moe, broadcast_buffers=False)
         actor, critic = DistributedDataParallel(actor, **ddp_kw), DistributedDataParallel(critic, **ddp_kw)
 
     if is_main_process():
@@ -726,103 +842,107 @@ def main(args):
                                    log_dir=os.path.join(args.save_dir, "swanlog"), config=vars(args))
         run_id = swanlab_run.id
 
-    stop = {"signal": None}  # SIGTERM / SIGINT: finish the step, save, exit
-
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    def progress(epoch, next_step):  # what the resume file holds beyond weights, optimizers and RNG
+        return dict(epoch=epoch, step=next_step, global_step=global_step, kl_coef=kl_ctl.value, wandb_id=run_id,
+                    bad_streak=bad_streak, grad_scaler=scaler.state_dict() if scaler else None)
 
     models = (actor, critic, old_actor)
-    t_start, steps_this_run = time.time(), 0
+    t_start, steps_this_run, stopped = time.time(), 0, False
     Logger(f"training: {total_rollouts} rollouts of {args.batch_size * world} prompts, "
-           f"{total_opt_steps} optimizer steps, device {args.device}, {world} process(es)")
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        first = start_step if epoch == start_epoch else 0
-        loader = DataLoader(dataset, batch_sampler=SkipBatchSampler(sampler, args.batch_size, first),
-                            collate_fn=PromptCollator(tokenizer.pad_token_id), num_workers=args.num_workers,
-                            generator=torch.Generator())  # its seed draw must not touch the global RNG
-        for step, batch in enumerate(loader, start=first):
-            if step >= steps_per_epoch or global_step >= total_rollouts:
+           f"{total_opt_steps} optimizer steps, device {args.device} ({args.dtype}), {world} process(es)")
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            first = start_step if epoch == start_epoch else 0
+            loader = DataLoader(dataset, batch_sampler=SkipBatchSampler(sampler, args.batch_size, first),
+                                collate_fn=PromptCollator(tokenizer.pad_token_id), num_workers=args.num_workers,
+                                generator=torch.Generator())  # its seed draw must not touch the global RNG
+            for step, batch in enumerate(loader, start=first):
+                if step >= steps_per_epoch or global_step >= total_rollouts:
+                    break
+                t0 = synced_time(args.device)
+                rng_before_step = get_rng_state()  # what a stop during this rollout saves: the step never ran
+                # rollout: old actor samples; old/ref log-probs, values and token rewards
+                orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
+                rollout, non_finite = stop.collect(
+                    f"step {global_step + 1}{f' (rank {rank})' if world > 1 else ''}", batch, old_actor, ref_model,
+                    unwrap_model(critic), reward_model, reward_tokenizer, tokenizer, kl_ctl.value, orders, args,
+                    autocast)
+                # every rank agrees: one that updated alone would wait forever for the others' gradients
+                any_non_finite, stopped = (all_reduce_sum(torch.tensor(
+                    [float(non_finite), float(stop.signum is not None)], device=args.device)) > 0).tolist()
+                if stopped:  # before the update nothing has changed: drop the rollout, save the last finished step
+                    Logger(f"stop signal during the rollout of step {global_step + 1}: rollout dropped")
+                    save_checkpoint(args, models, (actor_opt, critic_opt), (actor_sched, critic_sched),
+                                    progress(epoch, step), tokenizer, rng_before_step)
+                    break
+                global_step += 1
+                steps_this_run += 1
+                n_skipped = 0
+                if any_non_finite:
+                    Logger(f"step {global_step}: non-finite reward or value; no update for this rollout")
+                else:
+                    # advantages: GAE on token rewards, returns before whitening
+                    mask = rollout["response_mask"]
+                    advantages, returns = compute_advantages(rollout["token_rewards"], rollout["values"], mask,
+                                                             args.gamma, args.lam)
+                    advantages = masked_whiten(advantages, mask)
+                    # PPO update of actor and critic
+                    t1 = synced_time(args.device)
+                    update_stats, n_steps, n_skipped, early_stopped = ppo_update(
+                        actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages,
+                        returns, orders, kl_ctl.value, args, autocast, scaler)
+                    t2 = synced_time(args.device)
+                    if n_skipped:
+                        Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped (non-finite loss or gradient)")
+                    metrics = rollout_metrics(rollout, advantages, returns)
+                    kl_coef_used = kl_ctl.value
+                    kl_ctl.update(metrics["kl_ref_per_response"], args.batch_size * world)  # nats per response
+
+                    # logging
+                    tokens = all_reduce_sum(mask.sum()).item()
+                    metrics.update(update_stats, step=global_step, epoch=epoch, kl_coef=kl_coef_used,
+                                   actor_lr=actor_sched.get_last_lr()[0], critic_lr=critic_sched.get_last_lr()[0],
+                                   optimizer_steps=n_steps, skipped_steps=n_skipped,
+                                   early_stopped=int(early_stopped),
+                                   rollout_tokens_per_s=tokens / max(rollout["time_generate"], 1e-9),
+                                   time_rollout_s=rollout["time_generate"], time_forward_s=rollout["time_forward"],
+                                   time_reward_s=rollout["time_reward"], time_update_s=t2 - t1, time_step_s=t2 - t0)
+                    if is_main_process():
+                        eta = (time.time() - t_start) / steps_this_run * (total_rollouts - global_step)
+                        log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta, args)
+                if (global_step % args.update_old_actor_freq) == 0:
+                    old_actor.load_state_dict(unwrap_model(actor).state_dict())
+                bad_streak = bad_streak + 1 if any_non_finite or n_skipped else 0
+                if bad_streak >= args.max_bad_steps:
+                    raise RuntimeError(f"aborting at step {global_step}: {bad_streak} consecutive rollouts with "
+                                       f"non-finite rewards, values, losses or gradients (--max_bad_steps "
+                                       f"{args.max_bad_steps}); the last good checkpoint is kept in "
+                                       f"{args.checkpoint_dir}")
+
+                # checkpoints; a signal during the update stops here, after the step, agreed by every rank
+                stopped = all_reduce_sum(torch.tensor(float(stop.signum is not None), device=args.device)).item() > 0
+                done = global_step >= total_rollouts
+                # no periodic save inside a bad streak: it would rotate the last good checkpoint out
+                if (global_step % args.save_interval == 0 and not bad_streak) or done or stopped:
+                    save_checkpoint(args, models, (actor_opt, critic_opt), (actor_sched, critic_sched),
+                                    progress(epoch, step + 1), tokenizer, get_rng_state())
+                if stopped:
+                    break
+            if stopped or global_step >= total_rollouts:
                 break
-            t0 = synced_time(args.device)
-            global_step += 1
-            steps_this_run += 1
-            # 1. rollout: old actor samples; old/ref log-probs, values and token rewards
-            orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
-            try:
-                rollout = collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_tokenizer,
-                                          tokenizer, kl_ctl.value, orders, args, ctx)
-            except NonFiniteRolloutError as e:
-                rollout = None
-                print(f"warning: step {global_step}{f' (rank {rank})' if world > 1 else ''}: {e}", flush=True)
-            # every rank skips together: one that updated alone would wait forever for the others' gradients
-            skip_rollout = all_reduce_sum(torch.tensor(float(rollout is None), device=args.device)).item() > 0
-            if skip_rollout:
-                Logger(f"step {global_step}: non-finite reward or value; no update for this rollout")
-            else:
-                # 2. advantages: GAE on token rewards, returns before whitening
-                mask = rollout["response_mask"]
-                advantages, returns = compute_advantages(rollout["token_rewards"], rollout["values"], mask,
-                                                         args.gamma, args.lam)
-                advantages = masked_whiten(advantages, mask)
-                # 3. PPO update of actor and critic
-                t1 = synced_time(args.device)
-                update_stats, n_steps, n_skipped, early_stopped = ppo_update(
-                    actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
-                    orders, kl_ctl.value, args, ctx, scaler)
-                t2 = synced_time(args.device)
-                if n_skipped:
-                    Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped (non-finite loss or gradient)")
-                metrics = rollout_metrics(rollout, advantages, returns)
-                kl_coef_used = kl_ctl.value
-                kl_ctl.update(metrics["kl_ref"], args.batch_size * world)
 
-                # 4. logging
-                tokens = all_reduce_sum(mask.sum()).item()
-                metrics.update(update_stats, step=global_step, epoch=epoch, kl_coef=kl_coef_used,
-                               actor_lr=actor_sched.get_last_lr()[0], critic_lr=critic_sched.get_last_lr()[0],
-                               optimizer_steps=n_steps, skipped_steps=n_skipped, early_stopped=int(early_stopped),
-                               rollout_tokens_per_s=tokens / max(rollout["time_generate"], 1e-9),
-                               time_rollout_s=rollout["time_generate"], time_forward_s=rollout["time_forward"],
-                               time_reward_s=rollout["time_reward"], time_update_s=t2 - t1, time_step_s=t2 - t0)
-                if is_main_process():
-                    eta = (time.time() - t_start) / steps_this_run * (total_rollouts - global_step)
-                    log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta, args)
-            if (global_step % args.update_old_actor_freq) == 0:
-                old_actor.load_state_dict(unwrap_model(actor).state_dict())
-            bad_streak = bad_streak + 1 if skip_rollout or n_skipped else 0
-            if bad_streak >= args.max_bad_steps:
-                raise RuntimeError(f"aborting at step {global_step}: {bad_streak} consecutive rollouts with "
-                                   f"non-finite rewards, values, losses or gradients (--max_bad_steps "
-                                   f"{args.max_bad_steps}); the last good checkpoint is kept in {args.checkpoint_dir}")
-
-            # 5. checkpoints (and a clean stop on SIGTERM / SIGINT, agreed by every rank)
-            stopping = all_reduce_sum(torch.tensor(float(stop["signal"] is not None), device=args.device)).item() > 0
-            done = global_step >= total_rollouts
-            # no periodic save inside a bad streak: it would rotate the last good checkpoint out
-            if (global_step % args.save_interval == 0 and not bad_streak) or done or stopping:
-                progress = dict(epoch=epoch, step=step + 1, global_step=global_step, kl_coef=kl_ctl.value,
-                                wandb_id=run_id, bad_streak=bad_streak)
-                save_checkpoint(args, models, (actor_opt, critic_opt), (actor_sched, critic_sched), progress,
-                                tokenizer)
-            if stopping:
-                Logger(f"stopped by signal at step {global_step}; resume file written. "
-                       f"Continue with the same command plus --from_resume 1")
-                break
-        if stop["signal"] is not None or global_step >= total_rollouts:
-            break
-
-    if is_main_process():
+    if stopped:
+        Logger(f"stopped by signal at step {global_step}; resume file written. "
+               f"Continue with the same command plus --from_resume 1")
+    elif is_main_process():
         cfg = unwrap_model(actor).config
         out = weight_path(args.save_dir, args.save_weight, cfg.hidden_size, cfg.use_moe)
         Logger(f"done in {(time.time() - t_start) / 60:.1f} min. actor weights: {out}; metrics: {metrics_path}; "
                f"resume: {args.checkpoint_dir}\nnext: python scripts/eval_policy.py --base {args.from_weight} "
                f"--trained {out}\n      python scripts/plot_metrics.py {metrics_path}")
-        if swanlab_run is not None:
-            swanlab_run.finish()
-    for signum, handler in previous_handlers.items():
-        signal.signal(signum, handler)
+    if swanlab_run is not None:
+        swanlab_run.finish()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

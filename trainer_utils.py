@@ -33,17 +33,18 @@ def Logger(content):
         print(content, flush=True)
 
 
-def init_distributed_mode(backend=None):
+def init_distributed_mode(device="cpu"):
     """Join the process group when launched by torchrun; a no-op for plain `python`.
+    The backend follows the training device (NCCL for cuda, gloo otherwise), not what the
+    machine has: `--device cpu` on a GPU machine runs gloo.
     Returns the local rank (the GPU index on this node)."""
     if "RANK" not in os.environ:
         return 0
     if "LOCAL_RANK" not in os.environ:
         raise RuntimeError("RANK is set but LOCAL_RANK is not; launch distributed runs with torchrun")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("distributed backend 'nccl' needs CUDA, which is not available; use 'gloo'")
+        raise ValueError(f"--device {device} under torchrun needs CUDA, which is not available; use --device cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
     if backend == "nccl":
         torch.cuda.set_device(local_rank)  # before init, so NCCL binds each rank to its own GPU

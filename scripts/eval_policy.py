@@ -82,7 +82,7 @@ def evaluate(model, tokenizer, dataset, reward_model=None, reward_tokenizer=None
     if all(s["answer"] for s in samples):
         metrics["accuracy"] = sum(answer_correct(r, s["answer"]) for r, s in zip(responses, samples)) / len(samples)
     if reward_model is not None:
-        reward_args = argparse.Namespace(reasoning=1, rm_clip=3.0)  # train_ppo's defaults
+        reward_args = argparse.Namespace(reasoning=1, rm_clip=3.0, reward_batch_size=batch_size)  # train_ppo's defaults
         total, parts = [], []
         for i in range(0, len(samples), batch_size):
             t, p = calculate_rewards([s["prompt"] for s in samples[i:i + batch_size]], responses[i:i + batch_size],

@@ -69,7 +69,7 @@ def tiny_models():
 def main():
     mode, out_dir = sys.argv[1], sys.argv[2]
     if mode == "update":
-        init_distributed_mode("gloo")
+        init_distributed_mode("cpu")
         rank, world = get_rank(), dist.get_world_size()
         actor, critic = tiny_models()
         rollout = fixed_rollout(actor, 4, 6, 5)
@@ -89,7 +89,9 @@ def main():
             flat = torch.cat([p.detach().flatten() for m in (actor, critic) for p in m.parameters()])
             gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, flat)
-            checks.append(all(torch.equal(gathered[0], g) for g in gathered))
+            # identical weights on every rank, and no buffer broadcast per forward (RoPE tables are equal by construction)
+            checks.append(all(torch.equal(gathered[0], g) for g in gathered)
+                          and actor.broadcast_buffers is False and critic.broadcast_buffers is False)
             return result
         train_ppo.ppo_update = checked_update
         train_ppo.main(train_ppo.parse_args(sys.argv[3:]))

@@ -11,11 +11,14 @@ with SIGKILL, SIGTERM or SIGINT, but starts in milliseconds instead of seconds.
                      for the test's SIGKILL
   nan_reward: [k]    the reward model returns NaN for sample 0 at its k-th call in this process
   log_prompts: dir   append each rollout's prompts to dir/prompts_rank{rank}.jsonl
+  self_signal: (where, n, k)  the process sends itself SIGTERM during its n-th rollout: "generate" at
+                     the k-th forward of the sampling model, "reward" as the reward model is called
   rank, world, port: join a gloo group of `world` processes on localhost as `rank`
 """
 import io
 import json
 import os
+import signal
 import time
 
 import torch
@@ -73,6 +76,33 @@ def _install(faults):
                 f.write(json.dumps(batch["prompts"]) + "\n")
             return real_collect(batch, *args, **kwargs)
         train_ppo.collect_rollout = collect_rollout
+
+
+    if "self_signal" in faults:
+        where, n, k = faults["self_signal"]
+        real_sample, real_score, rollouts = train_ppo.sample_responses, train_ppo.score_chats, [0]
+
+        def sample_responses(model, *args, **kwargs):
+            rollouts[0] += 1
+            if where != "generate" or rollouts[0] != n:
+                return real_sample(model, *args, **kwargs)
+            forwards = [0]
+
+            def signal_at_kth_forward(module, inputs):
+                forwards[0] += 1
+                if forwards[0] == k:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            hook = model.register_forward_pre_hook(signal_at_kth_forward)
+            try:
+                return real_sample(model, *args, **kwargs)
+            finally:
+                hook.remove()
+
+        def score_chats(*args, **kwargs):
+            if where == "reward" and rollouts[0] == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_score(*args, **kwargs)
+        train_ppo.sample_responses, train_ppo.score_chats = sample_responses, score_chats
 
 
 def run(argv, log_path, faults=None):

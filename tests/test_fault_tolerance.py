@@ -132,18 +132,18 @@ def reference(tiny_kit, forkserver, tmp_path_factory):
     return save_dir
 
 
-def assert_same_run(save_dir, reference_dir):
+def assert_same_run(save_dir, reference_dir, steps=STEPS):
     """Identical metrics (timings aside) for every step, and identical actor, critic and old actor."""
     def strip(metrics):
         return [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
                 for m in metrics]
     got, want = strip(read_metrics(save_dir)), strip(read_metrics(reference_dir))
-    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in got] == list(range(1, steps + 1))
     for a, b in zip(got, want):
         assert a == b, a["step"]
     a, _ = load_resume(os.path.join(save_dir, RESUME))
     b, _ = load_resume(os.path.join(reference_dir, RESUME))
-    assert a["global_step"] == b["global_step"] == STEPS
+    assert a["global_step"] == b["global_step"] == steps
     for key in ["model", "critic_model", "old_actor"]:
         assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key
 
@@ -203,6 +203,94 @@ def test_sigint_stops_cleanly_and_resume_matches_uninterrupted_run(tiny_kit, for
     assert_same_run(save_dir, reference)
 
 
+@pytest.mark.parametrize("where", ["generate", "reward"])
+def test_signal_inside_a_rollout_drops_it_and_resume_is_bit_exact(tiny_kit, forkserver, reference, tmp_path, where):
+    """SIGTERM in the middle of generation (the 3rd forward of the sampler) or of reward scoring in
+    rollout 3: no weight has changed, so the run does not finish the step (torchrun would SIGKILL a
+    real-size one first); it saves the state after step 2, RNG included, and exits 0."""
+    save_dir, log = tmp_path / "run", tmp_path / "log"
+    argv = flags(tiny_kit, save_dir, "--save_interval", "100")  # the stop alone writes the resume file
+    assert finish(start(forkserver, argv, log, self_signal=(where, 3, 3)), log) == 0
+    out = open(log).read()
+    assert "stop signal during the rollout of step 3: rollout dropped" in out
+    assert "stopped by signal at step 2; resume file written" in out
+    assert global_step(save_dir) == 2 and [m["step"] for m in read_metrics(save_dir)] == [1, 2]
+    log = tmp_path / "log2"
+    assert finish(start(forkserver, argv + ["--from_resume", "1"], log), log) == 0
+    assert "resumed from" in open(log).read() and "global step 2" in open(log).read()
+    assert_same_run(save_dir, reference)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(ctx, argv, log_dir, world=2, **faults):
+    """Start `world` gloo ranks of one run; returns (processes, logs)."""
+    port = free_port()
+    logs = [log_dir / f"log{r}" for r in range(world)]
+    return [start(ctx, argv, logs[r], rank=r, world=world, port=port, **faults) for r in range(world)], logs
+
+
+def test_sigterm_to_one_rank_stops_both_and_resume_matches(tiny_kit, forkserver, tmp_path):
+    """torchrun is not the only sender: a signal that reaches one rank must stop every rank (the others
+    agree through a collective) with exit 0, not leave them waiting in the next epoch's collectives."""
+    argv = tiny_run_args(tiny_kit, tmp_path / "ref", "--epochs", "2", "--save_interval", "100")  # 2 x 3 rollouts
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    procs, logs = run_ranks(forkserver, argv, tmp_path / "a")
+    assert [finish(p, log, timeout=120) for p, log in zip(procs, logs)] == [0, 0]
+
+    save_dir = tmp_path / "run"
+    argv = tiny_run_args(tiny_kit, save_dir, "--epochs", "2", "--save_interval", "100")
+    procs, logs = run_ranks(forkserver, argv, tmp_path / "b")
+    wait_for(procs[0], logs[0], lambda: re.search(r"^step 1/6 \|", open(logs[0]).read(), re.M), "step 1")
+    os.kill(procs[1].pid, signal.SIGTERM)  # rank 1 only
+    assert [finish(p, log, timeout=60) for p, log in zip(procs, logs)] == [0, 0]
+    stopped = int(re.search(r"stopped by signal at step (\d+); resume file written", open(logs[0]).read()).group(1))
+    assert 1 <= stopped < 6 and global_step(save_dir) == stopped
+    procs, logs = run_ranks(forkserver, argv + ["--from_resume", "1"], tmp_path / "c")
+    assert [finish(p, log, timeout=120) for p, log in zip(procs, logs)] == [0, 0]
+    assert_same_run(save_dir, tmp_path / "ref", steps=6)
+
+
+def test_resume_on_more_processes_trains_the_rest_at_a_fresh_runs_lr(tiny_kit, forkserver, tmp_path):
+    """1 process -> 2: the checkpoint after 4 one-process rollouts (16 prompts) is step 2 of 6 for two
+    processes. The resumed run trains steps 3-6 (the rest of both epochs) and its LR equals that of
+    a fresh two-process run at the same steps, instead of ending early with the schedule at its floor."""
+    one, two, fresh = tmp_path / "one", tmp_path / "two", tmp_path / "fresh"
+    for d in ("p1", "p2", "l2", "l3"):
+        (tmp_path / d).mkdir()
+    argv = tiny_run_args(tiny_kit, one, "--epochs", "2", "--save_interval", "4", "--keep_checkpoints", "3")
+    log = tmp_path / "log1"
+    assert finish(start(forkserver, argv, log, log_prompts=str(tmp_path / "p1")), log) == 0
+    (two / "checkpoints").mkdir(parents=True)
+    shutil.copy(one / "checkpoints" / "ppo_actor_64_resume.2.pth", two / RESUME)
+    assert global_step(two) == 4
+
+    argv = tiny_run_args(tiny_kit, two, "--epochs", "2", "--from_resume", "1")
+    procs, logs = run_ranks(forkserver, argv, tmp_path / "l2", log_prompts=str(tmp_path / "p2"))
+    assert [finish(p, log, timeout=120) for p, log in zip(procs, logs)] == [0, 0]
+    out = open(logs[0]).read()
+    assert "resume: world size 1 -> 2; data position 16 prompts -> step 2, global step 4 -> 2" in out
+    assert "done in" in out
+    resumed = read_metrics(two)
+    assert [m["step"] for m in resumed] == [3, 4, 5, 6]
+
+    procs, logs = run_ranks(forkserver, tiny_run_args(tiny_kit, fresh, "--epochs", "2"), tmp_path / "l3")
+    assert [finish(p, log, timeout=120) for p, log in zip(procs, logs)] == [0, 0]
+    fresh_lr = {m["step"]: (m["actor_lr"], m["critic_lr"]) for m in read_metrics(fresh)}
+    for m in resumed:
+        assert (m["actor_lr"], m["critic_lr"]) == pytest.approx(fresh_lr[m["step"]], rel=1e-9), m["step"]
+    assert resumed[-1]["actor_lr"] == pytest.approx(5e-6, rel=1e-6)  # the schedule ends at its floor, not before
+    # epoch 0: 16 prompts on one process, then the other 8 on two: every prompt exactly once
+    first16 = [p for line in open(tmp_path / "p1" / "prompts_rank0.jsonl").readlines()[:4] for p in json.loads(line)]
+    last8 = [p for r in range(2) for p in json.loads(open(tmp_path / "p2" / f"prompts_rank{r}.jsonl").readline())]
+    dataset = train_ppo.RLAIFDataset(tiny_kit["data"], AutoTokenizer.from_pretrained(ROOT / "model"), max_length=48)
+    assert sorted(first16 + last8) == sorted(s["prompt"] for s in dataset)
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_kit, forkserver, reference, tmp_path):
     shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
     shutil.copy(reference / "metrics.jsonl", tmp_path)
@@ -219,9 +307,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_kit, forkserv
 def test_world_size_change_continues_at_the_right_data_position(tiny_kit, forkserver, tmp_path):
     """2 gloo ranks (rank 1 sees a NaN reward at step 1: both must skip it, or DDP hangs) for 2
     rollouts of 2 x 4 prompts, then 1 process: it starts at prompt 16 of the same epoch order."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     first, second = tmp_path / "ranks2", tmp_path / "rank1"
     first.mkdir()
     second.mkdir()
@@ -234,12 +320,13 @@ def test_world_size_change_continues_at_the_right_data_position(tiny_kit, forkse
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2]
 
     log = second / "log"
-    argv = tiny_run_args(tiny_kit, tmp_path / "run", "--max_steps", "4", "--from_resume", "1")
+    argv = tiny_run_args(tiny_kit, tmp_path / "run", "--max_steps", "6", "--from_resume", "1")
     assert finish(start(forkserver, argv, log, log_prompts=str(second)), log) == 0
     out = open(log).read()
-    assert "resume: world size 2 -> 1; data position 16 prompts -> step 4" in out
+    assert "resume: world size 2 -> 1; data position 16 prompts -> step 4, global step 2 -> 4" in out
     assert "resume: RNG states reseeded (world size changed)" in out
-    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2, 3, 4]
+    # one process counts 4-prompt rollouts: 16 prompts are its steps 1-4, the rest of the epoch steps 5-6
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2, 5, 6]
     # 16 prompts on 2 ranks, then the other 8 of the epoch: every prompt exactly once
     seen = [p for f in [first / "prompts_rank0.jsonl", first / "prompts_rank1.jsonl", second / "prompts_rank0.jsonl"]
             for line in open(f) for p in json.loads(line)]

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from train_ppo import (calculate_rewards, compute_advantages, kl_penalty, masked_whiten, micro_batches,
-                       policy_loss_per_token, value_loss_per_token, AdaptiveKLController)
+from train_ppo import (calculate_rewards, compute_advantages, kl_penalty, masked_whiten, micro_batches, parse_args,
+                       policy_loss_per_token, resolve_reward_dtype, score_chats, value_loss_per_token,
+                       AdaptiveKLController)
 
 
 def gae_brute_force(rewards, values, lengths, gamma, lam):
@@ -61,6 +62,23 @@ def test_policy_loss_clipping_cases():
     assert torch.allclose(dual, torch.tensor([-1.2, -0.5, 1.5, 0.8, -2.0, 3.0]), atol=1e-6)
 
 
+def test_log_ratio_is_clamped_before_exp():
+    """ratio e^25 with A < 0: the loss is |A| * e^20 (log-ratio clamped to +-20, as verl/OpenRLHF), not e^25."""
+    loss, ratio = policy_loss_per_token(torch.tensor([25.0, -25.0]), torch.zeros(2), torch.tensor([-2.0, 1.0]), 0.2)
+    assert loss[0].item() == pytest.approx(2.0 * math.exp(20.0), rel=1e-6)
+    assert ratio[0].item() == pytest.approx(math.exp(20.0), rel=1e-6)
+    assert ratio[1].item() == pytest.approx(math.exp(-20.0), rel=1e-6)
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("value", ["0.5", "1", "1.0", "-3"])
+def test_dual_clip_c_between_0_and_1_is_a_flag_error(value, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--dual_clip_c", value])
+    assert f"--dual_clip_c must be 0 (off) or > 1, got {float(value)}" in capsys.readouterr().err
+    assert parse_args(["--dual_clip_c", "3"]).dual_clip_c == 3.0 and parse_args([]).dual_clip_c == 0.0
+
+
 def test_value_loss_clipping_cases():
     old = torch.tensor([0.0, 0.0, 1.0])
     new = torch.tensor([1.0, 0.1, 0.0])
@@ -81,6 +99,18 @@ def test_kl_estimators_hand_computed():
     huge = kl_penalty(torch.tensor([0.0]), torch.tensor([100.0]), "k3")
     assert torch.isfinite(huge).all() and huge.item() == 10.0  # clamped as verl does
     assert (kl_penalty(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+
+
+def test_masked_whiten_is_exact_when_the_mean_dwarfs_the_spread():
+    """|mean| / std = 1000 in float32: E[x^2] - mean^2 lost the variance (0.13 off); two passes keep it."""
+    g = torch.Generator().manual_seed(0)
+    x = 1000.0 + torch.randn(4, 64, generator=g, dtype=torch.float64)
+    mask = (torch.rand(4, 64, generator=g) < 0.8).double()
+    real = x[mask.bool()]
+    want = ((x - real.mean()) / real.std()) * mask  # float64 reference
+    got = masked_whiten(x.float(), mask.float())
+    assert (got.double() - want).abs().max() < 1e-3
+    assert got[mask.bool()].std().item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_masked_whiten():
@@ -107,6 +137,40 @@ def test_adaptive_kl_controller():
     assert fixed.value == 0.1
 
 
+def test_reward_dtype_auto():
+    """auto: float32 on CPU; on CUDA the config's own dtype, else bf16 where supported, else float32."""
+    assert resolve_reward_dtype("auto", {"torch_dtype": "float16"}, "cpu") == torch.float32
+    assert resolve_reward_dtype("auto", {"torch_dtype": "bfloat16"}, "cuda:0", bf16_supported=False) == torch.bfloat16
+    assert resolve_reward_dtype("auto", {"dtype": "float32"}, "cuda", bf16_supported=True) == torch.float32
+    assert resolve_reward_dtype("auto", {"torch_dtype": "float16"}, "cuda", bf16_supported=True) == torch.float16
+    assert resolve_reward_dtype("auto", {}, "cuda", bf16_supported=True) == torch.bfloat16
+    assert resolve_reward_dtype("auto", {}, "cuda", bf16_supported=False) == torch.float32
+    assert resolve_reward_dtype("float16", {"torch_dtype": "bfloat16"}, "cuda") == torch.float16
+
+
+class FakeBatchedRewardModel:
+    """get_scores() interface (internlm2-reward): records the size of every padded batch it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def get_scores(self, tokenizer, chats):
+        self.calls.append(len(chats))
+        return [float(len(c[-1]["content"])) for c in chats]
+
+
+def test_get_scores_is_called_in_chunks_of_reward_batch_size():
+    rm = FakeBatchedRewardModel()
+    chats = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * n}] for n in range(10)]
+    scores = score_chats(rm, None, chats, batch_size=4)
+    assert rm.calls == [4, 4, 2] and scores.tolist() == [float(n) for n in range(10)]
+    # reasoning mode scores whole and answer-only chats: 2 x 3 responses in chunks of 4
+    rm = FakeBatchedRewardModel()
+    calculate_rewards([PROMPT] * 3, [GOOD] * 3, rm, None, argparse.Namespace(reasoning=1, rm_clip=3.0,
+                                                                           reward_batch_size=4))
+    assert rm.calls == [4, 2]
+
+
 class FakeRewardModel:
     """get_score() interface (internlm2-reward style): a score looked up from the reply text."""
 
@@ -128,7 +192,7 @@ TRAILING = GOOD + " extra"
 
 
 def args(reasoning=1):
-    return argparse.Namespace(reasoning=reasoning, rm_clip=3.0)
+    return argparse.Namespace(reasoning=reasoning, rm_clip=3.0, reward_batch_size=32)
 
 
 def test_reward_rules_and_blend():

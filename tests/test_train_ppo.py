@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 
 import train_ppo
@@ -69,29 +70,61 @@ def test_resume_without_checkpoint_starts_fresh(tiny_kit, tmp_path, capsys):
     assert len(read_metrics(tmp_path)) == 1
 
 
-def test_first_ratio_is_exactly_one(tiny_kit):
-    """With old actor == actor, the first minibatch's log-probs equal pi_old bit for bit."""
-    args = train_ppo.parse_args(tiny_run_args(tiny_kit, "unused"))
-    actor, tokenizer = train_ppo.init_model(args.from_weight, "", args.tokenizer_path, "cpu")
-    old_actor, ref = train_ppo.frozen_copy(actor), train_ppo.frozen_copy(actor)
-    critic = train_ppo.build_critic(actor)
-    rm, rm_tok = train_ppo.load_reward_model(args.reward_model_path, "cpu", torch.float32)
-    from dataset.lm_dataset import PromptCollator, RLAIFDataset
-    ds = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
-    batch = PromptCollator(tokenizer.pad_token_id)([ds[i] for i in range(4)])
-    torch.manual_seed(0)
-    orders = [torch.randperm(4) for _ in range(args.ppo_epochs)]
-    import contextlib
-    rollout = train_ppo.collect_rollout(batch, old_actor, ref, critic, rm, rm_tok, tokenizer, 0.02, orders, args,
-                                        contextlib.nullcontext())
-    R = rollout["response_mask"].shape[1]
-    first = train_ppo.micro_batches(orders[0], args.mini_batch_size, args.accumulation_steps)[0][0]
-    logprobs, _, _ = train_ppo.response_logprobs(actor, rollout["input_ids"][first], rollout["attention_mask"][first],
-                                                 R, args.temperature)
-    ratio = torch.exp(logprobs - rollout["old_logprobs"][first])
-    assert torch.equal(ratio, torch.ones_like(ratio))
-    # and the sampler's own log-probs describe the same distribution
-    assert rollout["sampler_gap"] < 1e-5
+def test_first_ratio_is_exactly_one_inside_the_trainers_update(tiny_kit, tmp_path):
+    """The ratio of the first minibatch of every real ppo_update (logged as the mean |ratio - 1| over its
+    tokens) is exactly 1 when the old actor is synced every rollout, and visibly not when it is stale."""
+    run(tiny_run_args(tiny_kit, tmp_path / "sync", "--max_steps", "3"))
+    metrics = read_metrics(tmp_path / "sync")
+    assert [m["first_minibatch_ratio_dev"] for m in metrics] == [0.0, 0.0, 0.0]
+    assert all(m["sampler_logprob_gap"] < 1e-5 for m in metrics)  # the sampler's log-probs are pi_old's
+    run(tiny_run_args(tiny_kit, tmp_path / "stale", "--max_steps", "2", "--update_old_actor_freq", "2"))
+    stale = read_metrics(tmp_path / "stale")
+    assert stale[0]["first_minibatch_ratio_dev"] == 0.0 and stale[1]["first_minibatch_ratio_dev"] > 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_on_cpu(tiny_kit, tmp_path, dtype):
+    """--dtype bfloat16/float16 run under CPU autocast: the first ratio is exactly 1, the sampler's log-probs
+    differ from the scoring forward's at the low precision's scale, and resume is exact, loss scale included
+    (float16; a large --vf_coef makes the scaler lower its scale from 65536 in the first steps)."""
+    extra = ["--dtype", dtype] + (["--vf_coef", "1e4"] if dtype == "float16" else [])
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(tiny_run_args(tiny_kit, full, "--max_steps", "4", *extra))  # saves at steps 2 and 4
+    metrics = read_metrics(full)
+    assert [m["first_minibatch_ratio_dev"] for m in metrics] == [0.0] * 4
+    assert all(1e-6 < m["sampler_logprob_gap"] < 1e-2 for m in metrics)  # float32 runs: ~4e-7
+    if dtype == "float16":
+        scales = [m["loss_scale"] for m in metrics]
+        assert scales[0] < 65536 and scales == sorted(scales, reverse=True)
+        assert sum(m["scaler_skipped_steps"] for m in metrics) > 0 and metrics[-1]["optimizer_steps"] > 0
+        assert all(m["skipped_steps"] == 0 for m in metrics)  # overflows are the scaler's, not bad steps
+        state, _ = load_resume(str(full / "checkpoints" / "ppo_actor_64_resume.1.pth"))
+        assert state["grad_scaler"]["scale"] == metrics[1]["loss_scale"]
+    os.makedirs(part / "checkpoints")
+    shutil.copy(full / "checkpoints" / "ppo_actor_64_resume.1.pth", part / "checkpoints" / "ppo_actor_64_resume.pth")
+    run(tiny_run_args(tiny_kit, part, "--max_steps", "4", "--from_resume", "1", *extra))
+    for a, b in zip(metrics[2:], read_metrics(part)):
+        assert {k: v for k, v in a.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"} == \
+            {k: v for k, v in b.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
+    wa, wb = load_state_dict_file(full / "ppo_actor_64.pth"), load_state_dict_file(part / "ppo_actor_64.pth")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_adaptive_kl_target_is_in_nats_per_response(tiny_kit, tmp_path):
+    """--target_kl_ctl is compared with the mean summed KL per response. Step 2's rollout KL does not depend
+    on the target (step 1 has KL 0, old actor == ref), so with a target just below it beta rises at step 2
+    and with one just above it falls. Fed the per-token mean instead (8x smaller here), beta would fall both times."""
+    flags = ["--kl_horizon", "10", "--kl_coef", "0.05"]
+    run(tiny_run_args(tiny_kit, tmp_path / "probe", "--max_steps", "3", "--target_kl_ctl", "1", *flags))
+    probe = read_metrics(tmp_path / "probe")[1]
+    kl = probe["kl_ref_per_response"]
+    assert kl > 2 * probe["kl_ref"] > 0  # nats per response vs per token: different units
+    for factor, rises in [(0.9, True), (1.1, False)]:
+        save_dir = tmp_path / f"target_{factor}"
+        run(tiny_run_args(tiny_kit, save_dir, "--max_steps", "3", "--target_kl_ctl", str(kl * factor), *flags))
+        m = read_metrics(save_dir)
+        assert m[1]["kl_ref_per_response"] == kl
+        assert (m[2]["kl_coef"] > m[1]["kl_coef"]) == rises, (factor, m[1]["kl_coef"], m[2]["kl_coef"])
 
 
 def test_early_stop_takes_no_optimizer_step(tiny_kit, tmp_path):

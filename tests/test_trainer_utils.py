@@ -26,18 +26,29 @@ def test_single_process_defaults(monkeypatch, capsys):
 
 
 def test_init_distributed_mode_under_torchrun_env(monkeypatch):
-    # What torchrun sets for a one-process job; gloo runs on CPU.
+    """What torchrun sets for a one-process job. The backend follows --device: `--device cpu` on a
+    machine that has CUDA (faked here) must still run gloo, not NCCL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     try:
-        assert tu.init_distributed_mode(backend="gloo") == 0
+        assert tu.init_distributed_mode("cpu") == 0
+        assert torch.distributed.get_backend() == "gloo"
         assert (tu.get_rank(), tu.get_world_size(), tu.is_main_process()) == (0, 1, True)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_init_distributed_mode_cuda_without_cuda_names_the_flag(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--device cuda under torchrun needs CUDA"):
+        tu.init_distributed_mode("cuda")
 
 
 def test_setup_seed_is_repeatable():
@@ -338,3 +349,18 @@ def test_save_weights_stores_tied_tensors_once(tmp_path):
     state = tu.load_state_dict_file(tmp_path / "w.pth")
     assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
     MiniMindForCausalLM(model.config).load_state_dict(state, strict=True)
+
+
+def test_a_skipped_test_fails_the_run(tmp_path):
+    """The suite's no-skip rule (tests/no_skips.py, loaded by conftest.py): a run whose only test
+    skips exits 1 and names it; the same file with the test passing exits 0."""
+    import subprocess
+    import sys
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    for body, code in [("pytest.skip('fixture missing')", 1), ("pass", 0)]:
+        (tmp_path / "test_x.py").write_text(f"import pytest\n\n\ndef test_x():\n    {body}\n")
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no_skips", str(tmp_path / "test_x.py")],
+                                capture_output=True, text=True, cwd=tmp_path,
+                                env=dict(os.environ, PYTHONPATH=tests_dir))
+        assert result.returncode == code, result.stdout
+        assert ("no test may skip: " in result.stdout) == (code == 1)
