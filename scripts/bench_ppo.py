@@ -4,6 +4,7 @@
     python scripts/bench_ppo.py --preset mm2 --device cuda --dtype bfloat16
     python scripts/bench_ppo.py --preset small --ablations  # ours vs the naive reference, one line each
     python scripts/bench_ppo.py --preset small --flops      # matmul GFLOP per step and the floor they set
+    python scripts/bench_ppo.py --preset mm2 --max_gen_len 512 --signal_test  # SIGTERM during step 2: s to exit
 
 train_ppo.main() runs unchanged on a random-init actor (--from_weight none), a tiny random reward model
 and generated arithmetic prompts, all built into a temp folder, so no files are needed. The actor's EOS
@@ -21,6 +22,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,15 +58,21 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=6, help="PPO steps per run; steps 2..N are summarised")
     p.add_argument("--runs", type=int, default=1, help="repeat the PPO run in R fresh subprocesses (isolated RSS)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="CUDA autocast, as train_ppo; CPU always runs float32")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="as train_ppo: default bfloat16 autocast on CUDA, float32 on CPU (CPU autocast is for "
+                        "checking, not speed)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablations", action="store_true", help="micro-benchmarks instead of the PPO run")
+    p.add_argument("--signal_test", action="store_true",
+                   help="run the bench in a child, SIGTERM it --signal_delay s after step 1 is logged (inside step 2's "
+                        "generation at real sizes) and time how long it takes to exit")
+    p.add_argument("--signal_delay", type=float, default=1.0)
     p.add_argument("--flops", action="store_true",
                    help="count the matmul FLOPs of a PPO step (slow: not timed) and the floor they set at this "
                         "machine's measured GEMM rate, instead of timing the run")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -133,7 +141,7 @@ def full_length_init_model(*args, **kwargs):
 def config_of(args):
     sizes = {name: getattr(args, name) for name in PRESETS["small"]}
     return dict(preset=args.preset, **sizes, steps=args.steps, device=args.device,
-                dtype=args.dtype if args.device.startswith("cuda") else "float32", seed=args.seed,
+                dtype=args.dtype, seed=args.seed,
                 threads=torch.get_num_threads(), torch=torch.__version__)
 
 
@@ -157,6 +165,8 @@ def bench_run(args):
         finally:
             train_ppo.init_model = init_model
         metrics = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
+    if len(metrics) < args.steps:  # stopped by a signal (--signal_test): nothing to summarise
+        return dict(config=config_of(args), stopped_after_steps=len(metrics))
     lengths = {m["avg_response_len"] for m in metrics}
     if lengths != {float(args.max_gen_len)}:
         raise RuntimeError(f"responses did not run to --max_gen_len {args.max_gen_len}: lengths {lengths}")
@@ -208,6 +218,29 @@ def flops_run(args):
     gflop, rate = counter.get_total_flops() / 2e9, gemm_gflops(args.device)
     return dict(config=config_of(args), matmul_gflop_per_step=gflop, gflop_by_op=per_op, gemm_gflops=rate,
                 matmul_floor_s_per_step=gflop / rate)
+
+
+def signal_test(argv, delay):
+    """Time from SIGTERM to exit of a bench run signalled `delay` s after its step 1 was logged."""
+    argv = [a for a in argv if a != "--signal_test"]
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--runs", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = []
+    for line in child.stderr:  # train_ppo's log
+        log.append(line)
+        if line.startswith("step 1/"):
+            break
+    else:
+        raise RuntimeError("the run ended before step 1:\n" + "".join(log[-20:]))
+    time.sleep(delay)
+    t_signal = time.perf_counter()
+    child.send_signal(signal.SIGTERM)
+    _, rest = child.communicate()
+    exit_s = time.perf_counter() - t_signal
+    return dict(signal_test=True, signal_delay_s=delay, signal_to_exit_s=exit_s, exit_code=child.returncode,
+                rollout_dropped="rollout dropped" in rest,
+                stop_message=next((l.strip() for l in rest.splitlines() if l.startswith("stopped by signal")), None),
+                step1_log=log[-1].strip())
 
 
 def bench_runs(argv, runs):
@@ -326,8 +359,8 @@ def run_ablations(args):
             build_tiny_reward_model(os.path.join(tmp, "rm")), dev, torch.float32)
     batch = PromptCollator(tokenizer.pad_token_id)([dataset[i] for i in range(B)])
     ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    use_amp = dev.startswith("cuda") and args.dtype != "float32"
-    with torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if use_amp else contextlib.nullcontext():
+    use_amp = args.dtype != "float32"
+    with torch.autocast(dev.split(":")[0], dtype=getattr(torch, args.dtype)) if use_amp else contextlib.nullcontext():
         # (1) generation
         def ours_gen():
             return sample_responses(model, ids, mask, G, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -386,6 +419,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.ablations:
         run_ablations(args)
+    elif args.signal_test:
+        print(json.dumps(signal_test(argv, args.signal_delay)), flush=True)
     elif args.flops:
         print(json.dumps(flops_run(args)), flush=True)
     elif args.runs > 1:
