@@ -27,12 +27,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset.lm_dataset import PromptCollator, RLAIFDataset
 from model.model_minimind import MiniMindModel, sample_responses
+from evaluation import evaluation_sums, markdown_table, means
+from reward import NonFiniteRolloutError, calculate_rewards, load_reward_model
 from trainer_utils import (Logger, SkipBatchSampler, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, init_model, is_main_process, load_resume,
                            load_state_dict_file, resume_path, save_resume, save_weights, set_rng_state,
                            setup_seed, synced_time, unwrap_model, weight_path)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_DATA = os.path.join(ROOT, "dataset", "rlaif-mini.jsonl")
+DEMO_EVAL_DATA = os.path.join(ROOT, "dataset", "rlaif-eval.jsonl")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -47,7 +51,7 @@ def parse_args(argv=None):
       help="actor init: a name resolved as {save_dir}/{name}_{hidden}{_moe}.pth, a path, or 'none' (random)")
     a("--critic_weight", default=None, help="critic init (critic or actor .pth); default: the actor's weights")
     a("--tokenizer_path", default=os.path.join(ROOT, "model"))
-    a("--data_path", default=os.path.join(ROOT, "dataset", "rlaif-mini.jsonl"))
+    a("--data_path", default=DEMO_DATA)
     a("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
       help="local folder: a get_score() model (internlm2-reward style) or a 1-label sequence classifier")
     a("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -55,6 +59,13 @@ def parse_args(argv=None):
            "where the GPU supports it, else float32")
     a("--reward_batch_size", type=int, default=32, help="chats per reward-model forward (get_scores calls too)")
     a("--reward_device", default=None, help="device for the reward model (default: --device)")
+    # held-out evaluation and logged samples
+    a("--eval_data_path", default=None,
+      help="prompts evaluated greedily at step 0, every --eval_interval rollouts and at the end (default: "
+           "dataset/rlaif-eval.jsonl when training on the demo's dataset/rlaif-mini.jsonl, else none; 'none' = off)")
+    a("--eval_interval", type=int, default=20, help="rollouts between evaluations")
+    a("--eval_limit", type=int, default=0, help="evaluate only the first N prompts of --eval_data_path (0 = all)")
+    a("--log_samples", type=int, default=4, help="samples per rollout written to {save_dir}/samples.jsonl (0 = off)")
     # model size: read off the weights; give them only to check or to build a random model
     a("--hidden_size", type=int, default=None, help="default: from the weights (512 to resolve a name)")
     a("--num_hidden_layers", type=int, default=None)
@@ -78,6 +89,8 @@ def parse_args(argv=None):
                                            "pi_old is scored untruncated: the ratio then is not exact")
     a("--top_p", type=float, default=1.0, help="1.0 = off; same caveat as --top_k")
     a("--update_old_actor_freq", type=int, default=1, help="sync the old actor every N rollouts (1 = standard)")
+    a("--critic_warmup_steps", type=int, default=0,
+      help="the first N rollouts train only the critic: the actor, its optimizer and its schedule are untouched")
     # reward
     a("--reasoning", type=int, default=1, choices=[0, 1], help="1: format + tag rules + RM; 0: RM only")
     a("--rm_clip", type=float, default=3.0)
@@ -112,12 +125,18 @@ def parse_args(argv=None):
     a("--max_bad_steps", type=int, default=5, help="abort after this many consecutive non-finite steps")
     a("--from_resume", type=int, default=0, choices=[0, 1])
     a("--save_hf", type=int, default=0, choices=[0, 1], help="also export the actor with save_pretrained")
-    a("--use_wandb", "--use_swanlab", dest="use_wandb", action="store_true", help="log to swanlab")
-    a("--wandb_project", default="MiniMind-PPO")
-    a("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"])
+    a("--use_swanlab", "--use_wandb", dest="use_swanlab", action="store_true",
+      help="log metrics, evaluations and samples to swanlab (--use_wandb: MiniMind's name)")
+    a("--swanlab_project", "--wandb_project", dest="swanlab_project", default="MiniMind-PPO")
+    a("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"],
+      help="offline (default): written under {save_dir}/swanlog, no login, no network; `swanlab sync` uploads it")
     args = p.parse_args(argv)
     args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.save_dir, "checkpoints")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.eval_data_path is None:
+        args.eval_data_path = DEMO_EVAL_DATA if os.path.abspath(args.data_path) == DEMO_DATA else None
+    elif args.eval_data_path.lower() == "none":
+        args.eval_data_path = None
     if args.batch_size % args.mini_batch_size:
         p.error(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     if args.mini_batch_size % args.accumulation_steps:
@@ -129,9 +148,12 @@ def parse_args(argv=None):
         p.error(f"--temperature must be > 0, got {args.temperature}")
     for flag in ("batch_size", "mini_batch_size", "accumulation_steps", "ppo_epochs", "log_interval",
                  "save_interval", "keep_checkpoints", "max_bad_steps", "update_old_actor_freq", "max_gen_len",
-                 "reward_batch_size"):
+                 "reward_batch_size", "eval_interval"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("eval_limit", "log_samples", "critic_warmup_steps"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     return args
 
 
@@ -176,121 +198,6 @@ def frozen_copy(model):
     return copy_
 
 
-def resolve_reward_dtype(name, config, device, bf16_supported=None):
-    """--reward_dtype as a torch dtype. auto: float32 on CPU; on CUDA the dtype the model's config names
-    (`torch_dtype`, or `dtype` in transformers 5), else bfloat16 where the GPU supports it, else float32.
-    Never a blanket float16: models trained in bfloat16 overflow in it."""
-    if name != "auto":
-        return getattr(torch, name)
-    if not str(device).startswith("cuda"):
-        return torch.float32
-    named = config.get("torch_dtype") or config.get("dtype")
-    if named in ("float32", "bfloat16", "float16"):
-        return getattr(torch, named)
-    if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16_supported else torch.float32
-
-
-def load_reward_model(path, device, dtype="auto"):
-    """Load a reward model folder: get_score() remote-code models or 1-label sequence classifiers.
-    `dtype` is a torch dtype or a --reward_dtype name."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-    if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"--reward_model_path {path!r}: no such folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"--reward_model_path {path!r}: not a model folder (no config.json)")
-    raw = json.load(open(os.path.join(path, "config.json")))
-    if isinstance(dtype, str):
-        dtype = resolve_reward_dtype(dtype, raw, device)
-    remote = "auto_map" in raw
-    if remote:
-        Logger(f"note: trust_remote_code enabled for the reward model folder {path} only")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
-        if remote and "AutoModelForSequenceClassification" not in raw["auto_map"]:
-            model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=True)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
-    except Exception as e:
-        raise ValueError(f"--reward_model_path {path!r}: could not load a reward model ({e})") from e
-    if not hasattr(model, "get_score") and getattr(config, "num_labels", 1) != 1:
-        raise ValueError(f"--reward_model_path {path!r}: expected one output label, found {config.num_labels}")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval().requires_grad_(False), tokenizer
-
-
-# ----------------------------------------------------------------------------- reward
-CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\s+(.*?)<\|im_end\|>", re.DOTALL)
-FORMAT = [re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL),
-          re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.DOTALL)]
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-@torch.no_grad()
-def score_chats(reward_model, reward_tokenizer, chats, batch_size=32):
-    """Reward-model score [N] for each chat (a list of {role, content} messages), `batch_size` chats
-    per forward: one padded batch of every chat would grow memory with the rollout."""
-    return torch.cat([_score_batch(reward_model, reward_tokenizer, chats[i:i + batch_size])
-                      for i in range(0, len(chats), batch_size)])
-
-
-def _score_batch(reward_model, reward_tokenizer, chats):
-    if hasattr(reward_model, "get_scores"):  # internlm2-reward style: one padded batch per call
-        return torch.tensor(reward_model.get_scores(reward_tokenizer, chats), dtype=torch.float32).reshape(-1)
-    if hasattr(reward_model, "get_score"):
-        return torch.tensor([float(reward_model.get_score(reward_tokenizer, c)) for c in chats])
-    if reward_tokenizer.chat_template:
-        texts = [reward_tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
-    else:
-        texts = ["\n".join(f"{m['role']}: {m['content']}" for m in c) for c in chats]
-    reward_tokenizer.padding_side = "right"  # the classifier pools at the last non-pad token
-    enc = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = {k: v.to(reward_model.device) for k, v in enc.items()}
-    return reward_model(**enc).logits[:, 0].float().cpu()
-
-
-class NonFiniteRolloutError(ValueError):
-    """A NaN or infinite reward or value in a rollout: the trainer gives that rollout no update."""
-
-
-def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, args):
-    """Hybrid reward per response: (total [B], {"format", "tags", "rm": [B]}).
-
-    reasoning=1: 0.5 for the exact <think>/<answer> layout, 0.25 per tag present exactly once,
-    plus the clipped RM score, blended 0.4 * whole response + 0.6 * answer-only when an
-    <answer> span exists. reasoning=0: the clipped RM score alone.
-    """
-    B = len(responses)
-    chats, answer_chats, answer_rows = [], [], []
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)]
-        chats.append(messages + [{"role": "assistant", "content": response}])
-        answer = ANSWER.search(response) if args.reasoning else None
-        if answer:
-            answer_chats.append(messages + [{"role": "assistant", "content": answer.group(1).strip()}])
-            answer_rows.append(i)
-    scores = score_chats(reward_model, reward_tokenizer, chats + answer_chats, args.reward_batch_size)
-    bad = (~torch.isfinite(scores)).nonzero()
-    if len(bad):
-        j = int(bad[0])
-        row = j if j < B else answer_rows[j - B]
-        raise NonFiniteRolloutError(f"reward model returned {scores[j].item()} for sample {row} "
-                                    f"(response {responses[row][:80]!r})")
-    rm = scores[:B].clamp(-args.rm_clip, args.rm_clip)
-    if answer_rows:
-        rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-args.rm_clip, args.rm_clip)
-    fmt, tags = torch.zeros(B), torch.zeros(B)
-    if args.reasoning:
-        for i, response in enumerate(responses):
-            fmt[i] = 0.5 if any(f.match(response) for f in FORMAT) else 0.0
-            tags[i] = 0.25 * sum(response.count(t) == 1 for t in ("<think>", "</think>", "<answer>", "</answer>"))
-    return fmt + tags + rm, {"format": fmt, "tags": tags, "rm": rm}
-
-
 # ----------------------------------------------------------------------------- PPO maths
 def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (x * mask).sum() / mask.sum().clamp(min=1)
@@ -300,6 +207,12 @@ def all_reduce_sum(t):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def all_reduce_dict(sums):
+    """{name: 0-d tensor} summed over ranks, as {name: float}; every rank has the same names."""
+    names = sorted(sums)
+    return dict(zip(names, all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()))
 
 
 def masked_whiten(x, mask, eps=1e-8):
@@ -442,7 +355,8 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
         row = int(bad[0])
         raise NonFiniteRolloutError(f"critic returned a non-finite value for sample {row} "
                                     f"(response {responses[row][:80]!r})")
-    scores, parts = calculate_rewards(batch["prompts"], responses, reward_model, reward_tokenizer, args)
+    scores, parts = calculate_rewards(batch["prompts"], responses, reward_model, reward_tokenizer, args.reasoning,
+                                      args.rm_clip, args.reward_batch_size)
     has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(1)
     scores = scores - args.missing_eos_penalty * (~has_eos).float().cpu()
     t3 = synced_time(device)
@@ -460,89 +374,97 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
 
 # ----------------------------------------------------------------------------- update
 def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
-               orders, kl_coef, args, autocast, scaler=None):
+               orders, kl_coef, args, autocast, scaler=None, train_actor=True):
     """PPO epochs over one rollout: clipped policy + value loss, one optimizer step per minibatch.
 
     Losses are token means over the whole minibatch of every rank: each rank divides its sum by
     the global token count times the world size, and DDP averages, so N ranks take the same
-    step as one process on the global batch. Returns (global token-mean diagnostics,
+    step as one process on the global batch. With train_actor=False (critic warm-up) only the
+    value loss is computed and only the critic steps. Returns (global token-mean statistics,
     optimizer steps taken, steps skipped as non-finite, early-stopped?). With a float16 loss
     scaler, steps whose gradients overflowed are the scaler's business (it lowers the scale):
-    they are counted in the diagnostics as `scaler_skipped_steps`, not as skipped.
+    they are counted as `scaler_skipped_steps`, not as skipped.
     """
     R = rollout["response_mask"].shape[1]
     world = get_world_size()
-    # summed over tokens of every minibatch evaluated: approx_kl, clipfrac, policy, value, entropy, kl_ref, tokens
-    totals = torch.zeros(7, dtype=torch.float64, device=args.device)
+    optimizers = [actor_opt, critic_opt] if train_actor else [critic_opt]
+    models = [actor, critic] if train_actor else [critic]
+    totals = {}  # token sums over every minibatch evaluated
     steps = skipped = scaler_skipped = 0
     first_ratio_dev = None
     early_stopped = False
     for epoch in range(args.ppo_epochs):
         for minibatch in micro_batches(orders[epoch], args.mini_batch_size, args.accumulation_steps):
             n_tokens = all_reduce_sum(rollout["response_mask"][torch.cat(minibatch)].sum()).item()
-            sums = torch.zeros(9, dtype=torch.float64, device=args.device)  # ..., non-finite losses, |ratio - 1|
+            sums = {}
             for k, micro in enumerate(minibatch):
                 mask = rollout["response_mask"][micro]
                 ids, am = rollout["input_ids"][micro], rollout["attention_mask"][micro]
                 # gradients are all-reduced only on the last micro-batch of a minibatch
-                sync = _no_sync(actor, critic) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
+                sync = _no_sync(*models) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
                 with sync, autocast:
-                    logprobs, logits, aux_loss = response_logprobs(actor, ids, am, R, args.temperature)
-                    # the entropy's backward pass costs a full-vocab softmax: only pay it when it is in the loss
-                    entropy = entropy_from_logits(logits if args.entropy_coef else logits.detach())
                     values = critic(ids, am)[:, -R - 1:-1].float()
-                    pg_loss, ratio = policy_loss_per_token(logprobs, rollout["old_logprobs"][micro],
-                                                           advantages[micro], args.clip_epsilon, args.dual_clip_c)
                     v_loss = value_loss_per_token(values, rollout["values"][micro], returns[micro],
                                                   args.cliprange_value)
-                    kl_ref = kl_penalty(logprobs, rollout["ref_logprobs"][micro], args.kl_estimator)
-                    token_loss = pg_loss + args.vf_coef * v_loss - args.entropy_coef * entropy
-                    if args.kl_mode == "loss":
-                        token_loss = token_loss + kl_coef * kl_ref
+                    token_loss, aux_loss, token_stats = args.vf_coef * v_loss, 0.0, {"value_loss": v_loss}
+                    if train_actor:
+                        logprobs, logits, aux_loss = response_logprobs(actor, ids, am, R, args.temperature)
+                        # the entropy's backward costs a full-vocab softmax: only pay it when it is in the loss
+                        entropy = entropy_from_logits(logits if args.entropy_coef else logits.detach())
+                        pg_loss, ratio = policy_loss_per_token(logprobs, rollout["old_logprobs"][micro],
+                                                               advantages[micro], args.clip_epsilon, args.dual_clip_c)
+                        kl_ref = kl_penalty(logprobs, rollout["ref_logprobs"][micro], args.kl_estimator)
+                        token_loss = token_loss + pg_loss - args.entropy_coef * entropy
+                        if args.kl_mode == "loss":
+                            token_loss = token_loss + kl_coef * kl_ref
+                        log_ratio = (logprobs - rollout["old_logprobs"][micro]).detach()
+                        token_stats.update(approx_kl=0.5 * log_ratio ** 2, policy_loss=pg_loss, entropy=entropy,
+                                           clipfrac=((ratio - 1).abs() > args.clip_epsilon).float(),
+                                           kl_actor_ref=kl_ref, ratio_dev=(ratio - 1).abs())
                     loss = (token_loss * mask).sum() / n_tokens * world + aux_loss / len(minibatch)
                     (scaler.scale(loss) if scaler else loss).backward()
                 with torch.no_grad():
-                    log_ratio = logprobs - rollout["old_logprobs"][micro]
-                    sums += torch.stack([
-                        (0.5 * log_ratio ** 2 * mask).sum(), (((ratio - 1).abs() > args.clip_epsilon) * mask).sum(),
-                        (pg_loss * mask).sum(), (v_loss * mask).sum(), (entropy * mask).sum(), (kl_ref * mask).sum(),
-                        mask.sum(), (~torch.isfinite(loss)).float(), ((ratio - 1).abs() * mask).sum()]).double()
-            sums = all_reduce_sum(sums)
-            totals += sums[:7]
-            if first_ratio_dev is None:  # 0 exactly when the old actor is the actor (the standard sync)
-                first_ratio_dev = sums[8].item() / n_tokens
-            if args.early_stop_kl > 0 and sums[0].item() / n_tokens > args.early_stop_kl:
+                    for name, value in token_stats.items():
+                        sums[name] = sums.get(name, 0.0) + (value.detach() * mask).sum().double()
+                    sums["tokens"] = sums.get("tokens", 0.0) + mask.sum().double()
+                    sums["non_finite_loss"] = sums.get("non_finite_loss", 0.0) + (~torch.isfinite(loss)).double()
+            sums = all_reduce_dict(sums)
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + value
+            if first_ratio_dev is None and train_actor:  # 0 exactly when the old actor is the actor
+                first_ratio_dev = sums["ratio_dev"] / n_tokens
+            if args.early_stop_kl > 0 and train_actor and sums["approx_kl"] / n_tokens > args.early_stop_kl:
                 # a real stop: gradients dropped, no optimizer step, no further minibatches or epochs
-                actor_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 early_stopped = True
                 break
             if scaler:
-                scaler.unscale_(actor_opt)
-                scaler.unscale_(critic_opt)
-            actor_norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
-            critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
-            finite_loss = sums[7].item() == 0
-            if finite_loss and bool(torch.isfinite(actor_norm) & torch.isfinite(critic_norm)):
-                for opt in (actor_opt, critic_opt):
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+            norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip) for m in models]
+            finite_loss = sums["non_finite_loss"] == 0
+            if finite_loss and all(bool(torch.isfinite(n)) for n in norms):
+                for opt in optimizers:
                     scaler.step(opt) if scaler else opt.step()
-                actor_sched.step()
-                critic_sched.step()
+                for sched in ([actor_sched, critic_sched] if train_actor else [critic_sched]):
+                    sched.step()
                 steps += 1
             elif finite_loss and scaler:  # float16 gradients overflowed: the scaler lowers its scale
                 scaler_skipped += 1
             else:  # non-finite loss or gradient: skip the step, weights untouched
                 skipped += 1
-            actor_opt.zero_grad(set_to_none=True)
-            critic_opt.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             if scaler:
                 scaler.update()
         if early_stopped:
             break
-    n = max(totals[6].item(), 1.0)
-    names = ["approx_kl", "clipfrac", "policy_loss", "value_loss", "entropy", "kl_actor_ref"]
-    stats = {k: totals[i].item() / n for i, k in enumerate(names)}
-    stats.update(first_minibatch_ratio_dev=first_ratio_dev, scaler_skipped_steps=scaler_skipped)
+    n = max(totals["tokens"], 1.0)
+    stats = {name: totals[name] / n for name in totals if name not in ("tokens", "non_finite_loss", "ratio_dev")}
+    stats["scaler_skipped_steps"] = scaler_skipped
+    if first_ratio_dev is not None:
+        stats["first_minibatch_ratio_dev"] = first_ratio_dev
     if scaler:
         stats["loss_scale"] = scaler.get_scale()
     return stats, steps, skipped, early_stopped
@@ -661,19 +583,70 @@ def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_ep
     return epoch, step, global_step
 
 
+def append_jsonl(path, record, swanlab_run=None):
+    """One JSON line in `path` (rank 0 writes); the same record to swanlab."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if swanlab_run is not None:
+        swanlab_run.log(record, step=record["step"])
+
+
 def log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta_s, args):
     """Append the step's metrics to metrics.jsonl (and swanlab); print a line every --log_interval."""
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    if swanlab_run is not None:
-        swanlab_run.log(metrics, step=metrics["step"])
+    append_jsonl(metrics_path, metrics, swanlab_run)
     if metrics["step"] % args.log_interval == 0 or metrics["step"] == total_rollouts:
+        policy = f"policy {metrics['policy_loss']:.4f}" if "policy_loss" in metrics else "critic warm-up"
         Logger(f"step {metrics['step']}/{total_rollouts} | reward {metrics['reward']:.3f} "
                f"(format {metrics['reward_format']:.2f} tags {metrics['reward_tags']:.2f} "
                f"rm {metrics['reward_rm']:.2f}) | kl_ref {metrics['kl_ref']:.4f} | "
-               f"policy {metrics['policy_loss']:.4f} value {metrics['value_loss']:.4f} | "
+               f"{policy} value {metrics['value_loss']:.4f} | "
                f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
                f"{metrics['time_step_s']:.1f}s/step, eta {eta_s / 60:.1f} min")
+
+
+def evaluate_policy(actor, tokenizer, eval_samples, reward_model, reward_tokenizer, args, autocast):
+    """Greedy evaluation of the actor on the held-out prompts: each rank takes every world-th prompt
+    and the sums are reduced. Returns {eval_<metric>: value} (evaluation.METRICS)."""
+    with_accuracy = all(s["answer"] for s in eval_samples)
+    sums, _ = evaluation_sums(unwrap_model(actor), tokenizer, eval_samples[get_rank()::get_world_size()],
+                              reward_model, reward_tokenizer, args.batch_size, args.max_gen_len, args.device,
+                              with_accuracy, bool(args.reasoning), args.rm_clip, autocast=autocast)
+    totals = all_reduce_dict({k: torch.tensor(v, dtype=torch.float64, device=args.device) for k, v in sums.items()})
+    return {f"eval_{k}": v for k, v in means(totals).items()}
+
+
+def log_eval(record, metrics_path, swanlab_run):
+    """An evaluation as one metrics.jsonl line (and swanlab), printed as one line."""
+    append_jsonl(metrics_path, record, swanlab_run)
+    accuracy = f" accuracy {record['eval_accuracy']:.1%}" if "eval_accuracy" in record else ""
+    reward = (f" | reward {record['eval_reward']:.3f} (rm {record['eval_reward_rm']:.3f})"
+              if "eval_reward" in record else "")
+    Logger(f"eval step {record['step']} | format {record['eval_format']:.1%} tags {record['eval_tags']:.1%}"
+           f"{accuracy}{reward} | len {record['eval_response_len']:.1f} eos {record['eval_eos_rate']:.1%}")
+
+
+def log_samples(step, prompts, rollout, n, samples_path, swanlab_run):
+    """The first n samples of the rollout, each with its reward and every reward part, to samples.jsonl
+    (and to swanlab as text)."""
+    rows = [dict(step=step, prompt=prompts[i], response=rollout["responses"][i], reward=rollout["scores"][i].item(),
+                 **{f"reward_{part}": values[i].item() for part, values in rollout["parts"].items()})
+            for i in range(min(n, len(prompts)))]
+    with open(samples_path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if swanlab_run is not None:
+        import swanlab
+        swanlab_run.log({"samples": [swanlab.Text(json.dumps(row, ensure_ascii=False, indent=1)) for row in rows]},
+                        step=step)
+
+
+def eval_table(metrics_path):
+    """The first and the last evaluation of metrics.jsonl side by side (markdown), or None."""
+    evals = [r for r in map(json.loads, open(metrics_path, encoding="utf-8")) if "eval_format" in r]
+    if not evals:
+        return None
+    first, last = evals[0], evals[-1]
+    return markdown_table({f"step {r['step']}": {k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_")}
+                           for r in ([first, last] if last is not first else [first])})
 
 
 def truncate_metrics(path, last_step):
@@ -726,20 +699,17 @@ class StopSignal:
         if self.in_rollout:
             raise RolloutInterrupted(signum)
 
-    def collect(self, step_label, *rollout_args):
-        """collect_rollout(*rollout_args), or None when a value was non-finite (a warning names the sample)
-        or a stop signal came in; returns (rollout, non_finite)."""
+    def interruptible(self, fn, *args):
+        """fn(*args), or None when a stop signal comes in meanwhile (fn must change no state and run
+        no collective). Other exceptions pass through."""
         try:
             try:
                 self.in_rollout = True
-                return collect_rollout(*rollout_args), False
+                return fn(*args)
             finally:  # a signal landing here, before the flag is down, is caught below too
                 self.in_rollout = False
-        except NonFiniteRolloutError as e:
-            print(f"warning: {step_label}: {e}", flush=True)
-            return None, True
         except RolloutInterrupted:
-            return None, False
+            return None
 
 
 # ----------------------------------------------------------------------------- main
@@ -774,18 +744,28 @@ def main(args):
     if len(dataset) < args.batch_size * world:
         raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
                          f"prompts, but {args.data_path} has {len(dataset)}")
+    eval_samples = []
+    if args.eval_data_path:  # bad lines stop the run here, before any training
+        eval_samples = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len).samples
+        eval_samples = eval_samples[:args.eval_limit or None]
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     steps_per_epoch = len(sampler) // args.batch_size  # a last partial batch is left out (like drop_last)
     total_rollouts = steps_per_epoch * args.epochs
     if args.max_steps:
         total_rollouts = min(total_rollouts, args.max_steps)
-    total_opt_steps = total_rollouts * args.ppo_epochs * (args.batch_size // args.mini_batch_size)
+    opt_steps_per_rollout = args.ppo_epochs * (args.batch_size // args.mini_batch_size)
+    total_opt_steps = total_rollouts * opt_steps_per_rollout
+    if args.critic_warmup_steps >= total_rollouts:
+        raise ValueError(f"--critic_warmup_steps {args.critic_warmup_steps} leaves none of the {total_rollouts} "
+                         f"rollouts to train the actor")
 
     # fused: one pass over each parameter instead of ~10 elementwise kernels; the step is
     # memory-bound, so on CPU this cuts it ~4x (hidden 512: 110 -> 24 ms per optimizer step)
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate, fused=True)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, fused=True)
-    actor_sched = build_cosine_scheduler(actor_opt, total_opt_steps, args.warmup_steps)
+    # the actor's schedule spans only the rollouts after the critic warm-up
+    actor_sched = build_cosine_scheduler(actor_opt, total_opt_steps - args.critic_warmup_steps * opt_steps_per_rollout,
+                                         args.warmup_steps)
     critic_sched = build_cosine_scheduler(critic_opt, total_opt_steps, args.warmup_steps)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon)
 
@@ -797,8 +777,8 @@ def main(args):
             except OSError as e:
                 raise OSError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
 
-    metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
-    start_epoch, start_step, global_step, bad_streak, run_id = 0, 0, 0, 0, None
+    metrics_path, samples_path = os.path.join(args.save_dir, "metrics.jsonl"), os.path.join(args.save_dir, "samples.jsonl")
+    start_epoch, start_step, global_step, bad_streak, run_id, resumed = 0, 0, 0, 0, None, False
     if args.from_resume:
         path = resume_path(args.checkpoint_dir, args.save_weight, actor.config.hidden_size, actor.config.use_moe)
         state, loaded_from = load_resume(path)
@@ -817,9 +797,11 @@ def main(args):
                 state, args, (actor, critic, old_actor), (actor_opt, critic_opt), (actor_sched, critic_sched),
                 steps_per_epoch, scaler)
             bad_streak, run_id, kl_ctl.value = state["bad_streak"], state["wandb_id"], state["kl_coef"]
+            resumed = True
             Logger(f"resumed from {loaded_from}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
             if is_main_process():
                 truncate_metrics(metrics_path, global_step)
+                truncate_metrics(samples_path, global_step)
             del state
 
     if dist.is_initialized():  # every loss-bearing forward goes through these wrappers
@@ -835,9 +817,9 @@ def main(args):
             json.dump(vars(args) | {"world_size": world}, f, indent=2)
         shutil.copy(os.path.abspath(__file__), os.path.join(args.save_dir, "train_ppo.py"))
     swanlab_run = None
-    if args.use_wandb and is_main_process():
+    if args.use_swanlab and is_main_process():  # a resumed run continues the same swanlab run (its id)
         import swanlab
-        swanlab_run = swanlab.init(project=args.wandb_project, mode={"cloud": "online"}.get(args.swanlab_mode,
+        swanlab_run = swanlab.init(project=args.swanlab_project, mode={"cloud": "online"}.get(args.swanlab_mode,
                                    args.swanlab_mode), id=run_id, resume="allow" if run_id else None,
                                    log_dir=os.path.join(args.save_dir, "swanlog"), config=vars(args))
         run_id = swanlab_run.id
@@ -846,11 +828,19 @@ def main(args):
         return dict(epoch=epoch, step=next_step, global_step=global_step, kl_coef=kl_ctl.value, wandb_id=run_id,
                     bad_streak=bad_streak, grad_scaler=scaler.state_dict() if scaler else None)
 
+    def evaluate_and_log(step):  # every rank evaluates its share; rank 0 writes
+        record = dict(step=step, **evaluate_policy(actor, tokenizer, eval_samples, reward_model, reward_tokenizer,
+                                                   args, autocast))
+        if is_main_process():
+            log_eval(record, metrics_path, swanlab_run)
+
     models = (actor, critic, old_actor)
     t_start, steps_this_run, stopped = time.time(), 0, False
     Logger(f"training: {total_rollouts} rollouts of {args.batch_size * world} prompts, "
            f"{total_opt_steps} optimizer steps, device {args.device} ({args.dtype}), {world} process(es)")
     with StopSignal() as stop:
+        if eval_samples and not resumed:
+            evaluate_and_log(0)  # the policy before any update
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
             first = start_step if epoch == start_epoch else 0
@@ -864,10 +854,13 @@ def main(args):
                 rng_before_step = get_rng_state()  # what a stop during this rollout saves: the step never ran
                 # rollout: old actor samples; old/ref log-probs, values and token rewards
                 orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
-                rollout, non_finite = stop.collect(
-                    f"step {global_step + 1}{f' (rank {rank})' if world > 1 else ''}", batch, old_actor, ref_model,
-                    unwrap_model(critic), reward_model, reward_tokenizer, tokenizer, kl_ctl.value, orders, args,
-                    autocast)
+                try:
+                    rollout, non_finite = stop.interruptible(
+                        collect_rollout, batch, old_actor, ref_model, unwrap_model(critic), reward_model,
+                        reward_tokenizer, tokenizer, kl_ctl.value, orders, args, autocast), False
+                except NonFiniteRolloutError as e:
+                    print(f"warning: step {global_step + 1}{f' (rank {rank})' if world > 1 else ''}: {e}", flush=True)
+                    rollout, non_finite = None, True
                 # every rank agrees: one that updated alone would wait forever for the others' gradients
                 any_non_finite, stopped = (all_reduce_sum(torch.tensor(
                     [float(non_finite), float(stop.signum is not None)], device=args.device)) > 0).tolist()
@@ -887,11 +880,12 @@ def main(args):
                     advantages, returns = compute_advantages(rollout["token_rewards"], rollout["values"], mask,
                                                              args.gamma, args.lam)
                     advantages = masked_whiten(advantages, mask)
-                    # PPO update of actor and critic
+                    # PPO update of actor and critic (the critic alone during its warm-up)
+                    train_actor = global_step > args.critic_warmup_steps
                     t1 = synced_time(args.device)
                     update_stats, n_steps, n_skipped, early_stopped = ppo_update(
                         actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages,
-                        returns, orders, kl_ctl.value, args, autocast, scaler)
+                        returns, orders, kl_ctl.value, args, autocast, scaler, train_actor)
                     t2 = synced_time(args.device)
                     if n_skipped:
                         Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped (non-finite loss or gradient)")
@@ -904,13 +898,16 @@ def main(args):
                     metrics.update(update_stats, step=global_step, epoch=epoch, kl_coef=kl_coef_used,
                                    actor_lr=actor_sched.get_last_lr()[0], critic_lr=critic_sched.get_last_lr()[0],
                                    optimizer_steps=n_steps, skipped_steps=n_skipped,
-                                   early_stopped=int(early_stopped),
+                                   early_stopped=int(early_stopped), critic_warmup=int(not train_actor),
                                    rollout_tokens_per_s=tokens / max(rollout["time_generate"], 1e-9),
                                    time_rollout_s=rollout["time_generate"], time_forward_s=rollout["time_forward"],
                                    time_reward_s=rollout["time_reward"], time_update_s=t2 - t1, time_step_s=t2 - t0)
                     if is_main_process():
                         eta = (time.time() - t_start) / steps_this_run * (total_rollouts - global_step)
                         log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta, args)
+                        if args.log_samples:
+                            log_samples(global_step, batch["prompts"], rollout, args.log_samples, samples_path,
+                                        swanlab_run)
                 if (global_step % args.update_old_actor_freq) == 0:
                     old_actor.load_state_dict(unwrap_model(actor).state_dict())
                 bad_streak = bad_streak + 1 if any_non_finite or n_skipped else 0
@@ -920,9 +917,12 @@ def main(args):
                                        f"{args.max_bad_steps}); the last good checkpoint is kept in "
                                        f"{args.checkpoint_dir}")
 
+                done = global_step >= total_rollouts
+                if eval_samples and (global_step % args.eval_interval == 0 or done):
+                    evaluate_and_log(global_step)
+
                 # checkpoints; a signal during the update stops here, after the step, agreed by every rank
                 stopped = all_reduce_sum(torch.tensor(float(stop.signum is not None), device=args.device)).item() > 0
-                done = global_step >= total_rollouts
                 # no periodic save inside a bad streak: it would rotate the last good checkpoint out
                 if (global_step % args.save_interval == 0 and not bad_streak) or done or stopped:
                     save_checkpoint(args, models, (actor_opt, critic_opt), (actor_sched, critic_sched),
@@ -938,9 +938,12 @@ def main(args):
     elif is_main_process():
         cfg = unwrap_model(actor).config
         out = weight_path(args.save_dir, args.save_weight, cfg.hidden_size, cfg.use_moe)
+        table = eval_table(metrics_path) if eval_samples else None
+        if table:
+            Logger(f"held-out evaluation ({len(eval_samples)} prompts of {args.eval_data_path}, greedy):\n{table}")
         Logger(f"done in {(time.time() - t_start) / 60:.1f} min. actor weights: {out}; metrics: {metrics_path}; "
-               f"resume: {args.checkpoint_dir}\nnext: python scripts/eval_policy.py --base {args.from_weight} "
-               f"--trained {out}\n      python scripts/plot_metrics.py {metrics_path}")
+               f"samples: {samples_path}; resume: {args.checkpoint_dir}\nnext: python scripts/eval_policy.py "
+               f"--base {args.from_weight} --trained {out}\n      python scripts/plot_metrics.py {metrics_path}")
     if swanlab_run is not None:
         swanlab_run.finish()
     if dist.is_initialized():

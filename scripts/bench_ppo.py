@@ -38,7 +38,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 import train_ppo
 from dataset.lm_dataset import PromptCollator, RLAIFDataset
 from model.model_minimind import sample_categorical, sample_responses
-from train_ppo import compute_advantages, response_logprobs, score_chats
+from reward import load_reward_model, score_chats
+from train_ppo import compute_advantages, response_logprobs
 from trainer_utils import init_model
 
 PRESETS = {
@@ -355,7 +356,7 @@ def run_ablations(args):
         path = os.path.join(tmp, "prompts.jsonl")
         questions = write_prompts(path, tokenizer, B, args.prompt_len, args.seed)
         dataset = RLAIFDataset(path, tokenizer, max_length=args.prompt_len)
-        reward_model, reward_tokenizer = train_ppo.load_reward_model(
+        reward_model, reward_tokenizer = load_reward_model(
             build_tiny_reward_model(os.path.join(tmp, "rm")), dev, torch.float32)
     batch = PromptCollator(tokenizer.pad_token_id)([dataset[i] for i in range(B)])
     ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)

@@ -37,9 +37,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 from transformers.utils import logging as hf_logging
 
 from dataset.lm_dataset import RLAIFDataset
-from eval_policy import evaluate
+from evaluation import evaluate
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from train_ppo import load_reward_model, score_chats
+from reward import load_reward_model, score_batch, score_chats
 from trainer_utils import build_cosine_scheduler, init_model, save_weights, setup_seed
 
 # ----------------------------------------------------------------------------- the task
@@ -341,11 +341,10 @@ def build(args):
     # 2. reward model, from the SFT actor's backbone
     reward_model = build_reward_model(actor, max_positions=1024)
     reward_model.train()
-    score = score_chats.__wrapped__  # the trainer's scoring path itself, minus its no_grad
 
-    def rm_loss(step):
+    def rm_loss(step):  # scored by the trainer's own scoring path, with gradients
         chosen, rejected = rm_batch(train_questions, rng, args.batch_size)
-        scores = score(reward_model, tokenizer, chosen + rejected, batch_size=2 * args.batch_size)
+        scores = score_batch(reward_model, tokenizer, chosen + rejected)
         s_c, s_r = scores[:len(chosen)], scores[len(chosen):]
         return -F.logsigmoid(s_c - s_r).mean() + args.rm_center * ((s_c + s_r) ** 2).mean()
     t_rm = train("reward model", reward_model.parameters(), rm_loss, args.rm_steps, args.rm_lr, log_every)
@@ -379,7 +378,7 @@ def build(args):
     for name, m in (("greedy", greedy), ("sampled T=1", sampled)):
         print(f"SFT actor on held-out ({name}): format {m['format']:.1%}, tags {m['tags']:.1%}, "
               f"accuracy {m['accuracy']:.1%}, reward {m['reward']:.3f} (rm {m['reward_rm']:.3f}), "
-              f"eos {m['eos']:.1%}, length {m['length']:.1f}")
+              f"eos {m['eos_rate']:.1%}, length {m['response_len']:.1f}")
     print(f"time: pretrain {t_pretrain:.0f}s, sft {t_sft:.0f}s, reward model {t_rm:.0f}s, "
           f"total {time.time() - t_start:.0f}s")
     return dict(paths=paths, summary=summary)

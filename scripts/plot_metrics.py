@@ -1,4 +1,5 @@
-"""Plot a PPO run's metrics.jsonl: reward parts, KL, entropy, response length, losses.
+"""Plot a PPO run's metrics.jsonl: reward parts, KL, entropy, response length, losses, and the held-out
+evaluation curves (greedy: format, tags, accuracy, EOS rate; reward).
 
 usage: python scripts/plot_metrics.py out/metrics.jsonl [--out out/metrics.png] [--smooth 10]
 """
@@ -12,13 +13,16 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# (title, keys, from evaluation lines?): training lines are smoothed, evaluations drawn point by point
 PANELS = [
-    ("reward", ["reward", "reward_format", "reward_tags", "reward_rm"]),
-    ("KL to reference", ["kl_ref"]),
-    ("entropy (nats / token)", ["entropy"]),
-    ("response length (tokens)", ["avg_response_len"]),
-    ("policy loss", ["policy_loss"]),
-    ("value loss", ["value_loss"]),
+    ("reward", ["reward", "reward_format", "reward_tags", "reward_rm"], False),
+    ("KL to reference", ["kl_ref"], False),
+    ("entropy (nats / token)", ["entropy"], False),
+    ("response length (tokens)", ["avg_response_len"], False),
+    ("policy loss", ["policy_loss"], False),
+    ("value loss and explained variance", ["value_loss", "value_explained_var"], False),
+    ("held-out eval, greedy (share of prompts)", ["eval_format", "eval_tags", "eval_accuracy", "eval_eos_rate"], True),
+    ("held-out eval, greedy (mean reward)", ["eval_reward", "eval_reward_rm"], True),
 ]
 
 
@@ -45,14 +49,24 @@ def moving_average(y, window):
 
 
 def plot(records, out, smooth):
-    steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    for ax, (title, keys) in zip(axes.flat, PANELS):
+    """Draw the panels into `out`; returns the metric keys drawn."""
+    train = [r for r in records if "eval_format" not in r]
+    evals = [r for r in records if "eval_format" in r]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 7.5))
+    drawn = []
+    for ax, (title, keys, from_evals) in zip(axes.flat, PANELS):
+        rows = evals if from_evals else train
         for key in keys:
-            if key in records[0]:
-                y = [r[key] for r in records]
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if not points:
+                continue
+            steps, y = zip(*points)
+            if from_evals:
+                ax.plot(steps, y, marker="o", label=key)
+            else:
                 line, = ax.plot(steps, y, alpha=0.25)
                 ax.plot(steps, moving_average(y, smooth), color=line.get_color(), label=key)
+            drawn.append(key)
         ax.set_title(title)
         ax.set_xlabel("PPO step (rollout)")
         ax.grid(alpha=0.3)
@@ -60,7 +74,7 @@ def plot(records, out, smooth):
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
-    return out
+    return drawn
 
 
 def main(argv=None):
@@ -70,7 +84,9 @@ def main(argv=None):
     p.add_argument("--smooth", type=int, default=10, help="moving-average window in steps")
     args = p.parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "metrics.png")
-    print(f"wrote {plot(read_metrics(args.metrics), out, args.smooth)}")
+    drawn = plot(read_metrics(args.metrics), out, args.smooth)
+    print(f"wrote {out}")
+    return drawn
 
 
 if __name__ == "__main__":

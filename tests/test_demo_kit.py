@@ -14,8 +14,9 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import build_demo  # noqa: E402
 import eval_policy  # noqa: E402
 from dataset.lm_dataset import RLAIFDataset  # noqa: E402
+from evaluation import markdown_table  # noqa: E402
 from model.model_minimind import MiniMindForCausalLM, config_from_state_dict  # noqa: E402
-from train_ppo import load_reward_model, score_chats  # noqa: E402
+from reward import answer_correct, extract_answer, format_ok, load_reward_model, score_chats, tags_complete  # noqa: E402
 from trainer_utils import load_state_dict_file  # noqa: E402
 
 GOOD = "<think>\n7 + 5 = 12\n</think>\n<answer>\n12\n</answer>"
@@ -80,7 +81,7 @@ def test_miniature_build_loads_and_is_deterministic(tmp_path, capsys):
                                 paths["eval_prompts"], "--reward_model_path", paths["reward_model"],
                                 "--device", "cpu", "--limit", "5", "--max_gen_len", "8", "--json_out", str(json_out)])
     assert json.load(open(json_out))["models"]["base"]["n"] == 5
-    for key in ("format", "tags", "accuracy", "reward", "reward_rm", "eos", "length"):
+    for key in ("format", "tags", "accuracy", "reward", "reward_rm", "eos_rate", "response_len"):
         assert results["base"][key] == results["trained"][key]
     assert "| answer accuracy |" in capsys.readouterr().out
 
@@ -130,7 +131,7 @@ def test_committed_reward_model_prefers_the_format(committed_kit):
         assert (scores[0] > scores[1:]).all(), (question, scores.tolist())
 
 
-# ----------------------------------------------------------------------------- eval_policy's metrics
+# ----------------------------------------------------------------------------- the evaluation's metrics
 @pytest.mark.parametrize("text, fmt, tags, answer", [
     (GOOD, True, True, "12"),
     ("<think>\n7 + 5 = 12\n</think>\n\n<answer>\n12\n</answer>", True, True, "12"),  # the blank-line variant
@@ -144,19 +145,19 @@ def test_committed_reward_model_prefers_the_format(committed_kit):
     ("<think>\n7 + 5 = 13\n</think>\n<answer> 13 </answer>", False, True, "13"),
 ])
 def test_metric_functions(text, fmt, tags, answer):
-    assert eval_policy.format_ok(text) is fmt
-    assert eval_policy.tags_complete(text) is tags
-    assert eval_policy.extract_answer(text) == answer
-    assert eval_policy.answer_correct(text, "12") is (answer == "12")
-    assert eval_policy.answer_correct(text, " 12\n") is (answer == "12")
+    assert format_ok(text) is fmt
+    assert tags_complete(text) is tags
+    assert extract_answer(text) == answer
+    assert answer_correct(text, "12") is (answer == "12")
+    assert answer_correct(text, " 12\n") is (answer == "12")
 
 
 def test_markdown_table_has_deltas():
-    base = dict(path="a.pth", format=0.5, tags=0.75, accuracy=0.4, reward=1.0, reward_rm=0.2, eos=1.0, length=20.0)
-    trained = dict(base, path="b.pth", format=0.9, reward=1.5, length=18.5)
-    lines = eval_policy.markdown_table({"base": base, "trained": trained}).splitlines()
+    base = dict(format=0.5, tags=0.75, accuracy=0.4, reward=1.0, reward_rm=0.2, eos_rate=1.0, response_len=20.0)
+    trained = dict(base, format=0.9, reward=1.5, response_len=18.5)
+    lines = markdown_table({"base (a.pth)": base, "trained (b.pth)": trained}).splitlines()
     assert lines[0] == "| metric | base (a.pth) | trained (b.pth) | delta |"
     assert "| format compliance | 50.0% | 90.0% | +40.0 pt |" in lines
     assert "| mean reward (total) | 1.000 | 1.500 | +0.500 |" in lines
     assert "| mean response length (tokens) | 20.0 | 18.5 | -1.5 |" in lines
-    assert "delta" not in eval_policy.markdown_table({"trained": trained}).splitlines()[0]
+    assert "delta" not in markdown_table({"trained": trained}).splitlines()[0]

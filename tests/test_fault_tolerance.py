@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 import fault_runner
+import reward
 import train_ppo
 import trainer_utils
 from conftest import ROOT, tiny_run_args
@@ -364,7 +365,7 @@ def test_incompatible_resume_file_names_the_mismatch(tiny_kit, checkpoint_dir, t
 def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, monkeypatch, capsys):
     """Step 2: NaN reward; step 3: NaN critic value; step 4: NaN loss. None changes a weight."""
     snapshots = []
-    real_collect, real_score, real_whiten = train_ppo.collect_rollout, train_ppo.score_chats, train_ppo.masked_whiten
+    real_collect, real_score, real_whiten = train_ppo.collect_rollout, reward.score_chats, train_ppo.masked_whiten
     real_critic = train_ppo.CriticModel.forward
 
     def collect_rollout(batch, old_actor, ref, critic, *args):
@@ -385,7 +386,7 @@ def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, mo
         return real_whiten(x, mask) * (float("nan") if len(snapshots) == 4 else 1.0)
 
     monkeypatch.setattr(train_ppo, "collect_rollout", collect_rollout)
-    monkeypatch.setattr(train_ppo, "score_chats", score_chats)
+    monkeypatch.setattr(reward, "score_chats", score_chats)
     monkeypatch.setattr(train_ppo.CriticModel, "forward", critic_forward)
     monkeypatch.setattr(train_ppo, "masked_whiten", masked_whiten)
     run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "5", "--max_bad_steps", "4"))
@@ -408,13 +409,13 @@ def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, mo
 
 
 def test_consecutive_bad_steps_abort_and_keep_the_last_good_checkpoint(tiny_kit, tmp_path, monkeypatch):
-    real_score, calls = train_ppo.score_chats, []
+    real_score, calls = reward.score_chats, []
 
     def score_chats(*args):
         calls.append(1)
         return real_score(*args) * (float("nan") if len(calls) >= 3 else 1.0)
 
-    monkeypatch.setattr(train_ppo, "score_chats", score_chats)
+    monkeypatch.setattr(reward, "score_chats", score_chats)
     with pytest.raises(RuntimeError, match=r"aborting at step 4: 2 consecutive rollouts with non-finite rewards, "
                                            r"values, losses or gradients \(--max_bad_steps 2\); the last good "
                                            r"checkpoint is kept in "):
@@ -620,7 +621,7 @@ def test_remote_code_only_for_the_named_reward_folder_with_a_notice(tmp_path, ca
     (tmp_path / "rm").mkdir()
     (tmp_path / "rm" / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_rm.RM"}}))
     with pytest.raises(ValueError, match="could not load a reward model"):
-        train_ppo.load_reward_model(str(tmp_path / "rm"), "cpu", torch.float32)
+        reward.load_reward_model(str(tmp_path / "rm"), "cpu", torch.float32)
     out = capsys.readouterr().out
     assert out.count("trust_remote_code") == 1
     assert f"note: trust_remote_code enabled for the reward model folder {tmp_path / 'rm'} only" in out

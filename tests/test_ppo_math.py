@@ -1,13 +1,12 @@
 """The algorithm's core against brute-force loops and hand-computed cases."""
-import argparse
 import math
 
 import pytest
 import torch
 
-from train_ppo import (calculate_rewards, compute_advantages, kl_penalty, masked_whiten, micro_batches, parse_args,
-                       policy_loss_per_token, resolve_reward_dtype, score_chats, value_loss_per_token,
-                       AdaptiveKLController)
+from reward import calculate_rewards, resolve_reward_dtype, score_chats
+from train_ppo import (compute_advantages, kl_penalty, masked_whiten, micro_batches, parse_args, policy_loss_per_token,
+                       value_loss_per_token, AdaptiveKLController)
 
 
 def gae_brute_force(rewards, values, lengths, gamma, lam):
@@ -166,8 +165,7 @@ def test_get_scores_is_called_in_chunks_of_reward_batch_size():
     assert rm.calls == [4, 4, 2] and scores.tolist() == [float(n) for n in range(10)]
     # reasoning mode scores whole and answer-only chats: 2 x 3 responses in chunks of 4
     rm = FakeBatchedRewardModel()
-    calculate_rewards([PROMPT] * 3, [GOOD] * 3, rm, None, argparse.Namespace(reasoning=1, rm_clip=3.0,
-                                                                           reward_batch_size=4))
+    calculate_rewards([PROMPT] * 3, [GOOD] * 3, rm, None, batch_size=4)
     assert rm.calls == [4, 2]
 
 
@@ -191,15 +189,11 @@ PLAIN = "The answer is 12."
 TRAILING = GOOD + " extra"
 
 
-def args(reasoning=1):
-    return argparse.Namespace(reasoning=reasoning, rm_clip=3.0, reward_batch_size=32)
-
-
 def test_reward_rules_and_blend():
     rm = FakeRewardModel({GOOD: 1.0, "12": 2.0, GOOD_BLANK: -1.0, NO_NEWLINE: 0.5, PLAIN: 10.0, TRAILING: 0.0,
                           DOUBLE_THINK: 0.0})
     responses = [GOOD, GOOD_BLANK, NO_NEWLINE, DOUBLE_THINK, PLAIN, TRAILING]
-    total, parts = calculate_rewards([PROMPT] * 6, responses, rm, None, args())
+    total, parts = calculate_rewards([PROMPT] * 6, responses, rm, None)
     # the format regex is MiniMind's: a doubled <think> still fits it, the tag rule catches it
     assert parts["format"].tolist() == [0.5, 0.5, 0.0, 0.5, 0.0, 0.0]
     assert parts["tags"].tolist() == [1.0, 1.0, 1.0, 0.75, 0.0, 1.0]
@@ -215,7 +209,7 @@ def test_reward_rules_and_blend():
 
 def test_reward_without_reasoning_is_clipped_rm_only():
     rm = FakeRewardModel({GOOD: -7.0, PLAIN: 1.5})
-    total, parts = calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None, args(reasoning=0))
+    total, parts = calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None, reasoning=False)
     assert total.tolist() == [-3.0, 1.5]
     assert parts["format"].tolist() == [0.0, 0.0] and len(rm.seen) == 2  # no answer-only scoring
 
@@ -223,7 +217,7 @@ def test_reward_without_reasoning_is_clipped_rm_only():
 def test_non_finite_reward_names_the_sample():
     rm = FakeRewardModel({PLAIN: float("nan")})
     with pytest.raises(ValueError, match=r"sample 1 .*'The answer is 12.'"):
-        calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None, args())
+        calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None)
 
 
 def test_entropy_from_logits():

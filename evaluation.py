@@ -1,0 +1,102 @@
+"""Held-out evaluation of a policy: greedy responses to a prompt file, and what they score.
+
+One implementation for the trainer's periodic evaluation (train_ppo.py, where each rank takes
+its share of the prompts and the sums are reduced) and for scripts/eval_policy.py. Metrics:
+format compliance, all four reasoning tags exactly once, answer accuracy (when every prompt
+has an `answer`), mean reward (total and reward-model part, computed exactly as in training),
+mean response length in tokens (EOS included) and the share of responses that end with EOS.
+"""
+import contextlib
+
+import torch
+from torch.utils.data import DataLoader
+
+from dataset.lm_dataset import PromptCollator
+from model.model_minimind import sample_responses
+from reward import answer_correct, calculate_rewards, format_ok, tags_complete
+
+# metric -> (table label, shown as a percentage?, decimals), in table order; logged as eval_<metric>
+METRICS = {
+    "format": ("format compliance", True, 1),
+    "tags": ("all 4 tags exactly once", True, 1),
+    "accuracy": ("answer accuracy", True, 1),
+    "reward": ("mean reward (total)", False, 3),
+    "reward_rm": ("mean reward (RM part)", False, 3),
+    "eos_rate": ("EOS rate", True, 1),
+    "response_len": ("mean response length (tokens)", False, 1),
+}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, samples, batch_size, max_gen_len, device, temperature=0.0, seed=0,
+             autocast=contextlib.nullcontext()):
+    """Responses to `samples` (RLAIFDataset items), greedy when temperature is 0, decoded as the trainer
+    decodes them. Returns (responses, has_eos [N] bool, lengths [N] tokens including the EOS)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    loader = DataLoader(samples, batch_size=batch_size, collate_fn=PromptCollator(tokenizer.pad_token_id),
+                        generator=torch.Generator())  # its seed draw must not touch the global RNG
+    responses, has_eos, lengths = [], [], []
+    for batch in loader:
+        with autocast:
+            ids, mask, _ = sample_responses(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                            max_gen_len, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                            temperature=temperature or 1.0, greedy=temperature == 0,
+                                            generator=generator)
+        responses += tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+        has_eos.append(((ids == tokenizer.eos_token_id) & mask.bool()).any(1).cpu())
+        lengths.append(mask.sum(1).cpu())
+    return responses, torch.cat(has_eos), torch.cat(lengths).float()
+
+
+def evaluation_sums(model, tokenizer, samples, reward_model, reward_tokenizer, batch_size, max_gen_len, device,
+                    with_accuracy, reasoning=True, rm_clip=3.0, temperature=0.0, autocast=contextlib.nullcontext()):
+    """Sums of every metric over `samples`, plus their count `n`: what ranks add up before dividing
+    (see `means`). Returns (sums, responses). `with_accuracy` must be the same on every rank."""
+    keys = ["n", "format", "tags", *(["accuracy"] if with_accuracy else []),
+            *(["reward", "reward_rm"] if reward_model is not None else []), "eos_rate", "response_len"]
+    if not samples:  # a rank with no share of a short eval file still joins the reduction
+        return dict.fromkeys(keys, 0.0), []
+    responses, has_eos, lengths = generate(model, tokenizer, samples, batch_size, max_gen_len, device,
+                                           temperature, autocast=autocast)
+    sums = dict(n=len(samples), format=sum(map(format_ok, responses)), tags=sum(map(tags_complete, responses)),
+                eos_rate=has_eos.sum().item(), response_len=lengths.sum().item())
+    if with_accuracy:
+        sums["accuracy"] = sum(answer_correct(r, s["answer"]) for r, s in zip(responses, samples))
+    if reward_model is not None:
+        total, rm = 0.0, 0.0
+        for i in range(0, len(samples), batch_size):
+            t, parts = calculate_rewards([s["prompt"] for s in samples[i:i + batch_size]], responses[i:i + batch_size],
+                                         reward_model, reward_tokenizer, reasoning, rm_clip, batch_size)
+            total, rm = total + t.sum().item(), rm + parts["rm"].sum().item()
+        sums["reward"], sums["reward_rm"] = total, rm
+    return {k: float(sums[k]) for k in keys}, responses
+
+
+def means(sums):
+    return {k: v / max(sums["n"], 1) for k, v in sums.items() if k != "n"}
+
+
+def evaluate(model, tokenizer, samples, reward_model=None, reward_tokenizer=None, batch_size=64, max_gen_len=48,
+             device="cpu", temperature=0.0, reasoning=True, rm_clip=3.0):
+    """(metrics with their count `n`, responses) of one policy on a list of prompts, in one process."""
+    samples = list(samples)
+    with_accuracy = bool(samples) and all(s["answer"] for s in samples)
+    sums, responses = evaluation_sums(model, tokenizer, samples, reward_model, reward_tokenizer, batch_size,
+                                      max_gen_len, device, with_accuracy, reasoning, rm_clip, temperature)
+    return dict(n=int(sums["n"]), **means(sums)), responses
+
+
+def markdown_table(results):
+    """results: {column name: metrics}. One row per metric, one column per result, and a delta column for two."""
+    names = list(results)
+    header = ["metric", *names] + (["delta"] if len(names) == 2 else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, (label, percent, decimals) in METRICS.items():
+        if not all(key in results[name] for name in names):
+            continue
+        values = [results[name][key] * (100 if percent else 1) for name in names]
+        cells = [label] + [f"{v:.{decimals}f}{'%' if percent else ''}" for v in values]
+        if len(values) == 2:
+            cells.append(f"{values[1] - values[0]:+.{decimals}f}{' pt' if percent else ''}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
