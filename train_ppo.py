@@ -31,7 +31,7 @@ from evaluation import evaluation_sums, markdown_table, means
 from reward import NonFiniteRolloutError, calculate_rewards, load_reward_model
 from trainer_utils import (Logger, SkipBatchSampler, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, init_model, is_main_process, load_resume,
-                           load_state_dict_file, resume_path, save_resume, save_weights, set_rng_state,
+                           load_state_dict_file, resolve_weight, resume_path, save_resume, save_weights, set_rng_state,
                            setup_seed, synced_time, unwrap_model, weight_path)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     a("--save_weight", default="ppo_actor", help="saved as {save_dir}/{save_weight}_{hidden}{_moe}.pth")
     a("--checkpoint_dir", default=None, help="resume files (default: {save_dir}/checkpoints)")
     a("--from_weight", default=os.path.join(ROOT, "demo", "full_sft_128.pth"),
-      help="actor init: a name resolved as {save_dir}/{name}_{hidden}{_moe}.pth, a path, or 'none' (random)")
+      help="actor init: a path, a name resolved as the one {save_dir}/{name}_<hidden>[_moe].pth (--hidden_size and "
+           "--use_moe pick among several), or 'none' (random)")
     a("--critic_weight", default=None, help="critic init (critic or actor .pth); default: the actor's weights")
     a("--tokenizer_path", default=os.path.join(ROOT, "model"))
     a("--data_path", default=DEMO_DATA)
@@ -941,9 +942,11 @@ def main(args):
         table = eval_table(metrics_path) if eval_samples else None
         if table:
             Logger(f"held-out evaluation ({len(eval_samples)} prompts of {args.eval_data_path}, greedy):\n{table}")
+        base = "" if args.from_weight == "none" else \
+            f"--base {resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)} "
         Logger(f"done in {(time.time() - t_start) / 60:.1f} min. actor weights: {out}; metrics: {metrics_path}; "
                f"samples: {samples_path}; resume: {args.checkpoint_dir}\nnext: python scripts/eval_policy.py "
-               f"--base {args.from_weight} --trained {out}\n      python scripts/plot_metrics.py {metrics_path}")
+               f"{base}--trained {out}\n      python scripts/plot_metrics.py {metrics_path}")
     if swanlab_run is not None:
         swanlab_run.finish()
     if dist.is_initialized():

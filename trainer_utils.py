@@ -254,11 +254,25 @@ def load_state_dict_file(path):
 # ---------------------------------------------------------------- models
 
 def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
-    """A weight name becomes {save_dir}/{name}_{hidden}{_moe}.pth (hidden 512 if not given);
-    anything that looks like a path is used as it is."""
+    """A weight name becomes the one file {save_dir}/{name}_{hidden}{_moe}.pth, whatever its size:
+    `--from_weight full_sft` finds full_sft_512.pth or full_sft_768_moe.pth alone in the folder.
+    hidden_size and use_moe (when given) pick among several; anything that looks like a path is
+    used as it is."""
     if weight.endswith(".pth") or os.sep in weight or os.path.isfile(weight):
         return weight
-    return weight_path(save_dir, weight, hidden_size or 512, bool(use_moe))
+    pattern = re.compile(re.escape(weight) + r"_(\d+)(_moe)?\.pth")
+    found = sorted(n for n in (os.listdir(save_dir) if os.path.isdir(save_dir) else []) if pattern.fullmatch(n))
+    picked = [n for n in found if (hidden_size is None or int(pattern.fullmatch(n).group(1)) == hidden_size)
+              and (use_moe is None or bool(pattern.fullmatch(n).group(2)) == bool(use_moe))]
+    if len(picked) == 1:
+        return os.path.join(save_dir, picked[0])
+    wanted = _model_tag(weight, hidden_size, use_moe) if hidden_size else f"{weight}_<hidden>{'_moe' if use_moe else ''}"
+    if not picked:
+        raise FileNotFoundError(f"--from_weight {weight}: no {wanted}.pth in {os.path.abspath(save_dir)} (pattern "
+                                f"{weight}_<hidden>[_moe].pth" + (f"; it holds {', '.join(found)}" if found else "")
+                                + "); give a path, or the --save_dir that holds the file")
+    raise ValueError(f"--from_weight {weight}: {len(picked)} files match in {os.path.abspath(save_dir)}: "
+                     f"{', '.join(picked)}; pick one with --hidden_size and/or --use_moe, or give its path")
 
 
 def init_model(weight, save_dir, tokenizer_path, device, hidden_size=None, num_hidden_layers=None, use_moe=None):

@@ -64,6 +64,17 @@ def test_resume_continues_where_it_stopped(tiny_kit, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_weight_name_without_size_flags_and_a_next_hint_that_works(tiny_kit, tmp_path, capsys):
+    """--from_weight full_sft finds the kit's full_sft_64.pth in --save_dir with no --hidden_size, and the
+    printed `next:` command names files that exist."""
+    shutil.copy(tiny_kit["actor"], tmp_path / "full_sft_64.pth")
+    run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1", "--from_weight", "full_sft"))
+    hint = capsys.readouterr().out.split("next: ")[1].splitlines()[0].split()
+    assert hint[:2] == ["python", "scripts/eval_policy.py"]
+    assert hint[2:] == ["--base", str(tmp_path / "full_sft_64.pth"), "--trained", str(tmp_path / "ppo_actor_64.pth")]
+    assert all(os.path.isfile(p) for p in hint[3::2])
+
+
 def test_resume_without_checkpoint_starts_fresh(tiny_kit, tmp_path, capsys):
     run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1", "--from_resume", "1"))
     assert "starting fresh" in capsys.readouterr().out
