@@ -49,7 +49,8 @@ def generate(model, tokenizer, samples, batch_size, max_gen_len, device, tempera
 
 
 def evaluation_sums(model, tokenizer, samples, reward_model, reward_tokenizer, batch_size, max_gen_len, device,
-                    with_accuracy, reasoning=True, rm_clip=3.0, temperature=0.0, autocast=contextlib.nullcontext()):
+                    with_accuracy, reasoning=True, rm_clip=3.0, rules="minimind2", temperature=0.0,
+                    autocast=contextlib.nullcontext()):
     """Sums of every metric over `samples`, plus their count `n`: what ranks add up before dividing
     (see `means`). Returns (sums, responses). `with_accuracy` must be the same on every rank."""
     keys = ["n", "format", "tags", *(["accuracy"] if with_accuracy else []),
@@ -66,7 +67,7 @@ def evaluation_sums(model, tokenizer, samples, reward_model, reward_tokenizer, b
         total, rm = 0.0, 0.0
         for i in range(0, len(samples), batch_size):
             t, parts = calculate_rewards([s["prompt"] for s in samples[i:i + batch_size]], responses[i:i + batch_size],
-                                         reward_model, reward_tokenizer, reasoning, rm_clip, batch_size)
+                                         reward_model, reward_tokenizer, reasoning, rm_clip, batch_size, rules)
             total, rm = total + t.sum().item(), rm + parts["rm"].sum().item()
         sums["reward"], sums["reward_rm"] = total, rm
     return {k: float(sums[k]) for k in keys}, responses
@@ -77,12 +78,12 @@ def means(sums):
 
 
 def evaluate(model, tokenizer, samples, reward_model=None, reward_tokenizer=None, batch_size=64, max_gen_len=48,
-             device="cpu", temperature=0.0, reasoning=True, rm_clip=3.0):
+             device="cpu", temperature=0.0, reasoning=True, rm_clip=3.0, rules="minimind2"):
     """(metrics with their count `n`, responses) of one policy on a list of prompts, in one process."""
     samples = list(samples)
     with_accuracy = bool(samples) and all(s["answer"] for s in samples)
     sums, responses = evaluation_sums(model, tokenizer, samples, reward_model, reward_tokenizer, batch_size,
-                                      max_gen_len, device, with_accuracy, reasoning, rm_clip, temperature)
+                                      max_gen_len, device, with_accuracy, reasoning, rm_clip, rules, temperature)
     return dict(n=int(sums["n"]), **means(sums)), responses
 
 

@@ -116,23 +116,86 @@ def score_batch(reward_model, reward_tokenizer, chats):
     return reward_model(**enc).logits[:, 0].float().cpu()
 
 
-def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, reasoning=True, rm_clip=3.0,
-                      batch_size=32):
-    """Hybrid reward per response: (total [B], {"format", "tags", "rm": [B]}).
+REWARD_RULES = ("minimind2", "minimind3")
+ASSISTANT_START = "<|im_start|>assistant\n"
+# repetition is counted over words, and over single characters in CJK text (no spaces there)
+TEXT_UNITS = re.compile(r"[\u4e00-\u9fff]|[A-Za-z0-9_]+|[^\sA-Za-z0-9_\u4e00-\u9fff]")
 
-    reasoning: 0.5 for the exact <think>/<answer> layout, 0.25 per tag present exactly once,
-    plus the clipped RM score, blended 0.4 * whole response + 0.6 * answer-only when an
-    <answer> span exists (MiniMind's PPO reward). Otherwise: the clipped RM score alone.
+
+def scored_turn(prompt, response):
+    """The assistant turn the rules score. A response that continues a <think> block the prompt opened
+    (minimind-3's open_thinking) is scored with that opening, as the full turn; a prompt that closed an
+    empty think block (or has none) leaves the response as it is."""
+    opened = prompt[prompt.rfind(ASSISTANT_START) + len(ASSISTANT_START):] if ASSISTANT_START in prompt else ""
+    return opened + response if "<think>" in opened and "</think>" not in opened else response
+
+
+def repetition(text, n=3):
+    """Share of repeated n-grams of words (CJK: characters) in `text`: 0 with none, towards 1 for a loop."""
+    units = TEXT_UNITS.findall(text)
+    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def minimind2_rules(turn):
+    """MiniMind2's PPO (MINIMIND_FACTS 6): 0.5 for the exact layout, 0.25 per tag present exactly once.
+    Returns (parts, the <answer> content the reward model also scores alone, or None)."""
+    return dict(format=0.5 * format_ok(turn), tags=0.25 * sum(turn.count(t) == 1 for t in TAGS)), extract_answer(turn)
+
+
+def minimind3_rules(turn):
+    """minimind-3's PPO (MINIMIND_FACTS 7): length, thinking and repetition. Returns (parts, the answer:
+    the text after the first </think>, or the whole turn). The thinking part is measured without its
+    opening <think> tag, which minimind-3's open_thinking prompts put in the prompt."""
+    parts = dict(length=0.5 if 20 <= len(turn.strip()) <= 800 else -0.5, think=0.0)
+    answer = turn.strip()
+    if "</think>" in turn:
+        thinking, _, rest = turn.partition("</think>")
+        thinking = thinking.strip().removeprefix("<think>").strip()
+        parts["think"] = (1.0 if 20 <= len(thinking) <= 300 else -0.5) + (0.25 if turn.count("</think>") == 1 else -0.25)
+        answer = rest.strip()
+    parts["repetition"] = -repetition(answer)
+    return parts, answer
+
+
+def collapse_history(messages):
+    """minimind-3 scores (history as one user message, answer): a multi-turn chat becomes one user message."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages
+    return [{"role": "user", "content": "\n".join(f"{m['role']}: {m['content']}" for m in messages)}]
+
+
+def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, reasoning=True, rm_clip=3.0,
+                      batch_size=32, rules="minimind2"):
+    """Reward per response: (total [B], parts {name: [B]}), the total the sum of the parts.
+
+    The rules read the full assistant turn (scored_turn).
+    - minimind2 (MiniMind2's PPO): `format` and `tags`, plus `rm`, the reward model's clipped score
+      of the whole chat, blended 0.4 * whole + 0.6 * answer-only when an <answer> span exists.
+    - minimind3 (minimind-3's PPO): `length`, `think` and `repetition`, plus `rm`, the clipped score
+      of (the history collapsed into one user message, the answer).
+    reasoning=False: `rm` alone, the clipped score of the whole chat.
     """
+    if rules not in REWARD_RULES:
+        raise ValueError(f"--reward_rules {rules!r}: expected one of {', '.join(REWARD_RULES)}")
     B = len(responses)
-    chats, answer_chats, answer_rows = [], [], []
+    chats, answer_chats, answer_rows, rule_parts = [], [], [], []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)]
-        chats.append(messages + [{"role": "assistant", "content": response}])
-        answer = ANSWER.search(response) if reasoning else None
-        if answer:
-            answer_chats.append(messages + [{"role": "assistant", "content": answer.group(1).strip()}])
-            answer_rows.append(i)
+        turn = scored_turn(prompt, response)
+        if not reasoning:
+            chats.append(messages + [{"role": "assistant", "content": turn}])
+        elif rules == "minimind3":
+            parts, answer = minimind3_rules(turn)
+            chats.append(collapse_history(messages) + [{"role": "assistant", "content": answer}])
+            rule_parts.append(parts)
+        else:
+            parts, answer = minimind2_rules(turn)
+            chats.append(messages + [{"role": "assistant", "content": turn}])
+            if answer is not None:
+                answer_chats.append(messages + [{"role": "assistant", "content": answer}])
+                answer_rows.append(i)
+            rule_parts.append(parts)
     scores = score_chats(reward_model, reward_tokenizer, chats + answer_chats, batch_size)
     bad = (~torch.isfinite(scores)).nonzero()
     if len(bad):
@@ -143,9 +206,7 @@ def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, reason
     rm = scores[:B].clamp(-rm_clip, rm_clip)
     if answer_rows:
         rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-rm_clip, rm_clip)
-    fmt, tags = torch.zeros(B), torch.zeros(B)
-    if reasoning:
-        for i, response in enumerate(responses):
-            fmt[i] = 0.5 * format_ok(response)
-            tags[i] = 0.25 * sum(response.count(t) == 1 for t in TAGS)
-    return fmt + tags + rm, {"format": fmt, "tags": tags, "rm": rm}
+    parts = {name: torch.tensor([p[name] for p in rule_parts], dtype=torch.float32) for name in
+             (rule_parts[0] if rule_parts else {})}
+    parts["rm"] = rm
+    return sum(parts.values()), parts

@@ -25,12 +25,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dataset.lm_dataset import PromptCollator, RLAIFDataset
+from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, thinking_flag
 from model.model_minimind import MiniMindModel, sample_responses
 from evaluation import evaluation_sums, markdown_table, means
-from reward import NonFiniteRolloutError, calculate_rewards, load_reward_model
+from reward import REWARD_RULES, NonFiniteRolloutError, calculate_rewards, load_reward_model
 from trainer_utils import (Logger, SkipBatchSampler, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, init_model, is_main_process, load_resume,
+                           check_tokenizer_fit, load_tokenizer,
                            load_state_dict_file, resolve_weight, resume_path, save_resume, save_weights, set_rng_state,
                            setup_seed, synced_time, unwrap_model, weight_path)
 
@@ -51,7 +52,14 @@ def parse_args(argv=None):
       help="actor init: a path, a name resolved as the one {save_dir}/{name}_<hidden>[_moe].pth (--hidden_size and "
            "--use_moe pick among several), or 'none' (random)")
     a("--critic_weight", default=None, help="critic init (critic or actor .pth); default: the actor's weights")
-    a("--tokenizer_path", default=os.path.join(ROOT, "model"))
+    a("--tokenizer_path", default=os.path.join(ROOT, "model"),
+      help="the tokenizer the weights were trained with (real MiniMind weights: your MiniMind checkout's "
+           "minimind/model); its chat template renders the prompts")
+    a("--check_tokenizer", type=int, default=1, choices=[0, 1],
+      help="at start-up, stop if the actor does not read --tokenizer_path's ids (skipped for --from_weight none)")
+    a("--thinking_ratio", type=float, default=None,
+      help="share of prompts rendered with the think block open, for templates with a thinking switch "
+           "(minimind-3's open_thinking, 2025-10's enable_thinking); default 0.9 with such a template")
     a("--data_path", default=DEMO_DATA)
     a("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
       help="local folder: a get_score() model (internlm2-reward style) or a 1-label sequence classifier")
@@ -93,7 +101,10 @@ def parse_args(argv=None):
     a("--critic_warmup_steps", type=int, default=0,
       help="the first N rollouts train only the critic: the actor, its optimizer and its schedule are untouched")
     # reward
-    a("--reasoning", type=int, default=1, choices=[0, 1], help="1: format + tag rules + RM; 0: RM only")
+    a("--reasoning", type=int, default=1, choices=[0, 1], help="1: the rules of --reward_rules + RM; 0: RM only")
+    a("--reward_rules", default=None, choices=list(REWARD_RULES),
+      help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking + repetition, "
+           "RM of (history as one user message, answer). Default: the generation of the actor's weights")
     a("--rm_clip", type=float, default=3.0)
     a("--missing_eos_penalty", type=float, default=0.0, help="subtracted when a response hits --max_gen_len")
     # PPO
@@ -152,6 +163,8 @@ def parse_args(argv=None):
                  "reward_batch_size", "eval_interval"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.thinking_ratio is not None and not 0 <= args.thinking_ratio <= 1:
+        p.error(f"--thinking_ratio must be in [0, 1], got {args.thinking_ratio}")
     for flag in ("eval_limit", "log_samples", "critic_warmup_steps"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
@@ -357,7 +370,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
         raise NonFiniteRolloutError(f"critic returned a non-finite value for sample {row} "
                                     f"(response {responses[row][:80]!r})")
     scores, parts = calculate_rewards(batch["prompts"], responses, reward_model, reward_tokenizer, args.reasoning,
-                                      args.rm_clip, args.reward_batch_size)
+                                      args.rm_clip, args.reward_batch_size, args.reward_rules)
     has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(1)
     scores = scores - args.missing_eos_penalty * (~has_eos).float().cpu()
     t3 = synced_time(device)
@@ -486,8 +499,8 @@ def rollout_metrics(rollout, advantages, returns):
     explained_var = 1 - masked_mean((err - masked_mean(err, mask)) ** 2, mask) / \
         masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)
     local = {
-        "reward": rollout["scores"].mean(), "reward_format": rollout["parts"]["format"].mean(),
-        "reward_tags": rollout["parts"]["tags"].mean(), "reward_rm": rollout["parts"]["rm"].mean(),
+        "reward": rollout["scores"].mean(),
+        **{f"reward_{name}": values.mean() for name, values in rollout["parts"].items()},
         "kl_ref": masked_mean(rollout["kl"], mask), "kl_ref_per_response": rollout["kl"].sum(1).mean(),
         "value_explained_var": explained_var,
         "advantage_mean": masked_mean(advantages, mask),
@@ -597,9 +610,9 @@ def log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta_s, args):
     append_jsonl(metrics_path, metrics, swanlab_run)
     if metrics["step"] % args.log_interval == 0 or metrics["step"] == total_rollouts:
         policy = f"policy {metrics['policy_loss']:.4f}" if "policy_loss" in metrics else "critic warm-up"
-        Logger(f"step {metrics['step']}/{total_rollouts} | reward {metrics['reward']:.3f} "
-               f"(format {metrics['reward_format']:.2f} tags {metrics['reward_tags']:.2f} "
-               f"rm {metrics['reward_rm']:.2f}) | kl_ref {metrics['kl_ref']:.4f} | "
+        parts = " ".join(f"{k[len('reward_'):]} {v:.2f}" for k, v in metrics.items() if k.startswith("reward_"))
+        Logger(f"step {metrics['step']}/{total_rollouts} | reward {metrics['reward']:.3f} ({parts}) | "
+               f"kl_ref {metrics['kl_ref']:.4f} | "
                f"{policy} value {metrics['value_loss']:.4f} | "
                f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
                f"{metrics['time_step_s']:.1f}s/step, eta {eta_s / 60:.1f} min")
@@ -611,7 +624,7 @@ def evaluate_policy(actor, tokenizer, eval_samples, reward_model, reward_tokeniz
     with_accuracy = all(s["answer"] for s in eval_samples)
     sums, _ = evaluation_sums(unwrap_model(actor), tokenizer, eval_samples[get_rank()::get_world_size()],
                               reward_model, reward_tokenizer, args.batch_size, args.max_gen_len, args.device,
-                              with_accuracy, bool(args.reasoning), args.rm_clip, autocast=autocast)
+                              with_accuracy, bool(args.reasoning), args.rm_clip, args.reward_rules, autocast=autocast)
     totals = all_reduce_dict({k: torch.tensor(v, dtype=torch.float64, device=args.device) for k, v in sums.items()})
     return {f"eval_{k}": v for k, v in means(totals).items()}
 
@@ -728,6 +741,17 @@ def main(args):
         Logger(f"note: --dtype {args.dtype} on CPU runs under torch.autocast('cpu') to check the mixed-precision "
                f"path; it is slow on CPUs without {args.dtype} instructions")
 
+    # the tokenizer first: what does not fit stops here, before any model is built
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    if not tokenizer.chat_template:
+        raise ValueError(f"--tokenizer_path {args.tokenizer_path!r}: the tokenizer has no chat template, but "
+                         f"--data_path {args.data_path} holds conversations to render with one")
+    if args.thinking_ratio is not None and thinking_flag(tokenizer) is None:
+        raise ValueError(f"--thinking_ratio {args.thinking_ratio}: the chat template of --tokenizer_path "
+                         f"{args.tokenizer_path!r} has no thinking switch ({' or '.join(THINKING_FLAGS)})")
+    if args.thinking_ratio is None:
+        args.thinking_ratio = 0.9 if thinking_flag(tokenizer) else 0.0
+
     # models: actor (trained), old actor (samples, gives pi_old), ref (KL anchor), critic, reward model
     actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
                                   hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
@@ -736,18 +760,27 @@ def main(args):
     critic = build_critic(actor, args.critic_weight).to(args.device)
     reward_model, reward_tokenizer = load_reward_model(args.reward_model_path, args.reward_device or args.device,
                                                        args.reward_dtype)
+    args.reward_rules = args.reward_rules or f"minimind{actor.config.version}"  # the weights' own generation
     Logger(f"actor: {sum(p.numel() for p in actor.parameters()) / 1e6:.2f}M params "
            f"(v{actor.config.version}, hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers"
-           f"{', MoE' if actor.config.use_moe else ''}); reward model: {args.reward_model_path}")
+           f"{', MoE' if actor.config.use_moe else ''}); reward model: {args.reward_model_path}; reward rules: "
+           f"{args.reward_rules if args.reasoning else 'none (--reasoning 0)'}"
+           + (f"; think block open in {args.thinking_ratio:.0%} of prompts ({thinking_flag(tokenizer)})"
+              if thinking_flag(tokenizer) else ""))
 
     # data: every rank sees its own shard of one global shuffled order
-    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, thinking_ratio=args.thinking_ratio,
+                           seed=args.seed)
+    if args.check_tokenizer and args.from_weight != "none":
+        Logger(check_tokenizer_fit(actor, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
+                                   tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
     if len(dataset) < args.batch_size * world:
         raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
                          f"prompts, but {args.data_path} has {len(dataset)}")
     eval_samples = []
     if args.eval_data_path:  # bad lines stop the run here, before any training
-        eval_samples = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len).samples
+        eval_samples = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len,
+                                    thinking_ratio=args.thinking_ratio, seed=args.seed).samples  # epoch 0's draws
         eval_samples = eval_samples[:args.eval_limit or None]
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     steps_per_epoch = len(sampler) // args.batch_size  # a last partial batch is left out (like drop_last)
@@ -844,6 +877,7 @@ def main(args):
             evaluate_and_log(0)  # the policy before any update
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             first = start_step if epoch == start_epoch else 0
             loader = DataLoader(dataset, batch_sampler=SkipBatchSampler(sampler, args.batch_size, first),
                                 collate_fn=PromptCollator(tokenizer.pad_token_id), num_workers=args.num_workers,

@@ -275,18 +275,63 @@ def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
                      f"{', '.join(picked)}; pick one with --hidden_size and/or --use_moe, or give its path")
 
 
+def load_tokenizer(tokenizer_path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_path)
+    except Exception as e:
+        raise ValueError(f"--tokenizer_path {tokenizer_path!r}: cannot load a tokenizer ({_first_line(e)})") from e
+
+
+@torch.no_grad()
+def tokenizer_fit(model, prompts_ids, pad_token_id, seed=0):
+    """(mean negative log-likelihood per token of `prompts_ids` under `model`, the same with each
+    prompt's tokens shuffled), in nats. A model reading the tokenizer it was trained with predicts
+    text far better in its real order than shuffled; fed another tokenizer's ids, it reads both as
+    noise. One left-padded forward each."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(len(ids) for ids in prompts_ids)
+    device = next(model.parameters()).device
+    result = []
+    for shuffle in (False, True):
+        ids = torch.full((len(prompts_ids), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts_ids):
+            prompt = torch.tensor(prompt)
+            ids[row, width - len(prompt):] = prompt[torch.randperm(len(prompt), generator=generator)] if shuffle else prompt
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(ids, attention_mask=mask).logits[:, :-1].float()
+        nll = -logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        scored = mask[:, :-1] * mask[:, 1:]  # predictions of real tokens from real tokens
+        result.append(((nll * scored).sum() / scored.sum()).item())
+    return tuple(result)
+
+
+def check_tokenizer_fit(model, prompts_ids, pad_token_id, tokenizer_path, weight):
+    """Stop with an error naming --tokenizer_path when the actor does not read this tokenizer's ids:
+    it must predict the rendered prompts at least 1 nat/token better than the same tokens shuffled,
+    and better than a uniform guess over its vocabulary. Returns the message of a passed check."""
+    nll, shuffled = tokenizer_fit(model, prompts_ids, pad_token_id)
+    uniform = math.log(model.config.vocab_size)
+    numbers = (f"{nll:.2f} nats/token on {len(prompts_ids)} rendered prompts ({shuffled:.2f} with their tokens "
+               f"shuffled, {uniform:.2f} for a uniform guess)")
+    if nll < min(shuffled - 1.0, uniform):
+        return f"tokenizer check: the actor reads --tokenizer_path: {numbers}"
+    raise ValueError(f"--tokenizer_path {tokenizer_path!r} does not fit the actor {weight}: it scores {numbers}; "
+                     f"a model reading its own tokenizer scores far below both. Weights only work with the exact "
+                     f"tokenizer they were trained with: real MiniMind weights need the tokenizer folder of your "
+                     f"MiniMind checkout (minimind/model). --check_tokenizer 0 skips this check")
+
+
 def init_model(weight, save_dir, tokenizer_path, device, hidden_size=None, num_hidden_layers=None, use_moe=None):
     """Tokenizer + MiniMindForCausalLM in float32 on `device`.
 
     The config is read off the weights (sizes given here are only checked against them);
     `weight="none"` builds a random model from the given sizes (benchmarks, tests).
     """
-    from transformers import AutoTokenizer
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except Exception as e:
-        raise ValueError(f"--tokenizer_path {tokenizer_path!r}: cannot load a tokenizer ({_first_line(e)})") from e
+    tokenizer = load_tokenizer(tokenizer_path)
     if weight == "none":
         config = MiniMindConfig(hidden_size=hidden_size or 512, num_hidden_layers=num_hidden_layers or 8,
                                 use_moe=bool(use_moe))

@@ -2,11 +2,21 @@
 chat template, plus a collator that left-pads them for generation."""
 import json
 import os
+import random
 
 import torch
 from torch.utils.data import Dataset
 
 ROLES = ("system", "user", "assistant")
+# switches that MiniMind's chat templates take: minimind-3 (2026-03) and the 2025-10 Qwen3-style one
+THINKING_FLAGS = ("open_thinking", "enable_thinking")
+
+
+def thinking_flag(tokenizer):
+    """The thinking switch the tokenizer's chat template reads, or None (MiniMind2's template has none).
+    Rendered True, both leave the think block open for the response; False closes it empty."""
+    template = tokenizer.chat_template or ""
+    return next((flag for flag in THINKING_FLAGS if flag in template), None)
 
 
 def parse_record(text):
@@ -48,33 +58,60 @@ def parse_record(text):
 
 
 class RLAIFDataset(Dataset):
-    """Prompts from a conversations jsonl, tokenised once at load time.
+    """Prompts from a conversations jsonl, rendered by the tokenizer's own chat template and tokenised
+    once at load time.
 
     Prompts longer than `max_length` tokens keep their last `max_length` ids: the end holds
-    the user's latest turn and the generation prompt, which the policy must see."""
+    the user's latest turn and the generation prompt, which the policy must see.
+    With `thinking_ratio` > 0 (a template with a thinking switch, see `thinking_flag`), each prompt
+    is rendered both ways and a share `thinking_ratio` of them is served with the think block open,
+    drawn per prompt and epoch from `seed` (`set_epoch`), as minimind-3's PPO draws it; resumed
+    and distributed runs draw the same."""
 
-    def __init__(self, path, tokenizer, max_length=512, system_prompt=None, skip_bad_lines=False):
+    def __init__(self, path, tokenizer, max_length=512, system_prompt=None, skip_bad_lines=False,
+                 thinking_ratio=0.0, seed=0):
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
         self.path = os.fspath(path)
         self.skipped = []  # (lineno, reason) of bad lines skipped with skip_bad_lines=True
+        self.flag = thinking_flag(tokenizer)
+        if thinking_ratio and self.flag is None:
+            raise ValueError(f"thinking_ratio {thinking_ratio}: the tokenizer's chat template has no thinking switch "
+                             f"({' or '.join(THINKING_FLAGS)})")
+        self.thinking_ratio, self.seed, self.epoch = thinking_ratio, seed, 0
         records = self._read_records(skip_bad_lines)
 
-        texts = [tokenizer.apply_chat_template(self._with_system(messages, system_prompt),
-                                               tokenize=False, add_generation_prompt=True)
-                 for messages, _ in records]
-        all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.samples = []
-        self.num_truncated = 0
-        for text, ids, (_, answer) in zip(texts, all_ids, records):
-            if len(ids) > max_length:
-                ids = ids[-max_length:]
-                text = tokenizer.decode(ids)
-                self.num_truncated += 1
-            self.samples.append({"prompt": text, "prompt_ids": ids, "answer": answer})
+        self.answers = [answer for _, answer in records]
+        self.variants = [{} for _ in records]  # per prompt: {switch: (prompt text, ids)}
+        truncated = set()
+        for switch in ([False, True] if self.flag else [None]):  # the think block closed / open
+            texts = [tokenizer.apply_chat_template(self._with_system(messages, system_prompt), tokenize=False,
+                                                   add_generation_prompt=True,
+                                                   **({self.flag: switch} if self.flag else {}))
+                     for messages, _ in records]
+            for i, (text, ids) in enumerate(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])):
+                if len(ids) > max_length:
+                    ids = ids[-max_length:]
+                    text = tokenizer.decode(ids)
+                    truncated.add(i)
+                self.variants[i][switch] = (text, ids)
+        self.num_truncated = len(truncated)
         if self.num_truncated:
-            print(f"warning: {self.path}: {self.num_truncated} of {len(self.samples)} prompts are longer "
+            print(f"warning: {self.path}: {self.num_truncated} of {len(self.variants)} prompts are longer "
                   f"than max_length={max_length} tokens and were truncated from the left", flush=True)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def thinking_open(self, index):
+        """Whether prompt `index` is served with the think block open this epoch (None: no switch)."""
+        if self.flag is None:
+            return None
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").random() < self.thinking_ratio
+
+    @property
+    def samples(self):
+        return [self[i] for i in range(len(self))]
 
     @staticmethod
     def _with_system(messages, system_prompt):
@@ -122,10 +159,11 @@ class RLAIFDataset(Dataset):
         self.skipped.append((lineno, reason))
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.variants)
 
     def __getitem__(self, index):
-        return self.samples[index]
+        text, ids = self.variants[index][self.thinking_open(index)]
+        return {"prompt": text, "prompt_ids": ids, "answer": self.answers[index]}
 
 
 class PromptCollator:

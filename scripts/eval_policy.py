@@ -40,6 +40,7 @@ def parse_args(argv=None):
                                                               "uses its --batch_size)")
     p.add_argument("--reasoning", type=int, default=1, choices=[0, 1], help="reward rules, as train_ppo")
     p.add_argument("--rm_clip", type=float, default=3.0, help="as train_ppo")
+    p.add_argument("--reward_rules", default="minimind2", choices=["minimind2", "minimind3"], help="as train_ppo")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, seeded")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N prompts (0 = all)")
@@ -67,7 +68,7 @@ def main(argv=None):
                 dataset = Subset(dataset, range(min(args.limit, len(dataset))))
         metrics, responses[name] = evaluate(model, tokenizer, dataset, reward_model, reward_tokenizer,
                                             args.batch_size, args.max_gen_len, args.device, args.temperature,
-                                            bool(args.reasoning), args.rm_clip)
+                                            bool(args.reasoning), args.rm_clip, args.reward_rules)
         results[name] = dict(path=weight, **metrics)
         del model
     print(f"{len(dataset)} prompts from {args.data_path}, "

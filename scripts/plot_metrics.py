@@ -70,7 +70,7 @@ def plot(records, out, smooth):
         ax.set_title(title)
         ax.set_xlabel("PPO step (rollout)")
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.get_legend_handles_labels()[0]:  # runs without evaluation leave its panels empty
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=80)

@@ -211,7 +211,7 @@ def test_reward_without_reasoning_is_clipped_rm_only():
     rm = FakeRewardModel({GOOD: -7.0, PLAIN: 1.5})
     total, parts = calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None, reasoning=False)
     assert total.tolist() == [-3.0, 1.5]
-    assert parts["format"].tolist() == [0.0, 0.0] and len(rm.seen) == 2  # no answer-only scoring
+    assert set(parts) == {"rm"} and len(rm.seen) == 2  # no rule parts, no answer-only scoring
 
 
 def test_non_finite_reward_names_the_sample():

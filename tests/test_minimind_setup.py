@@ -1,0 +1,255 @@
+"""The MiniMind user's setup: the tokenizer that fits the weights, the three generations of chat
+templates, the reward rules of MiniMind2 and minimind-3, and files MiniMind's own code loads."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import train_ppo
+from conftest import ROOT, tiny_run_args
+from dataset.lm_dataset import RLAIFDataset, thinking_flag
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from reward import calculate_rewards, collapse_history, minimind3_rules, repetition, scored_turn
+from trainer_utils import load_state_dict_file, save_weights
+
+DEMO_ACTOR, DEMO_DATA = str(ROOT / "demo" / "full_sft_128.pth"), str(ROOT / "dataset" / "rlaif-mini.jsonl")
+
+# Templates written for these tests that behave as MINIMIND_FACTS 3 describes each generation's
+TURNS = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+         "{% endfor %}")
+TEMPLATES = {
+    # MiniMind2 (2025-04): a default system turn when the chat has none
+    "minimind2": ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant"
+                  "<|im_end|>\\n' }}{% endif %}" + TURNS +
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    # 2025-10: Qwen3 style, enable_thinking=False closes an empty think block
+    "2025-10": (TURNS + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is "
+                "defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"),
+    # minimind-3 (2026-03): open_thinking=True leaves the think block open, otherwise closed and empty
+    "minimind3": (TURNS + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if open_thinking is "
+                  "defined and open_thinking %}{{ '<think>\\n' }}{% else %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+                  "{% endif %}{% endif %}"),
+}
+OPEN, CLOSED = "<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """The project tokenizer saved with each generation's template, one without any, and a second
+    tokenizer the project trains with another seed (same special ids, other merges)."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    folders = {}
+    for name, template in list(TEMPLATES.items()) + [("none", None)]:
+        tok = AutoTokenizer.from_pretrained(ROOT / "model")
+        tok.chat_template = template
+        tok.save_pretrained(root / name)
+        folders[name] = str(root / name)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tokenizer.py"), "--out_dir", str(root / "other"),
+                    "--seed", "7", "--n_docs", "800"], check=True, capture_output=True)
+    folders["other"] = str(root / "other")
+    return folders
+
+
+def run(argv):
+    train_ppo.main(train_ppo.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- the tokenizer fits the weights
+def demo_flags(save_dir, *extra):
+    return ["--from_weight", DEMO_ACTOR, "--data_path", DEMO_DATA, "--eval_data_path", "none", "--save_dir",
+            str(save_dir), "--batch_size", "4", "--mini_batch_size", "2", "--max_gen_len", "8", "--max_steps", "1",
+            "--device", "cpu", *extra]
+
+
+def test_a_tokenizer_that_does_not_fit_stops_the_run(tokenizers, tmp_path, capsys):
+    other = AutoTokenizer.from_pretrained(tokenizers["other"])
+    own = AutoTokenizer.from_pretrained(ROOT / "model")
+    assert other("What is 3 + 4?")["input_ids"] != own("What is 3 + 4?")["input_ids"]  # other merges, same specials
+    assert [other.convert_ids_to_tokens(i) for i in range(3)] == [own.convert_ids_to_tokens(i) for i in range(3)]
+    with pytest.raises(ValueError, match=r"--tokenizer_path '\S+other' does not fit the actor \S+full_sft_128\.pth: "
+                                         r"it scores \S+ nats/token .* MiniMind checkout .* --check_tokenizer 0"):
+        run(demo_flags(tmp_path / "wrong", "--tokenizer_path", tokenizers["other"]))
+    assert not (tmp_path / "wrong").exists()  # before any training or file
+    # the shipped kit raises no false alarm, and says so
+    run(demo_flags(tmp_path / "right"))
+    assert "tokenizer check: the actor reads --tokenizer_path" in capsys.readouterr().out
+    # an explicit flag turns the check off; a random-init actor skips it
+    run(demo_flags(tmp_path / "off", "--tokenizer_path", tokenizers["other"], "--check_tokenizer", "0"))
+    run(demo_flags(tmp_path / "random", "--from_weight", "none", "--hidden_size", "64", "--num_hidden_layers", "1"))
+    assert "tokenizer check" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- chat templates
+def test_each_generations_template_renders_the_prompts(tokenizers):
+    def dataset(name, **kw):
+        return RLAIFDataset(DEMO_DATA, AutoTokenizer.from_pretrained(tokenizers[name]), max_length=64, **kw)
+
+    v2 = dataset("minimind2")
+    assert v2.flag is None and thinking_flag(AutoTokenizer.from_pretrained(tokenizers["minimind3"])) == "open_thinking"
+    assert all(s["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n")
+               and s["prompt"].endswith("<|im_start|>assistant\n") for s in v2.samples)
+    for name, flag, open_end, closed_end in [("minimind3", "open_thinking", OPEN, CLOSED),
+                                             ("2025-10", "enable_thinking", "<|im_start|>assistant\n", CLOSED)]:
+        assert dataset(name).flag == flag
+        ends = [s["prompt"].endswith(open_end) and not s["prompt"].endswith(CLOSED) for s in
+                dataset(name, thinking_ratio=0.9, seed=3).samples]
+        assert 0.85 < sum(ends) / len(ends) < 0.95, (name, sum(ends))  # 450 prompts, 90% open
+        assert all(s["prompt"].endswith(closed_end) for s in dataset(name, thinking_ratio=0.0).samples)
+        assert all(s["prompt"].endswith(open_end) for s in dataset(name, thinking_ratio=1.0).samples)
+    # drawn per prompt and epoch from the seed: the same in every process, another draw next epoch
+    a, b = dataset("minimind3", thinking_ratio=0.5, seed=3), dataset("minimind3", thinking_ratio=0.5, seed=3)
+    assert [s["prompt"] for s in a.samples] == [s["prompt"] for s in b.samples]
+    first = [s["prompt"] for s in a.samples]
+    a.set_epoch(1)
+    assert [s["prompt"] for s in a.samples] != first
+    with pytest.raises(ValueError, match="no thinking switch"):
+        dataset("minimind2", thinking_ratio=0.5)
+
+
+def test_thinking_ratio_defaults_to_0_9_with_a_thinking_template(tiny_kit, tokenizers, tmp_path):
+    run(tiny_run_args(tiny_kit, tmp_path / "v3", "--max_steps", "1", "--tokenizer_path", tokenizers["minimind3"]))
+    assert json.load(open(tmp_path / "v3" / "run_args.json"))["thinking_ratio"] == 0.9
+    run(tiny_run_args(tiny_kit, tmp_path / "v2", "--max_steps", "1", "--tokenizer_path", tokenizers["minimind2"]))
+    assert json.load(open(tmp_path / "v2" / "run_args.json"))["thinking_ratio"] == 0.0
+
+
+@pytest.mark.parametrize("case", ["no chat template", "a switch the template lacks", "unknown rule name"])
+def test_bad_setup_stops_before_any_model_is_built(tiny_kit, tokenizers, tmp_path, monkeypatch, capsys, case):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the bad input was reported")
+    monkeypatch.setattr(train_ppo, "init_model", no_model)
+    if case == "unknown rule name":
+        with pytest.raises(SystemExit):
+            train_ppo.parse_args(tiny_run_args(tiny_kit, tmp_path, "--reward_rules", "minimind4"))
+        assert "--reward_rules: invalid choice: 'minimind4'" in capsys.readouterr().err
+        return
+    tokenizer, extra, message = {
+        "no chat template": ("none", [], r"--tokenizer_path '\S+none': the tokenizer has no chat template, but "
+                                         r"--data_path \S+ holds conversations"),
+        "a switch the template lacks": ("minimind2", ["--thinking_ratio", "0.5"],
+                                        r"--thinking_ratio 0\.5: the chat template of --tokenizer_path '\S+minimind2' "
+                                        r"has no thinking switch \(open_thinking or enable_thinking\)"),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        run(tiny_run_args(tiny_kit, tmp_path, "--tokenizer_path", tokenizers[tokenizer], *extra))
+
+
+# ----------------------------------------------------------------------------- the reasoning reward sees the full turn
+class ChatRecorder:
+    """get_score() interface: remembers each chat it scores and returns 1.0."""
+
+    def __init__(self):
+        self.seen = []
+
+    def get_score(self, tokenizer, chat):
+        self.seen.append(chat)
+        return 1.0
+
+
+PROMPT_OPEN = "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n" + OPEN
+PROMPT_CLOSED = "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n" + CLOSED
+
+
+def test_a_response_continuing_an_opened_think_block_is_scored_as_the_full_turn():
+    continued = "7 + 5 = 12\n</think>\n<answer>\n12\n</answer>"
+    assert scored_turn(PROMPT_OPEN, continued) == "<think>\n" + continued
+    assert scored_turn(PROMPT_CLOSED, "<answer>\n12\n</answer>") == "<answer>\n12\n</answer>"
+    rm = ChatRecorder()
+    total, parts = calculate_rewards([PROMPT_OPEN], [continued], rm, None)  # MiniMind2's rules
+    assert parts["format"].item() == 0.5 and parts["tags"].item() == 1.0
+    assert rm.seen[0][-1] == {"role": "assistant", "content": "<think>\n" + continued}
+    assert rm.seen[1][-1] == {"role": "assistant", "content": "12"}  # the answer-only chat
+    # without the opening in the prompt, the same text lacks <think>: not the layout
+    _, parts = calculate_rewards(["<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n"],
+                                 [continued], ChatRecorder(), None)
+    assert parts["format"].item() == 0.0 and parts["tags"].item() == 0.75
+
+
+# ----------------------------------------------------------------------------- minimind-3's reward rules
+def test_minimind3_rules_hand_computed():
+    thinking = "I add seven and five and get twelve."  # 36 characters
+    parts, answer = minimind3_rules("<think>\n" + thinking + "\n</think>\n\nThe answer is 12.")
+    assert parts == {"length": 0.5, "think": 1.0 + 0.25, "repetition": -0.0} and answer == "The answer is 12."
+    parts, answer = minimind3_rules("short\n</think>\nok ok ok ok ok ok</think>")
+    # 33 characters; thinking "short" < 20 -> -0.5; two </think> -> -0.25; the answer's units: ok x 6, "<", "/",
+    # "think", ">": 8 trigrams, 5 distinct (ok ok ok; ok ok <; ok < /; < / think; / think >) -> 1 - 5/8
+    assert parts == {"length": 0.5, "think": -0.5 - 0.25, "repetition": -0.375}
+    assert answer == "ok ok ok ok ok ok</think>".strip()
+    parts, answer = minimind3_rules("12")  # no </think>: the whole turn is the answer
+    assert parts == {"length": -0.5, "think": 0.0, "repetition": -0.0} and answer == "12"
+    assert repetition("一二三一二三一二三") == pytest.approx(1 - 3 / 7)  # CJK: per character
+    assert repetition("the cat sat on the mat") == 0.0
+
+
+def test_minimind3_reward_collapses_the_history_and_scores_the_answer():
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 7 + 5?"}]
+    prompt = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in history) + OPEN
+    response = "Seven plus five is twelve, I am sure.\n</think>\n\n12"
+    rm = ChatRecorder()
+    total, parts = calculate_rewards([prompt], [response], rm, None, rules="minimind3", rm_clip=3.0)
+    assert rm.seen == [[{"role": "user", "content": "system: Be brief.\nuser: Hi\nassistant: Hello\nuser: "
+                                                    "What is 7 + 5?"}, {"role": "assistant", "content": "12"}]]
+    assert set(parts) == {"length", "think", "repetition", "rm"}
+    assert parts["think"].item() == 1.25 and parts["rm"].item() == 1.0
+    assert total.item() == pytest.approx(0.5 + 1.25 + 0.0 + 1.0)
+    assert collapse_history(history[1:2]) == history[1:2]  # one user message stays as it is
+
+
+def test_reward_rules_default_to_the_weights_generation_and_log_each_part(tiny_kit, tmp_path):
+    run(tiny_run_args(tiny_kit, tmp_path / "v2", "--max_steps", "1", "--log_samples", "1"))
+    torch.manual_seed(0)
+    save_weights(MiniMindForCausalLM(MiniMindConfig(version=3, hidden_size=64, num_hidden_layers=2)),
+                 tmp_path / "full_sft_64.pth")
+    run(tiny_run_args(tiny_kit, tmp_path / "v3", "--max_steps", "1", "--log_samples", "1", "--from_weight",
+                      str(tmp_path / "full_sft_64.pth")))
+    for name, rules, parts in [("v2", "minimind2", {"format", "tags", "rm"}),
+                               ("v3", "minimind3", {"length", "think", "repetition", "rm"})]:
+        assert json.load(open(tmp_path / name / "run_args.json"))["reward_rules"] == rules
+        metrics = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
+        sample = json.loads(open(tmp_path / name / "samples.jsonl").readline())
+        assert {k for k in metrics if k.startswith("reward_")} == {f"reward_{p}" for p in parts}
+        assert {k for k in sample if k.startswith("reward_")} == {f"reward_{p}" for p in parts}
+
+
+# ----------------------------------------------------------------------------- files MiniMind's code loads
+def test_saved_actor_has_minimind_keys_and_shapes(tiny_kit, tmp_path):
+    """The fixture's weights come from MiniMind's own model code (hidden 64, 2 layers, v2, like the tiny
+    kit): the trainer's saved .pth has exactly its keys and shapes, in fp16, so MiniMind's
+    `load_state_dict(..., strict=True)` takes it."""
+    fixture = torch.load(ROOT / "tests" / "fixtures" / "minimind_v2_dense.pt", weights_only=True)
+    expected = {k: tuple(v.shape) for k, v in fixture["weights"].items()}
+    expected.update({k: (fixture["vocab_size"], 64) for k in ("model.embed_tokens.weight", "lm_head.weight")})
+    run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1"))
+    saved = torch.load(tmp_path / "ppo_actor_64.pth", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in saved.items()} == expected
+    assert all(v.dtype == torch.float16 for v in saved.values())
+    assert load_state_dict_file(tmp_path / "ppo_actor_64.pth").keys() == saved.keys()
+
+
+# ----------------------------------------------------------------------------- the README's commands
+def readme_torchrun_commands():
+    import re
+    import shlex
+    text = open(ROOT / "README.md", encoding="utf-8").read()
+    blocks = re.findall(r"```bash\n(torchrun .*?)```", text, re.S)
+    return [shlex.split(block.replace("\\\n", " ")) for block in blocks]
+
+
+def test_readme_minimind_commands_parse_as_documented():
+    commands = {cmd[cmd.index("--reward_rules") + 1]: cmd for cmd in readme_torchrun_commands()
+                if "--reward_rules" in cmd}
+    assert set(commands) == {"minimind2", "minimind3"}
+    for rules, cmd in commands.items():
+        assert cmd[:3] == ["torchrun", "--nproc_per_node", "2"] and cmd[3] == "train_ppo.py"
+        args = train_ppo.parse_args(cmd[4:])
+        assert (args.tokenizer_path, args.from_weight, args.reward_rules) == ("../minimind/model", "full_sft", rules)
+        assert args.reward_model_path == "../internlm2-1_8b-reward" and args.use_swanlab
+    assert train_ppo.parse_args(commands["minimind3"][4:]).thinking_ratio == 0.9
+    # the two-line check's stated output for this project's own tokenizer
+    own = AutoTokenizer.from_pretrained(ROOT / "model")("What is 3 + 4?").input_ids
+    assert own == [395, 310, 227, 25, 314, 227, 26, 37]
+    assert "[395, 310, 227, 25, 314, 227, 26, 37]" in open(ROOT / "README.md", encoding="utf-8").read()
