@@ -152,7 +152,8 @@ def minimind3_rules(turn):
     if "</think>" in turn:
         thinking, _, rest = turn.partition("</think>")
         thinking = thinking.strip().removeprefix("<think>").strip()
-        parts["think"] = (1.0 if 20 <= len(thinking) <= 300 else -0.5) + (0.25 if turn.count("</think>") == 1 else -0.25)
+        parts["think"] = ((1.0 if 20 <= len(thinking) <= 300 else -0.5)
+                          + (0.25 if turn.count("</think>") == 1 else -0.25))
         answer = rest.strip()
     parts["repetition"] = -repetition(answer)
     return parts, answer

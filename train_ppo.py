@@ -811,7 +811,8 @@ def main(args):
             except OSError as e:
                 raise OSError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
 
-    metrics_path, samples_path = os.path.join(args.save_dir, "metrics.jsonl"), os.path.join(args.save_dir, "samples.jsonl")
+    metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
+    samples_path = os.path.join(args.save_dir, "samples.jsonl")
     start_epoch, start_step, global_step, bad_streak, run_id, resumed = 0, 0, 0, 0, None, False
     if args.from_resume:
         path = resume_path(args.checkpoint_dir, args.save_weight, actor.config.hidden_size, actor.config.use_moe)
@@ -923,7 +924,8 @@ def main(args):
                         returns, orders, kl_ctl.value, args, autocast, scaler, train_actor)
                     t2 = synced_time(args.device)
                     if n_skipped:
-                        Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped (non-finite loss or gradient)")
+                        Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped "
+                               f"(non-finite loss or gradient)")
                     metrics = rollout_metrics(rollout, advantages, returns)
                     kl_coef_used = kl_ctl.value
                     kl_ctl.update(metrics["kl_ref_per_response"], args.batch_size * world)  # nats per response

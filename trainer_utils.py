@@ -266,7 +266,7 @@ def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
               and (use_moe is None or bool(pattern.fullmatch(n).group(2)) == bool(use_moe))]
     if len(picked) == 1:
         return os.path.join(save_dir, picked[0])
-    wanted = _model_tag(weight, hidden_size, use_moe) if hidden_size else f"{weight}_<hidden>{'_moe' if use_moe else ''}"
+    wanted = _model_tag(weight, hidden_size or "<hidden>", use_moe)
     if not picked:
         raise FileNotFoundError(f"--from_weight {weight}: no {wanted}.pth in {os.path.abspath(save_dir)} (pattern "
                                 f"{weight}_<hidden>[_moe].pth" + (f"; it holds {', '.join(found)}" if found else "")
@@ -298,7 +298,9 @@ def tokenizer_fit(model, prompts_ids, pad_token_id, seed=0):
         mask = torch.zeros_like(ids)
         for row, prompt in enumerate(prompts_ids):
             prompt = torch.tensor(prompt)
-            ids[row, width - len(prompt):] = prompt[torch.randperm(len(prompt), generator=generator)] if shuffle else prompt
+            if shuffle:
+                prompt = prompt[torch.randperm(len(prompt), generator=generator)]
+            ids[row, width - len(prompt):] = prompt
             mask[row, width - len(prompt):] = 1
         ids, mask = ids.to(device), mask.to(device)
         logits = model(ids, attention_mask=mask).logits[:, :-1].float()
