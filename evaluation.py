@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from dataset.lm_dataset import PromptCollator
 from model.model_minimind import sample_responses
-from reward import answer_correct, calculate_rewards, format_ok, tags_complete
+from reward import answer_correct, format_ok, tags_complete
 
 # metric -> (table label, shown as a percentage?, decimals), in table order; logged as eval_<metric>
 METRICS = {
@@ -48,13 +48,13 @@ def generate(model, tokenizer, samples, batch_size, max_gen_len, device, tempera
     return responses, torch.cat(has_eos), torch.cat(lengths).float()
 
 
-def evaluation_sums(model, tokenizer, samples, reward_model, reward_tokenizer, batch_size, max_gen_len, device,
-                    with_accuracy, reasoning=True, rm_clip=3.0, rules="minimind2", temperature=0.0,
-                    autocast=contextlib.nullcontext()):
+def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, device, with_accuracy,
+                    temperature=0.0, autocast=contextlib.nullcontext()):
     """Sums of every metric over `samples`, plus their count `n`: what ranks add up before dividing
-    (see `means`). Returns (sums, responses). `with_accuracy` must be the same on every rank."""
-    keys = ["n", "format", "tags", *(["accuracy"] if with_accuracy else []),
-            *(["reward", "reward_rm"] if reward_model is not None else []), "eos_rate", "response_len"]
+    (see `means`). `reward` is the trainer's Reward (or None). Returns (sums, responses).
+    `with_accuracy` must be the same on every rank."""
+    keys = ["n", "format", "tags", *(["accuracy"] if with_accuracy else []), *(["reward"] if reward else []),
+            *(["reward_rm"] if reward and reward.reward_model is not None else []), "eos_rate", "response_len"]
     if not samples:  # a rank with no share of a short eval file still joins the reduction
         return dict.fromkeys(keys, 0.0), []
     responses, has_eos, lengths = generate(model, tokenizer, samples, batch_size, max_gen_len, device,
@@ -63,13 +63,13 @@ def evaluation_sums(model, tokenizer, samples, reward_model, reward_tokenizer, b
                 eos_rate=has_eos.sum().item(), response_len=lengths.sum().item())
     if with_accuracy:
         sums["accuracy"] = sum(answer_correct(r, s["answer"]) for r, s in zip(responses, samples))
-    if reward_model is not None:
-        total, rm = 0.0, 0.0
+    if reward:
+        sums["reward"] = sums["reward_rm"] = 0.0
         for i in range(0, len(samples), batch_size):
-            t, parts = calculate_rewards([s["prompt"] for s in samples[i:i + batch_size]], responses[i:i + batch_size],
-                                         reward_model, reward_tokenizer, reasoning, rm_clip, batch_size, rules)
-            total, rm = total + t.sum().item(), rm + parts["rm"].sum().item()
-        sums["reward"], sums["reward_rm"] = total, rm
+            chunk = samples[i:i + batch_size]
+            total, parts = reward([s["prompt"] for s in chunk], responses[i:i + batch_size], [s["answer"] for s in chunk])
+            sums["reward"] += total.sum().item()
+            sums["reward_rm"] += parts["rm"].sum().item() if "rm" in parts else 0.0
     return {k: float(sums[k]) for k in keys}, responses
 
 
@@ -77,13 +77,12 @@ def means(sums):
     return {k: v / max(sums["n"], 1) for k, v in sums.items() if k != "n"}
 
 
-def evaluate(model, tokenizer, samples, reward_model=None, reward_tokenizer=None, batch_size=64, max_gen_len=48,
-             device="cpu", temperature=0.0, reasoning=True, rm_clip=3.0, rules="minimind2"):
+def evaluate(model, tokenizer, samples, reward=None, batch_size=64, max_gen_len=48, device="cpu", temperature=0.0):
     """(metrics with their count `n`, responses) of one policy on a list of prompts, in one process."""
     samples = list(samples)
     with_accuracy = bool(samples) and all(s["answer"] for s in samples)
-    sums, responses = evaluation_sums(model, tokenizer, samples, reward_model, reward_tokenizer, batch_size,
-                                      max_gen_len, device, with_accuracy, reasoning, rm_clip, rules, temperature)
+    sums, responses = evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, device,
+                                      with_accuracy, temperature)
     return dict(n=int(sums["n"]), **means(sums)), responses
 
 

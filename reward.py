@@ -4,6 +4,7 @@ Used by train_ppo.py (rollouts), evaluation.py (held-out evaluation) and the scr
 reward is (total [B], parts {name: [B]}); every part is logged on its own.
 """
 import json
+import math
 import os
 import re
 
@@ -33,9 +34,74 @@ def resolve_reward_dtype(name, config, device, bf16_supported=None):
     return torch.bfloat16 if bf16_supported else torch.float32
 
 
-def load_reward_model(path, device, dtype="auto"):
-    """Load a reward model folder: get_score() remote-code models or 1-label sequence classifiers.
-    `dtype` is a torch dtype or a --reward_dtype name."""
+REWARD_INPUTS = ("auto", "chat", "pair", "text")
+
+
+class RewardModel:
+    """A reward model and the way its authors score a (query, response) with it (HF_ECOSYSTEM_FACTS 2):
+
+    - get_score: the model's own get_score / get_scores over the chat (internlm2-reward);
+    - chat: the reward tokenizer's chat template over the conversation plus the response
+      (decoder classifiers such as Skywork-Reward; the template carries its own special tokens);
+    - pair: tokenizer(query, response) with special tokens ([CLS] q [SEP] a [SEP]; OpenAssistant DeBERTa);
+    - text: tokenizer(query + response) with special tokens (TRL's sentiment classifier).
+
+    The query is the chat's last user message. Classifiers give the raw logit of `label`. Padding is
+    on the right and the model's pad_token_id is the tokenizer's, so the model's own pooling works
+    (the first token for encoders, the last non-pad token for decoders).
+    """
+
+    def __init__(self, model, tokenizer, input_format, label=0):
+        self.model, self.tokenizer, self.input_format, self.label = model, tokenizer, input_format, label
+
+    @torch.no_grad()
+    def score(self, chats, batch_size=32):
+        """Scores [N] of chats (lists of {role, content}, the last one the response), `batch_size` chats
+        per forward: one padded batch of every chat would grow memory with the rollout."""
+        return torch.cat([self.score_batch(chats[i:i + batch_size]) for i in range(0, len(chats), batch_size)])
+
+    def score_batch(self, chats):
+        """Scores [N] of one batch, with gradients if enabled (scripts/build_demo.py trains through it)."""
+        if self.input_format == "get_score":
+            if hasattr(self.model, "get_scores"):  # one padded batch per call
+                return torch.tensor(self.model.get_scores(self.tokenizer, chats), dtype=torch.float32).reshape(-1)
+            return torch.tensor([float(self.model.get_score(self.tokenizer, c)) for c in chats])
+        self.tokenizer.padding_side = "right"
+        if self.input_format == "chat":
+            texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        else:
+            queries = [next((m["content"] for m in reversed(c[:-1]) if m["role"] == "user"), "") for c in chats]
+            responses = [c[-1]["content"] for c in chats]
+            if self.input_format == "pair":
+                enc = self.tokenizer(queries, responses, return_tensors="pt", padding=True, truncation=True)
+            else:
+                enc = self.tokenizer([q + r for q, r in zip(queries, responses)], return_tensors="pt", padding=True,
+                                     truncation=True)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        return self.model(**enc).logits[:, self.label].float().cpu()
+
+
+def reward_label_index(label, config, path):
+    """--reward_label NAME|INDEX as a logit index of a classifier with `config.num_labels` labels."""
+    labels = {int(i): name for i, name in (config.id2label or {}).items()}
+    if str(label).lstrip("-").isdigit():
+        index = int(label)
+    else:
+        index = next((i for i, name in labels.items() if name == label), None)
+        if index is None:
+            index = next((i for i, name in labels.items() if name.lower() == str(label).lower()), None)
+    if index is None or not 0 <= index < config.num_labels:
+        raise ValueError(f"--reward_label {label!r}: {path} has no such label; its labels are "
+                         + ", ".join(f"{i}: {labels.get(i, '?')}" for i in range(config.num_labels)))
+    return index
+
+
+def load_reward_model(path, device, dtype="auto", input_format="auto", label=None):
+    """A RewardModel from a folder: get_score() remote-code models or sequence classifiers (decoder or
+    encoder). `dtype` is a torch dtype or a --reward_dtype name; `input_format` and `label` are
+    --reward_input and --reward_label. auto: models with get_score are scored through it; a tokenizer
+    with a chat template uses chat; otherwise a 1-label model uses pair, a chosen label text."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"--reward_model_path {path!r}: no such folder")
@@ -56,13 +122,23 @@ def load_reward_model(path, device, dtype="auto"):
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
     except Exception as e:
         raise ValueError(f"--reward_model_path {path!r}: could not load a reward model ({e})") from e
-    if not hasattr(model, "get_score") and getattr(config, "num_labels", 1) != 1:
-        raise ValueError(f"--reward_model_path {path!r}: expected one output label, found {config.num_labels}")
+    get_score = hasattr(model, "get_score")
+    num_labels = getattr(config, "num_labels", 1)
+    if label is not None and not get_score:
+        label = reward_label_index(label, config, path)
+    elif num_labels != 1 and not get_score:
+        raise ValueError(f"--reward_model_path {path!r} has {num_labels} labels; choose the one to score with "
+                         f"--reward_label NAME or INDEX (" + ", ".join(f"{i}: {config.id2label.get(i, '?')}"
+                                                                        for i in range(num_labels)) + ")")
+    if input_format == "auto":
+        input_format = ("get_score" if get_score else "chat" if tokenizer.chat_template else
+                        "pair" if label is None else "text")
+    elif get_score:
+        raise ValueError(f"--reward_input {input_format}: {path} scores through its own get_score(); use auto")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval().requires_grad_(False), tokenizer
-
+    return RewardModel(model.to(device).eval().requires_grad_(False), tokenizer, input_format, label or 0)
 
 
 # ----------------------------------------------------------------------------- rule rewards and the hybrid reward
@@ -90,30 +166,6 @@ def extract_answer(response):
 
 def answer_correct(response, answer):
     return extract_answer(response) == answer.strip()
-
-
-@torch.no_grad()
-def score_chats(reward_model, reward_tokenizer, chats, batch_size=32):
-    """Reward-model score [N] for each chat (a list of {role, content} messages), `batch_size` chats
-    per forward: one padded batch of every chat would grow memory with the rollout."""
-    return torch.cat([score_batch(reward_model, reward_tokenizer, chats[i:i + batch_size])
-                      for i in range(0, len(chats), batch_size)])
-
-
-def score_batch(reward_model, reward_tokenizer, chats):
-    """Scores [N] of one batch of chats, with gradients if enabled (scripts/build_demo.py trains through it)."""
-    if hasattr(reward_model, "get_scores"):  # internlm2-reward style: one padded batch per call
-        return torch.tensor(reward_model.get_scores(reward_tokenizer, chats), dtype=torch.float32).reshape(-1)
-    if hasattr(reward_model, "get_score"):
-        return torch.tensor([float(reward_model.get_score(reward_tokenizer, c)) for c in chats])
-    if reward_tokenizer.chat_template:
-        texts = [reward_tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
-    else:
-        texts = ["\n".join(f"{m['role']}: {m['content']}" for m in c) for c in chats]
-    reward_tokenizer.padding_side = "right"  # the classifier pools at the last non-pad token
-    enc = reward_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = {k: v.to(reward_model.device) for k, v in enc.items()}
-    return reward_model(**enc).logits[:, 0].float().cpu()
 
 
 REWARD_RULES = ("minimind2", "minimind3")
@@ -166,48 +218,129 @@ def collapse_history(messages):
     return [{"role": "user", "content": "\n".join(f"{m['role']}: {m['content']}" for m in messages)}]
 
 
-def calculate_rewards(prompts, responses, reward_model, reward_tokenizer, reasoning=True, rm_clip=3.0,
-                      batch_size=32, rules="minimind2"):
-    """Reward per response: (total [B], parts {name: [B]}), the total the sum of the parts.
+def answer_of(turn):
+    """The answer checked against the data's: the <answer> content, or the stripped turn without tags."""
+    answer = extract_answer(turn)
+    return turn.strip() if answer is None else answer
 
-    The rules read the full assistant turn (scored_turn).
-    - minimind2 (MiniMind2's PPO): `format` and `tags`, plus `rm`, the reward model's clipped score
+
+class RewardFunction:
+    """`--reward_fn path/to/file.py:function`: called once per rollout as function(prompts, responses, answers),
+    three lists (answers: the data rows' `answer`, None where a row has none), returning one float per
+    response. Loading and calling errors name the file, the function and the sample."""
+
+    def __init__(self, spec):
+        import importlib.util
+        path, sep, name = spec.rpartition(":")
+        if not sep or not path or not name:
+            raise ValueError(f"--reward_fn {spec!r}: expected path/to/file.py:function")
+        self.where = f"--reward_fn {path}:{name}"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{self.where}: no such file")
+        try:
+            module_spec = importlib.util.spec_from_file_location(f"reward_fn_{abs(hash(path))}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise ValueError(f"{self.where}: loading {path} failed ({type(e).__name__}: {e})") from e
+        self.fn, self.name = getattr(module, name, None), name
+        if not callable(self.fn):
+            raise ValueError(f"{self.where}: {path} defines no function {name!r}")
+
+    def __call__(self, prompts, responses, answers):
+        try:
+            values = list(self.fn(list(prompts), list(responses), list(answers)))
+        except Exception as e:
+            failing = self._failing_sample(prompts, responses, answers)
+            raise RuntimeError(f"{self.where} raised {type(e).__name__}: {e} ({failing})") from e
+        if len(values) != len(responses):
+            raise ValueError(f"{self.where} returned {len(values)} values for {len(responses)} responses")
+        scores = []
+        for i, value in enumerate(values):
+            try:
+                scores.append(float(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.where} returned {value!r} for sample {i} "
+                                 f"(response {responses[i][:80]!r}): expected a number") from None
+            if not math.isfinite(scores[-1]):
+                raise NonFiniteRolloutError(f"{self.where} returned {value} for sample {i} "
+                                            f"(response {responses[i][:80]!r})")
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def _failing_sample(self, prompts, responses, answers):
+        for i in range(len(responses)):  # one at a time, to name the sample
+            try:
+                self.fn([prompts[i]], [responses[i]], [answers[i]])
+            except Exception:
+                return f"sample {i}: response {responses[i][:80]!r}"
+        return f"on the batch of {len(responses)} responses; each alone passes"
+
+
+class Reward:
+    """What a rollout's responses earn: (total [B], parts {name: [B]}), the total the sum of the parts.
+
+    The rules read the full assistant turn (scored_turn); with reasoning off there are none.
+    - minimind2 (MiniMind2's PPO): `format` and `tags`; `rm` is the reward model's clipped score
       of the whole chat, blended 0.4 * whole + 0.6 * answer-only when an <answer> span exists.
-    - minimind3 (minimind-3's PPO): `length`, `think` and `repetition`, plus `rm`, the clipped score
+    - minimind3 (minimind-3's PPO): `length`, `think` and `repetition`; `rm` is the clipped score
       of (the history collapsed into one user message, the answer).
-    reasoning=False: `rm` alone, the clipped score of the whole chat.
+    - without reasoning: `rm` of the whole chat.
+    With no reward model there is no `rm`. `correctness` (W > 0): W when the answer (answer_of) equals
+    the data row's `answer`. Each function from a file adds `custom` (several: `custom_<function>`).
     """
-    if rules not in REWARD_RULES:
-        raise ValueError(f"--reward_rules {rules!r}: expected one of {', '.join(REWARD_RULES)}")
-    B = len(responses)
-    chats, answer_chats, answer_rows, rule_parts = [], [], [], []
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)]
-        turn = scored_turn(prompt, response)
-        if not reasoning:
-            chats.append(messages + [{"role": "assistant", "content": turn}])
-        elif rules == "minimind3":
-            parts, answer = minimind3_rules(turn)
-            chats.append(collapse_history(messages) + [{"role": "assistant", "content": answer}])
-            rule_parts.append(parts)
-        else:
-            parts, answer = minimind2_rules(turn)
-            chats.append(messages + [{"role": "assistant", "content": turn}])
-            if answer is not None:
-                answer_chats.append(messages + [{"role": "assistant", "content": answer}])
-                answer_rows.append(i)
-            rule_parts.append(parts)
-    scores = score_chats(reward_model, reward_tokenizer, chats + answer_chats, batch_size)
-    bad = (~torch.isfinite(scores)).nonzero()
-    if len(bad):
-        j = int(bad[0])
-        row = j if j < B else answer_rows[j - B]
-        raise NonFiniteRolloutError(f"reward model returned {scores[j].item()} for sample {row} "
-                                    f"(response {responses[row][:80]!r})")
-    rm = scores[:B].clamp(-rm_clip, rm_clip)
-    if answer_rows:
-        rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-rm_clip, rm_clip)
-    parts = {name: torch.tensor([p[name] for p in rule_parts], dtype=torch.float32) for name in
-             (rule_parts[0] if rule_parts else {})}
-    parts["rm"] = rm
-    return sum(parts.values()), parts
+
+    def __init__(self, reward_model=None, rules="minimind2", reasoning=True, rm_clip=3.0, batch_size=32,
+                 correctness=0.0, functions=()):
+        if rules not in REWARD_RULES:
+            raise ValueError(f"--reward_rules {rules!r}: expected one of {', '.join(REWARD_RULES)}")
+        self.reward_model, self.rules, self.reasoning, self.rm_clip = reward_model, rules, reasoning, rm_clip
+        self.batch_size, self.correctness, self.functions = batch_size, correctness, list(functions)
+
+    def __call__(self, prompts, responses, answers=None):
+        B = len(responses)
+        answers = [a or None for a in answers] if answers is not None else [None] * B
+        chats, answer_chats, answer_rows, turns, rule_parts = [], [], [], [], []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)]
+            turn = scored_turn(prompt, response)
+            turns.append(turn)
+            if not self.reasoning:
+                chats.append(messages + [{"role": "assistant", "content": turn}])
+            elif self.rules == "minimind3":
+                parts, answer = minimind3_rules(turn)
+                chats.append(collapse_history(messages) + [{"role": "assistant", "content": answer}])
+                rule_parts.append(parts)
+            else:
+                parts, answer = minimind2_rules(turn)
+                chats.append(messages + [{"role": "assistant", "content": turn}])
+                if answer is not None:
+                    answer_chats.append(messages + [{"role": "assistant", "content": answer}])
+                    answer_rows.append(i)
+                rule_parts.append(parts)
+        parts = {name: torch.tensor([p[name] for p in rule_parts], dtype=torch.float32) for name in
+                 (rule_parts[0] if rule_parts else {})}
+        if self.reward_model is not None:
+            parts["rm"] = self.reward_model_part(chats, answer_chats, answer_rows, responses)
+        if self.correctness:
+            parts["correctness"] = torch.tensor([self.correctness * (a is not None and answer_of(t) == a.strip())
+                                                 for t, a in zip(turns, answers)], dtype=torch.float32)
+        for fn in self.functions:
+            parts["custom" if len(self.functions) == 1 else f"custom_{fn.name}"] = fn(prompts, responses, answers)
+        if not parts:
+            raise ValueError("no reward: --reward_model_path none with --reasoning 0, no --correctness_reward "
+                             "and no --reward_fn")
+        return sum(parts.values()), parts
+
+    def reward_model_part(self, chats, answer_chats, answer_rows, responses):
+        B = len(chats)
+        scores = self.reward_model.score(chats + answer_chats, self.batch_size)
+        bad = (~torch.isfinite(scores)).nonzero()
+        if len(bad):
+            j = int(bad[0])
+            row = j if j < B else answer_rows[j - B]
+            raise NonFiniteRolloutError(f"reward model returned {scores[j].item()} for sample {row} "
+                                        f"(response {responses[row][:80]!r})")
+        rm = scores[:B].clamp(-self.rm_clip, self.rm_clip)
+        if answer_rows:
+            rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-self.rm_clip, self.rm_clip)
+        return rm

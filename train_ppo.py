@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, thinking_flag
 from model.model_minimind import MiniMindModel, sample_responses
 from evaluation import evaluation_sums, markdown_table, means
-from reward import REWARD_RULES, NonFiniteRolloutError, calculate_rewards, load_reward_model
+from reward import REWARD_INPUTS, REWARD_RULES, NonFiniteRolloutError, Reward, RewardFunction, load_reward_model
 from trainer_utils import (Logger, SkipBatchSampler, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, init_model, is_main_process, load_resume,
                            check_tokenizer_fit, load_tokenizer,
@@ -62,7 +62,21 @@ def parse_args(argv=None):
            "(minimind-3's open_thinking, 2025-10's enable_thinking); default 0.9 with such a template")
     a("--data_path", default=DEMO_DATA)
     a("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
-      help="local folder: a get_score() model (internlm2-reward style) or a 1-label sequence classifier")
+      help="local folder: a get_score() model (internlm2-reward style) or a sequence classifier (decoder or "
+           "encoder); 'none': rules, --correctness_reward and --reward_fn only")
+    a("--reward_input", default="auto", choices=list(REWARD_INPUTS),
+      help="how the reward model reads (query, response): chat = its tokenizer's chat template, pair = "
+           "tokenizer(query, response), text = tokenizer(query + response), both with special tokens; auto: "
+           "get_score models through their API, then chat if the tokenizer has a template, else pair (1 label) "
+           "or text (--reward_label)")
+    a("--reward_label", default=None, help="score with the raw logit of this label (name or index), as TRL's "
+                                           "sentiment example takes POSITIVE; required for multi-label models")
+    a("--correctness_reward", type=float, default=0.0,
+      help="W: add W when the answer (the <answer> content, or the stripped response without tags) equals the "
+           "data row's `answer`")
+    a("--reward_fn", action="append", default=[], metavar="FILE.py:FUNCTION",
+      help="a reward function function(prompts, responses, answers) -> one float per response, added as the part "
+           "custom (several: custom_<function>); may be repeated")
     a("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="auto: float32 on CPU; on CUDA the model's own dtype when its config names one, else bfloat16 "
            "where the GPU supports it, else float32")
@@ -333,8 +347,7 @@ def micro_batches(order, mini_batch_size, accumulation_steps):
 
 
 @torch.no_grad()
-def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_tokenizer, tokenizer,
-                    kl_coef, orders, args, autocast):
+def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_coef, orders, args, autocast):
     """Sample responses with the old actor, score them, and turn scores into token rewards.
 
     pi_old, pi_ref and V are computed on the very micro-batches that the first PPO epoch
@@ -369,8 +382,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward_model, reward_to
         row = int(bad[0])
         raise NonFiniteRolloutError(f"critic returned a non-finite value for sample {row} "
                                     f"(response {responses[row][:80]!r})")
-    scores, parts = calculate_rewards(batch["prompts"], responses, reward_model, reward_tokenizer, args.reasoning,
-                                      args.rm_clip, args.reward_batch_size, args.reward_rules)
+    scores, parts = reward(batch["prompts"], responses, batch["answers"])
     has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(1)
     scores = scores - args.missing_eos_penalty * (~has_eos).float().cpu()
     t3 = synced_time(device)
@@ -618,13 +630,13 @@ def log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta_s, args):
                f"{metrics['time_step_s']:.1f}s/step, eta {eta_s / 60:.1f} min")
 
 
-def evaluate_policy(actor, tokenizer, eval_samples, reward_model, reward_tokenizer, args, autocast):
+def evaluate_policy(actor, tokenizer, eval_samples, reward, args, autocast):
     """Greedy evaluation of the actor on the held-out prompts: each rank takes every world-th prompt
     and the sums are reduced. Returns {eval_<metric>: value} (evaluation.METRICS)."""
     with_accuracy = all(s["answer"] for s in eval_samples)
     sums, _ = evaluation_sums(unwrap_model(actor), tokenizer, eval_samples[get_rank()::get_world_size()],
-                              reward_model, reward_tokenizer, args.batch_size, args.max_gen_len, args.device,
-                              with_accuracy, bool(args.reasoning), args.rm_clip, args.reward_rules, autocast=autocast)
+                              reward, args.batch_size, args.max_gen_len, args.device, with_accuracy,
+                              autocast=autocast)
     totals = all_reduce_dict({k: torch.tensor(v, dtype=torch.float64, device=args.device) for k, v in sums.items()})
     return {f"eval_{k}": v for k, v in means(totals).items()}
 
@@ -751,6 +763,7 @@ def main(args):
                          f"{args.tokenizer_path!r} has no thinking switch ({' or '.join(THINKING_FLAGS)})")
     if args.thinking_ratio is None:
         args.thinking_ratio = 0.9 if thinking_flag(tokenizer) else 0.0
+    reward_functions = [RewardFunction(spec) for spec in args.reward_fn]  # loading errors name file and function
 
     # models: actor (trained), old actor (samples, gives pi_old), ref (KL anchor), critic, reward model
     actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
@@ -758,9 +771,12 @@ def main(args):
                                   use_moe=None if args.use_moe is None else bool(args.use_moe))
     old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)
     critic = build_critic(actor, args.critic_weight).to(args.device)
-    reward_model, reward_tokenizer = load_reward_model(args.reward_model_path, args.reward_device or args.device,
-                                                       args.reward_dtype)
+    reward_model = None if args.reward_model_path.lower() == "none" else load_reward_model(
+        args.reward_model_path, args.reward_device or args.device, args.reward_dtype, args.reward_input,
+        args.reward_label)
     args.reward_rules = args.reward_rules or f"minimind{actor.config.version}"  # the weights' own generation
+    reward = Reward(reward_model, args.reward_rules, bool(args.reasoning), args.rm_clip, args.reward_batch_size,
+                    args.correctness_reward, reward_functions)
     Logger(f"actor: {sum(p.numel() for p in actor.parameters()) / 1e6:.2f}M params "
            f"(v{actor.config.version}, hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers"
            f"{', MoE' if actor.config.use_moe else ''}); reward model: {args.reward_model_path}; reward rules: "
@@ -774,6 +790,8 @@ def main(args):
     if args.check_tokenizer and args.from_weight != "none":
         Logger(check_tokenizer_fit(actor, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
                                    tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
+    if args.correctness_reward and not any(s["answer"] for s in dataset.samples):
+        raise ValueError(f"--correctness_reward {args.correctness_reward}: {args.data_path} has no `answer` field")
     if len(dataset) < args.batch_size * world:
         raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
                          f"prompts, but {args.data_path} has {len(dataset)}")
@@ -864,8 +882,7 @@ def main(args):
                     bad_streak=bad_streak, grad_scaler=scaler.state_dict() if scaler else None)
 
     def evaluate_and_log(step):  # every rank evaluates its share; rank 0 writes
-        record = dict(step=step, **evaluate_policy(actor, tokenizer, eval_samples, reward_model, reward_tokenizer,
-                                                   args, autocast))
+        record = dict(step=step, **evaluate_policy(actor, tokenizer, eval_samples, reward, args, autocast))
         if is_main_process():
             log_eval(record, metrics_path, swanlab_run)
 
@@ -892,8 +909,8 @@ def main(args):
                 orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
                 try:
                     rollout, non_finite = stop.interruptible(
-                        collect_rollout, batch, old_actor, ref_model, unwrap_model(critic), reward_model,
-                        reward_tokenizer, tokenizer, kl_ctl.value, orders, args, autocast), False
+                        collect_rollout, batch, old_actor, ref_model, unwrap_model(critic), reward, tokenizer,
+                        kl_ctl.value, orders, args, autocast), False
                 except NonFiniteRolloutError as e:
                     print(f"warning: step {global_step + 1}{f' (rank {rank})' if world > 1 else ''}: {e}", flush=True)
                     rollout, non_finite = None, True

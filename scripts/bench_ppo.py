@@ -38,7 +38,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 import train_ppo
 from dataset.lm_dataset import PromptCollator, RLAIFDataset
 from model.model_minimind import sample_categorical, sample_responses
-from reward import load_reward_model, score_chats
+from reward import load_reward_model
 from train_ppo import compute_advantages, response_logprobs
 from trainer_utils import init_model
 
@@ -356,8 +356,7 @@ def run_ablations(args):
         path = os.path.join(tmp, "prompts.jsonl")
         questions = write_prompts(path, tokenizer, B, args.prompt_len, args.seed)
         dataset = RLAIFDataset(path, tokenizer, max_length=args.prompt_len)
-        reward_model, reward_tokenizer = load_reward_model(
-            build_tiny_reward_model(os.path.join(tmp, "rm")), dev, torch.float32)
+        reward_model = load_reward_model(build_tiny_reward_model(os.path.join(tmp, "rm")), dev, torch.float32)
     batch = PromptCollator(tokenizer.pad_token_id)([dataset[i] for i in range(B)])
     ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     use_amp = args.dtype != "float32"
@@ -386,9 +385,8 @@ def run_ablations(args):
         # (4) reward-model scoring of the sampled responses
         chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": r}]
                  for q, r in zip(questions, tokenizer.batch_decode(response_ids, skip_special_tokens=True))]
-        ablate("reward_scoring", "score_chats: one padded batch", "score_chats: one call per sample",
-               lambda: score_chats(reward_model, reward_tokenizer, chats),
-               lambda: torch.cat([score_chats(reward_model, reward_tokenizer, [c]) for c in chats]), args)
+        ablate("reward_scoring", "RewardModel.score: one padded batch", "RewardModel.score: one call per sample",
+               lambda: reward_model.score(chats), lambda: torch.cat([reward_model.score([c]) for c in chats]), args)
         # (5) drawing one token per row, as each generation step does (different draws: timing only)
         probs = model(full_ids[:, :-1], attention_mask=full_mask[:, :-1], logits_to_keep=1).logits[:, -1].float().softmax(-1)
         ablate("token_sampling", "sample_categorical: one uniform + binary search per row",

@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 from dataset.lm_dataset import RLAIFDataset
 from evaluation import evaluate
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from reward import load_reward_model, score_batch, score_chats
+from reward import Reward, RewardModel, load_reward_model
 from trainer_utils import build_cosine_scheduler, init_model, save_weights, setup_seed
 
 # ----------------------------------------------------------------------------- the task
@@ -179,15 +179,14 @@ def rm_batch(questions, rng, batch_size):
     return [c for c, _ in pairs], [r for _, r in pairs]
 
 
-def rm_accuracy(reward_model, tokenizer, questions, n_pairs, seed):
-    """Held-out pairwise accuracy per kind, scored exactly as the trainer scores (score_chats)."""
+def rm_accuracy(reward_model, questions, n_pairs, seed):
+    """Held-out pairwise accuracy per kind of a loaded RewardModel, scored exactly as the trainer scores."""
     rng = random.Random(seed)
-    reward_model.eval()
     accuracy = {}
     for kind in RM_KINDS:
         pairs = [rm_pair(rng.choice(questions), kind, rng) for _ in range(n_pairs)]
-        chosen = score_chats(reward_model, tokenizer, [c for c, _ in pairs])
-        rejected = score_chats(reward_model, tokenizer, [r for _, r in pairs])
+        chosen = reward_model.score([c for c, _ in pairs])
+        rejected = reward_model.score([r for _, r in pairs])
         accuracy[kind] = (chosen > rejected).float().mean().item()
     return accuracy
 
@@ -341,10 +340,11 @@ def build(args):
     # 2. reward model, from the SFT actor's backbone
     reward_model = build_reward_model(actor, max_positions=1024)
     reward_model.train()
+    scorer = RewardModel(reward_model, tokenizer, "chat")  # the trainer's own scoring path, with gradients
 
-    def rm_loss(step):  # scored by the trainer's own scoring path, with gradients
+    def rm_loss(step):
         chosen, rejected = rm_batch(train_questions, rng, args.batch_size)
-        scores = score_batch(reward_model, tokenizer, chosen + rejected)
+        scores = scorer.score_batch(chosen + rejected)
         s_c, s_r = scores[:len(chosen)], scores[len(chosen):]
         return -F.logsigmoid(s_c - s_r).mean() + args.rm_center * ((s_c + s_r) ** 2).mean()
     t_rm = train("reward model", reward_model.parameters(), rm_loss, args.rm_steps, args.rm_lr, log_every)
@@ -352,12 +352,12 @@ def build(args):
     n_rm = sum(p.numel() for p in reward_model.parameters())
 
     # 3. check the saved files as the trainer loads them
-    reward_model, reward_tokenizer = load_reward_model(paths["reward_model"], "cpu", torch.float32)
-    rm_acc = rm_accuracy(reward_model, reward_tokenizer, eval_questions, args.rm_eval_pairs, args.seed + 1)
+    reward_model = load_reward_model(paths["reward_model"], "cpu", torch.float32)
+    rm_acc = rm_accuracy(reward_model, eval_questions, args.rm_eval_pairs, args.seed + 1)
     actor, tokenizer = init_model(paths["actor"], args.out_dir, args.tokenizer_path, "cpu")
     eval_set = RLAIFDataset(paths["eval_prompts"], tokenizer, max_length=64)
-    greedy, _ = evaluate(actor, tokenizer, eval_set, reward_model, reward_tokenizer, max_gen_len=args.max_gen_len)
-    sampled, _ = evaluate(actor, tokenizer, eval_set, reward_model, reward_tokenizer, max_gen_len=args.max_gen_len,
+    greedy, _ = evaluate(actor, tokenizer, eval_set, Reward(reward_model), max_gen_len=args.max_gen_len)
+    sampled, _ = evaluate(actor, tokenizer, eval_set, Reward(reward_model), max_gen_len=args.max_gen_len,
                           temperature=1.0)
 
     summary = dict(seed=args.seed, questions=dict(train=len(train_questions), eval=len(eval_questions),

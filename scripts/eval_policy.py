@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 
 from dataset.lm_dataset import RLAIFDataset
 from evaluation import evaluate, markdown_table
-from reward import load_reward_model
+from reward import Reward, load_reward_model
 from trainer_utils import init_model
 
 
@@ -32,7 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--save_dir", default="out", help="where bare weight names are resolved")
     p.add_argument("--data_path", default=os.path.join(ROOT, "dataset", "rlaif-eval.jsonl"))
     p.add_argument("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
-                   help="'none' skips the reward columns")
+                   help="'none': the rules alone (no reward-model column)")
+    p.add_argument("--reward_input", default="auto", help="as train_ppo")
+    p.add_argument("--reward_label", default=None, help="as train_ppo")
     p.add_argument("--tokenizer_path", default=os.path.join(ROOT, "model"))
     p.add_argument("--max_seq_len", type=int, default=64, help="max prompt tokens, as in train_ppo")
     p.add_argument("--max_gen_len", type=int, default=48, help="max new tokens, as in train_ppo")
@@ -54,9 +56,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    reward_model = reward_tokenizer = None
-    if args.reward_model_path.lower() != "none":
-        reward_model, reward_tokenizer = load_reward_model(args.reward_model_path, args.device, "auto")
+    reward_model = None if args.reward_model_path.lower() == "none" else load_reward_model(
+        args.reward_model_path, args.device, "auto", args.reward_input, args.reward_label)
+    reward = Reward(reward_model, args.reward_rules, bool(args.reasoning), args.rm_clip, args.batch_size) \
+        if reward_model is not None or args.reasoning else None
     results, responses, dataset = {}, {}, None
     for name, weight in (("base", args.base), ("trained", args.trained)):
         if not weight:
@@ -66,9 +69,8 @@ def main(argv=None):
             dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
             if args.limit:
                 dataset = Subset(dataset, range(min(args.limit, len(dataset))))
-        metrics, responses[name] = evaluate(model, tokenizer, dataset, reward_model, reward_tokenizer,
-                                            args.batch_size, args.max_gen_len, args.device, args.temperature,
-                                            bool(args.reasoning), args.rm_clip, args.reward_rules)
+        metrics, responses[name] = evaluate(model, tokenizer, dataset, reward, args.batch_size, args.max_gen_len,
+                                            args.device, args.temperature)
         results[name] = dict(path=weight, **metrics)
         del model
     print(f"{len(dataset)} prompts from {args.data_path}, "

@@ -26,6 +26,12 @@ def tiny_kit(tmp_path_factory):
                 data=str(ROOT / "dataset" / "prompts_sample.jsonl"), root=root)
 
 
+def reward_of(model, **kwargs):
+    """A Reward over a get_score() stand-in model, as the trainer builds it for internlm2-style models."""
+    from reward import Reward, RewardModel
+    return Reward(RewardModel(model, None, "get_score"), **kwargs)
+
+
 def tiny_run_args(kit, save_dir, *extra):
     """Flags for a few-second CPU run of train_ppo on the tiny kit."""
     return ["--from_weight", kit["actor"], "--reward_model_path", kit["reward_model"], "--data_path", kit["data"],

@@ -59,7 +59,7 @@ def _install(faults):
         torch.save, os.replace = save, replace
 
     if "nan_reward" in faults:
-        real_score, calls = reward.score_chats, [0]
+        real_score, calls = reward.RewardModel.score, [0]
 
         def score_chats(*args, **kwargs):
             scores = real_score(*args, **kwargs)
@@ -67,7 +67,7 @@ def _install(faults):
             if calls[0] in faults["nan_reward"]:
                 scores[0] = float("nan")
             return scores
-        reward.score_chats = score_chats
+        reward.RewardModel.score = score_chats
 
     if "log_prompts" in faults:
         real_collect = train_ppo.collect_rollout
@@ -81,7 +81,7 @@ def _install(faults):
 
     if "self_signal" in faults:
         where, n, k = faults["self_signal"]
-        real_sample, real_score, rollouts = train_ppo.sample_responses, reward.score_chats, [0]
+        real_sample, real_score, rollouts = train_ppo.sample_responses, reward.RewardModel.score, [0]
 
         def sample_responses(model, *args, **kwargs):
             rollouts[0] += 1
@@ -103,7 +103,7 @@ def _install(faults):
             if where == "reward" and rollouts[0] == n:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real_score(*args, **kwargs)
-        train_ppo.sample_responses, reward.score_chats = sample_responses, score_chats
+        train_ppo.sample_responses, reward.RewardModel.score = sample_responses, score_chats
 
 
 def run(argv, log_path, faults=None):

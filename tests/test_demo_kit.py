@@ -16,7 +16,7 @@ import eval_policy  # noqa: E402
 from dataset.lm_dataset import RLAIFDataset  # noqa: E402
 from evaluation import markdown_table  # noqa: E402
 from model.model_minimind import MiniMindForCausalLM, config_from_state_dict  # noqa: E402
-from reward import answer_correct, extract_answer, format_ok, load_reward_model, score_chats, tags_complete  # noqa: E402
+from reward import answer_correct, extract_answer, format_ok, load_reward_model, tags_complete  # noqa: E402
 from trainer_utils import load_state_dict_file  # noqa: E402
 
 GOOD = "<think>\n7 + 5 = 12\n</think>\n<answer>\n12\n</answer>"
@@ -33,8 +33,9 @@ def check_kit(actor_path, reward_model_path, train_path, eval_path):
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     actor = MiniMindForCausalLM(config_from_state_dict(state))
     actor.load_state_dict(state, strict=True)
-    reward_model, reward_tokenizer = load_reward_model(reward_model_path, "cpu", torch.float32)
-    scores = score_chats(reward_model, reward_tokenizer, [[{"role": "user", "content": "What is 7 + 5?"},
+    reward_model = load_reward_model(reward_model_path, "cpu", torch.float32)
+    reward_tokenizer = reward_model.tokenizer
+    scores = reward_model.score([[{"role": "user", "content": "What is 7 + 5?"},
                                                            {"role": "assistant", "content": GOOD}]])
     assert scores.shape == (1,) and torch.isfinite(scores).all()
     train_set, eval_set = (RLAIFDataset(p, reward_tokenizer, max_length=64) for p in (train_path, eval_path))
@@ -112,23 +113,22 @@ def committed_kit():
 
 
 def test_committed_reward_model_prefers_right_answers(committed_kit):
-    reward_model, tokenizer = committed_kit["reward_model"], committed_kit["reward_tokenizer"]
+    reward_model = committed_kit["reward_model"]
     for question, expr, right, wrong in EXAMPLES:
         chosen = [chat(question, str(right)), chat(question, response(expr, right))]
         rejected = [chat(question, str(wrong)), chat(question, response(expr, wrong))]
-        s_c, s_r = score_chats(reward_model, tokenizer, chosen), score_chats(reward_model, tokenizer, rejected)
+        s_c, s_r = reward_model.score(chosen), reward_model.score(rejected)
         assert (s_c > s_r).all(), (question, s_c.tolist(), s_r.tolist())
 
 
 def test_committed_reward_model_prefers_the_format(committed_kit):
-    reward_model, tokenizer = committed_kit["reward_model"], committed_kit["reward_tokenizer"]
+    reward_model = committed_kit["reward_model"]
     for question, expr, right, _ in EXAMPLES:
         broken = [f"<answer>\n{right}\n</answer>",                                      # no think block
                   f"<think>{expr} = {right}</think><answer>{right}</answer>",            # no newlines
                   response(expr, right) + "\nHope this helps!",                         # text after </answer>
                   response(expr, right)[:-12]]                                          # cut off
-        scores = score_chats(reward_model, tokenizer, [chat(question, response(expr, right))]
-                             + [chat(question, b) for b in broken])
+        scores = reward_model.score([chat(question, response(expr, right))] + [chat(question, b) for b in broken])
         assert (scores[0] > scores[1:]).all(), (question, scores.tolist())
 
 

@@ -365,7 +365,7 @@ def test_incompatible_resume_file_names_the_mismatch(tiny_kit, checkpoint_dir, t
 def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, monkeypatch, capsys):
     """Step 2: NaN reward; step 3: NaN critic value; step 4: NaN loss. None changes a weight."""
     snapshots = []
-    real_collect, real_score, real_whiten = train_ppo.collect_rollout, reward.score_chats, train_ppo.masked_whiten
+    real_collect, real_score, real_whiten = train_ppo.collect_rollout, reward.RewardModel.score, train_ppo.masked_whiten
     real_critic = train_ppo.CriticModel.forward
 
     def collect_rollout(batch, old_actor, ref, critic, *args):
@@ -386,7 +386,7 @@ def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, mo
         return real_whiten(x, mask) * (float("nan") if len(snapshots) == 4 else 1.0)
 
     monkeypatch.setattr(train_ppo, "collect_rollout", collect_rollout)
-    monkeypatch.setattr(reward, "score_chats", score_chats)
+    monkeypatch.setattr(reward.RewardModel, "score", score_chats)
     monkeypatch.setattr(train_ppo.CriticModel, "forward", critic_forward)
     monkeypatch.setattr(train_ppo, "masked_whiten", masked_whiten)
     run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "5", "--max_bad_steps", "4"))
@@ -409,13 +409,13 @@ def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, mo
 
 
 def test_consecutive_bad_steps_abort_and_keep_the_last_good_checkpoint(tiny_kit, tmp_path, monkeypatch):
-    real_score, calls = reward.score_chats, []
+    real_score, calls = reward.RewardModel.score, []
 
     def score_chats(*args):
         calls.append(1)
         return real_score(*args) * (float("nan") if len(calls) >= 3 else 1.0)
 
-    monkeypatch.setattr(reward, "score_chats", score_chats)
+    monkeypatch.setattr(reward.RewardModel, "score", score_chats)
     with pytest.raises(RuntimeError, match=r"aborting at step 4: 2 consecutive rollouts with non-finite rewards, "
                                            r"values, losses or gradients \(--max_bad_steps 2\); the last good "
                                            r"checkpoint is kept in "):
@@ -515,7 +515,7 @@ def bad_input(case, tmp):
         return ["--reward_model_path", str(tmp / "rm")], ValueError, r"rm': could not load a reward model"
     if case == "reward model with 2 labels":
         return (["--reward_model_path", write_rm(tmp / "rm", 2)], ValueError,
-                r"rm': expected one output label, found 2")
+                r"rm' has 2 labels; choose the one to score with --reward_label NAME or INDEX \(0: LABEL_0, 1: LABEL_1\)")
     if case == "empty data":
         data.write_text("\n\n")
         return ["--data_path", str(data)], ValueError, r"data\.jsonl: no prompts \(the file is empty"

@@ -12,7 +12,8 @@ import train_ppo
 from conftest import ROOT, tiny_run_args
 from dataset.lm_dataset import RLAIFDataset, thinking_flag
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from reward import calculate_rewards, collapse_history, minimind3_rules, repetition, scored_turn
+from conftest import reward_of
+from reward import collapse_history, minimind3_rules, repetition, scored_turn
 from trainer_utils import load_state_dict_file, save_weights
 
 DEMO_ACTOR, DEMO_DATA = str(ROOT / "demo" / "full_sft_128.pth"), str(ROOT / "dataset" / "rlaif-mini.jsonl")
@@ -158,13 +159,13 @@ def test_a_response_continuing_an_opened_think_block_is_scored_as_the_full_turn(
     assert scored_turn(PROMPT_OPEN, continued) == "<think>\n" + continued
     assert scored_turn(PROMPT_CLOSED, "<answer>\n12\n</answer>") == "<answer>\n12\n</answer>"
     rm = ChatRecorder()
-    total, parts = calculate_rewards([PROMPT_OPEN], [continued], rm, None)  # MiniMind2's rules
+    total, parts = reward_of(rm)([PROMPT_OPEN], [continued])  # MiniMind2's rules
     assert parts["format"].item() == 0.5 and parts["tags"].item() == 1.0
     assert rm.seen[0][-1] == {"role": "assistant", "content": "<think>\n" + continued}
     assert rm.seen[1][-1] == {"role": "assistant", "content": "12"}  # the answer-only chat
     # without the opening in the prompt, the same text lacks <think>: not the layout
-    _, parts = calculate_rewards(["<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n"],
-                                 [continued], ChatRecorder(), None)
+    _, parts = reward_of(ChatRecorder())(["<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n"],
+                                         [continued])
     assert parts["format"].item() == 0.0 and parts["tags"].item() == 0.75
 
 
@@ -190,7 +191,7 @@ def test_minimind3_reward_collapses_the_history_and_scores_the_answer():
     prompt = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in history) + OPEN
     response = "Seven plus five is twelve, I am sure.\n</think>\n\n12"
     rm = ChatRecorder()
-    total, parts = calculate_rewards([prompt], [response], rm, None, rules="minimind3", rm_clip=3.0)
+    total, parts = reward_of(rm, rules="minimind3", rm_clip=3.0)([prompt], [response])
     assert rm.seen == [[{"role": "user", "content": "system: Be brief.\nuser: Hi\nassistant: Hello\nuser: "
                                                     "What is 7 + 5?"}, {"role": "assistant", "content": "12"}]]
     assert set(parts) == {"length", "think", "repetition", "rm"}

@@ -11,7 +11,7 @@ import torch
 
 import train_ppo
 from conftest import ROOT, tiny_run_args
-from reward import calculate_rewards, load_reward_model
+from reward import Reward, load_reward_model
 from trainer_utils import load_resume, load_state_dict_file
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -99,8 +99,8 @@ def test_samples_hold_what_was_scored_and_resume_truncates_them(tiny_kit, tmp_pa
     assert all(s["prompt"].startswith("<|im_start|>") and s["prompt"].endswith("<|im_start|>assistant\n")
                and any(p in s["prompt"] for p in prompts) for s in samples)  # as the policy saw it
     # scored again, independently, from the logged text: the same reward and parts
-    rm, rm_tokenizer = load_reward_model(tiny_kit["reward_model"], "cpu", torch.float32)
-    total, parts = calculate_rewards([s["prompt"] for s in samples], [s["response"] for s in samples], rm, rm_tokenizer)
+    reward = Reward(load_reward_model(tiny_kit["reward_model"], "cpu", torch.float32))
+    total, parts = reward([s["prompt"] for s in samples], [s["response"] for s in samples])
     for i, s in enumerate(samples):
         assert s["reward"] == pytest.approx(total[i].item(), abs=1e-5)
         for name in ("format", "tags", "rm"):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from reward import calculate_rewards, resolve_reward_dtype, score_chats
+from conftest import reward_of
+from reward import RewardModel, resolve_reward_dtype
 from train_ppo import (compute_advantages, kl_penalty, masked_whiten, micro_batches, parse_args, policy_loss_per_token,
                        value_loss_per_token, AdaptiveKLController)
 
@@ -161,11 +162,11 @@ class FakeBatchedRewardModel:
 def test_get_scores_is_called_in_chunks_of_reward_batch_size():
     rm = FakeBatchedRewardModel()
     chats = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * n}] for n in range(10)]
-    scores = score_chats(rm, None, chats, batch_size=4)
+    scores = RewardModel(rm, None, "get_score").score(chats, batch_size=4)
     assert rm.calls == [4, 4, 2] and scores.tolist() == [float(n) for n in range(10)]
     # reasoning mode scores whole and answer-only chats: 2 x 3 responses in chunks of 4
     rm = FakeBatchedRewardModel()
-    calculate_rewards([PROMPT] * 3, [GOOD] * 3, rm, None, batch_size=4)
+    reward_of(rm, batch_size=4)([PROMPT] * 3, [GOOD] * 3)
     assert rm.calls == [4, 2]
 
 
@@ -193,7 +194,7 @@ def test_reward_rules_and_blend():
     rm = FakeRewardModel({GOOD: 1.0, "12": 2.0, GOOD_BLANK: -1.0, NO_NEWLINE: 0.5, PLAIN: 10.0, TRAILING: 0.0,
                           DOUBLE_THINK: 0.0})
     responses = [GOOD, GOOD_BLANK, NO_NEWLINE, DOUBLE_THINK, PLAIN, TRAILING]
-    total, parts = calculate_rewards([PROMPT] * 6, responses, rm, None)
+    total, parts = reward_of(rm)([PROMPT] * 6, responses)
     # the format regex is MiniMind's: a doubled <think> still fits it, the tag rule catches it
     assert parts["format"].tolist() == [0.5, 0.5, 0.0, 0.5, 0.0, 0.0]
     assert parts["tags"].tolist() == [1.0, 1.0, 1.0, 0.75, 0.0, 1.0]
@@ -209,7 +210,7 @@ def test_reward_rules_and_blend():
 
 def test_reward_without_reasoning_is_clipped_rm_only():
     rm = FakeRewardModel({GOOD: -7.0, PLAIN: 1.5})
-    total, parts = calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None, reasoning=False)
+    total, parts = reward_of(rm, reasoning=False)([PROMPT] * 2, [GOOD, PLAIN])
     assert total.tolist() == [-3.0, 1.5]
     assert set(parts) == {"rm"} and len(rm.seen) == 2  # no rule parts, no answer-only scoring
 
@@ -217,7 +218,7 @@ def test_reward_without_reasoning_is_clipped_rm_only():
 def test_non_finite_reward_names_the_sample():
     rm = FakeRewardModel({PLAIN: float("nan")})
     with pytest.raises(ValueError, match=r"sample 1 .*'The answer is 12.'"):
-        calculate_rewards([PROMPT] * 2, [GOOD, PLAIN], rm, None)
+        reward_of(rm)([PROMPT] * 2, [GOOD, PLAIN])
 
 
 def test_entropy_from_logits():
