@@ -67,7 +67,8 @@ def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, 
         sums["reward"] = sums["reward_rm"] = 0.0
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            total, parts = reward([s["prompt"] for s in chunk], responses[i:i + batch_size], [s["answer"] for s in chunk])
+            total, parts = reward([s["prompt"] for s in chunk], responses[i:i + batch_size],
+                                  [s["answer"] for s in chunk])
             sums["reward"] += total.sum().item()
             sums["reward_rm"] += parts["rm"].sum().item() if "rm" in parts else 0.0
     return {k: float(sums[k]) for k in keys}, responses

@@ -82,6 +82,9 @@ def parse_args(argv=None):
            "where the GPU supports it, else float32")
     a("--reward_batch_size", type=int, default=32, help="chats per reward-model forward (get_scores calls too)")
     a("--reward_device", default=None, help="device for the reward model (default: --device)")
+    a("--critic_device", default=None,
+      help="device for the critic (default: --device); with --reward_device, the two-GPU layout: policy and "
+           "reference on cuda:0, critic and reward model on cuda:1 (one process)")
     # held-out evaluation and logged samples
     a("--eval_data_path", default=None,
       help="prompts evaluated greedily at step 0, every --eval_interval rollouts and at the end (default: "
@@ -333,6 +336,12 @@ def response_logprobs(model, input_ids, attention_mask, response_len, temperatur
     return logprobs, logits, out.aux_loss
 
 
+def critic_values(critic, input_ids, attention_mask, response_len):
+    """V [B, R] at the positions that predict the response tokens, on the critic's own device."""
+    device = next(critic.parameters()).device
+    return critic(input_ids.to(device), attention_mask.to(device))[:, -response_len - 1:-1].float()
+
+
 def entropy_from_logits(logits):
     """H = logsumexp(z) - sum(softmax(z) * z) per position; a -inf logit (p = 0) adds nothing."""
     p = logits.softmax(-1)
@@ -374,7 +383,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
             with autocast:
                 old_logprobs[rows] = response_logprobs(old_actor, ids, am, R, args.temperature)[0]
                 ref_logprobs[rows] = response_logprobs(ref_model, ids, am, R, args.temperature)[0]
-                values[rows] = critic(ids, am)[:, -R - 1:-1].float()
+                values[rows] = critic_values(critic, ids, am, R).to(device)
     t2 = synced_time(device)
     responses = tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
     bad = (~torch.isfinite(values)).any(1).nonzero()
@@ -429,7 +438,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
                 # gradients are all-reduced only on the last micro-batch of a minibatch
                 sync = _no_sync(*models) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
                 with sync, autocast:
-                    values = critic(ids, am)[:, -R - 1:-1].float()
+                    values = critic_values(critic, ids, am, R).to(ids.device)
                     v_loss = value_loss_per_token(values, rollout["values"][micro], returns[micro],
                                                   args.cliprange_value)
                     token_loss, aux_loss, token_stats = args.vf_coef * v_loss, 0.0, {"value_loss": v_loss}
@@ -645,8 +654,8 @@ def log_eval(record, metrics_path, swanlab_run):
     """An evaluation as one metrics.jsonl line (and swanlab), printed as one line."""
     append_jsonl(metrics_path, record, swanlab_run)
     accuracy = f" accuracy {record['eval_accuracy']:.1%}" if "eval_accuracy" in record else ""
-    reward = (f" | reward {record['eval_reward']:.3f} (rm {record['eval_reward_rm']:.3f})"
-              if "eval_reward" in record else "")
+    rm = f" (rm {record['eval_reward_rm']:.3f})" if "eval_reward_rm" in record else ""
+    reward = f" | reward {record['eval_reward']:.3f}{rm}" if "eval_reward" in record else ""
     Logger(f"eval step {record['step']} | format {record['eval_format']:.1%} tags {record['eval_tags']:.1%}"
            f"{accuracy}{reward} | len {record['eval_response_len']:.1f} eos {record['eval_eos_rate']:.1%}")
 
@@ -741,6 +750,9 @@ class StopSignal:
 # ----------------------------------------------------------------------------- main
 def main(args):
     local_rank = init_distributed_mode(args.device)
+    if dist.is_initialized() and args.critic_device:
+        raise ValueError("--critic_device is for one process (the two-GPU layout); under torchrun each rank "
+                         "keeps its models on its own GPU")
     rank, world = get_rank(), get_world_size()
     if dist.is_initialized() and args.device.startswith("cuda"):
         args.device = f"cuda:{local_rank}"
@@ -770,7 +782,7 @@ def main(args):
                                   hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                                   use_moe=None if args.use_moe is None else bool(args.use_moe))
     old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)
-    critic = build_critic(actor, args.critic_weight).to(args.device)
+    critic = build_critic(actor, args.critic_weight).to(args.critic_device or args.device)
     reward_model = None if args.reward_model_path.lower() == "none" else load_reward_model(
         args.reward_model_path, args.reward_device or args.device, args.reward_dtype, args.reward_input,
         args.reward_label)

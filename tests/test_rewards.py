@@ -1,0 +1,206 @@
+"""Any reward a researcher brings: encoder classifiers scored as their authors score them, a chosen label,
+rule-only rewards with ground truth, reward functions from files, and the critic on its own device."""
+import json
+import re
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, DistilBertConfig,
+                          DistilBertForSequenceClassification)
+
+import train_ppo
+from conftest import ROOT, tiny_run_args
+from reward import NonFiniteRolloutError, Reward, RewardFunction, load_reward_model
+
+WORDS = ["what", "is", "plus", "compute", "the", "answer", "think"]
+
+
+def write_wordpiece(folder):
+    """A WordPiece vocabulary written here: specials, single characters (and their ## forms), a few words."""
+    chars = [chr(c) for c in range(33, 127)] + list("加上等于多少是计算。？")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + WORDS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True), len(vocab)
+
+
+@pytest.fixture(scope="module")
+def encoder_rms(tmp_path_factory):
+    """Tiny random encoder reward models built offline: a 1-label BERT (OpenAssistant's DeBERTa is scored
+    the same way) and a 2-label DistilBERT with NEGATIVE / POSITIVE (TRL's sentiment classifier)."""
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    tokenizer, vocab_size = write_wordpiece(root / "bert")
+    bert = BertForSequenceClassification(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=512, num_labels=1))
+    bert.save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    tokenizer, vocab_size = write_wordpiece(root / "distilbert")
+    distil = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=512,
+        num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+    distil.save_pretrained(root / "distilbert")
+    tokenizer.save_pretrained(root / "distilbert")
+    return dict(bert=str(root / "bert"), distilbert=str(root / "distilbert"))
+
+
+def run(argv):
+    train_ppo.main(train_ppo.parse_args(argv))
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def last_user_message(prompt):
+    return re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", prompt, re.S)[-1]
+
+
+# ----------------------------------------------------------------------------- encoders, as their authors score
+@pytest.mark.parametrize("model, extra, documented", [
+    # OpenAssistant's usage: tokenizer(question, answer) -> logits[0]
+    ("bert", [], lambda model, tok, q, a: model(**tok(q, a, return_tensors="pt")).logits[0, 0]),
+    # TRL's sentiment usage: the POSITIVE label's raw logit on query + response
+    ("distilbert", ["--reward_label", "POSITIVE"],
+     lambda model, tok, q, a: model(**tok(q + a, return_tensors="pt")).logits[0, 1]),
+])
+def test_encoder_scores_equal_the_models_documented_usage(tiny_kit, encoder_rms, tmp_path, model, extra, documented):
+    path = encoder_rms[model]
+    run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "2", "--reward_model_path", path, "--reasoning", "0",
+                      "--rm_clip", "1e9", "--log_samples", "4", *extra))
+    samples = read_lines(tmp_path / "samples.jsonl")
+    reference = (BertForSequenceClassification if model == "bert" else DistilBertForSequenceClassification
+                 ).from_pretrained(path).eval()
+    tokenizer = BertTokenizerFast.from_pretrained(path)
+    with torch.no_grad():
+        for s in samples:  # one at a time, no padding: the model's own usage
+            want = documented(reference, tokenizer, last_user_message(s["prompt"]), s["response"]).item()
+            assert s["reward_rm"] == pytest.approx(want, abs=1e-5), s
+    assert len({s["reward_rm"] for s in samples}) > 1  # the scores depend on the text
+
+
+def test_auto_input_format_and_labels(encoder_rms, tiny_kit):
+    assert load_reward_model(encoder_rms["bert"], "cpu").input_format == "pair"  # 1 label, no chat template
+    assert load_reward_model(encoder_rms["distilbert"], "cpu", label="POSITIVE").input_format == "text"
+    assert load_reward_model(encoder_rms["distilbert"], "cpu", label="1").label == 1
+    assert load_reward_model(encoder_rms["distilbert"], "cpu", label="positive").label == 1
+    assert load_reward_model(tiny_kit["reward_model"], "cpu").input_format == "chat"  # decoder with a template
+    assert load_reward_model(encoder_rms["bert"], "cpu", input_format="text").input_format == "text"
+    with pytest.raises(ValueError, match=r"has 2 labels; choose the one to score with --reward_label NAME or INDEX "
+                                         r"\(0: NEGATIVE, 1: POSITIVE\)"):
+        load_reward_model(encoder_rms["distilbert"], "cpu")
+    with pytest.raises(ValueError, match=r"--reward_label 'NEUTRAL': \S+ has no such label; its labels are "
+                                         r"0: NEGATIVE, 1: POSITIVE"):
+        load_reward_model(encoder_rms["distilbert"], "cpu", label="NEUTRAL")
+
+
+# ----------------------------------------------------------------------------- rule-only rewards, ground truth
+PROMPT = "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n"
+GOOD = "<think>\n7 + 5 = 12\n</think>\n<answer>\n12\n</answer>"
+
+
+def test_correctness_reward_against_the_datas_answer():
+    reward = Reward(None, correctness=2.0)  # no reward model: the rules and the ground truth
+    responses = [GOOD, GOOD.replace("12\n</answer>", "13\n</answer>"), " 12 \n", "12", GOOD]
+    total, parts = reward([PROMPT] * 5, responses, ["12", "12", "12", "13", None])
+    assert set(parts) == {"format", "tags", "correctness"}
+    # the <answer> content, or the stripped response without tags; a row without an answer earns nothing
+    assert parts["correctness"].tolist() == [2.0, 0.0, 2.0, 0.0, 0.0]
+    assert total.tolist() == [0.5 + 1.0 + 2.0, 0.5 + 1.0, 2.0, 0.0, 0.5 + 1.0]
+    with pytest.raises(ValueError, match="no reward"):
+        Reward(None, reasoning=False)([PROMPT], [GOOD])
+
+
+def test_correctness_reward_needs_answers_in_the_data(tiny_kit, tmp_path):
+    (tmp_path / "data.jsonl").write_text("".join(line for line in open(tiny_kit["data"]) if '"answer"' not in line))
+    with pytest.raises(ValueError, match=r"--correctness_reward 1\.0: \S+data\.jsonl has no `answer` field"):
+        run(tiny_run_args(tiny_kit, tmp_path / "out", "--reward_model_path", "none", "--correctness_reward", "1",
+                          "--data_path", str(tmp_path / "data.jsonl")))
+
+
+# ----------------------------------------------------------------------------- reward functions from files
+FUNCTIONS = '''
+def length(prompts, responses, answers):
+    return [len(r) / 100 for r in responses]
+
+def echo_answers(prompts, responses, answers):
+    return [0.0 if a is None else float(a) for a in answers]
+
+def picky(prompts, responses, answers):
+    if any("bad" in r for r in responses):
+        raise KeyError("bad sample")
+    return [1.0] * len(responses)
+
+def short(prompts, responses, answers):
+    return [1.0]
+
+def words(prompts, responses, answers):
+    return ["many"] * len(responses)
+
+def nan(prompts, responses, answers):
+    return [float("nan")] * len(responses)
+'''
+
+
+def test_reward_functions_from_a_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(FUNCTIONS)
+    one = Reward(None, reasoning=False, functions=[RewardFunction(f"{path}:length")])
+    total, parts = one([PROMPT] * 2, ["abc", "abcdef"], ["7", None])
+    assert set(parts) == {"custom"} and parts["custom"].tolist() == pytest.approx([0.03, 0.06])
+    two = Reward(None, functions=[RewardFunction(f"{path}:length"), RewardFunction(f"{path}:echo_answers")])
+    total, parts = two([PROMPT] * 2, [GOOD, "x"], ["7", ""])  # "": a row without an answer arrives as None
+    assert set(parts) == {"format", "tags", "custom_length", "custom_echo_answers"}
+    assert parts["custom_echo_answers"].tolist() == [7.0, 0.0]
+    assert total.tolist() == pytest.approx([0.5 + 1.0 + len(GOOD) / 100 + 7.0, 0.01])
+
+    where = f"--reward_fn {path}:"
+    for spec, error, message in [
+        (f"{tmp_path / 'nope.py'}:f", FileNotFoundError, r"nope\.py:f: no such file"),
+        (f"{path}:missing", ValueError, rf"{re.escape(where)}missing: \S+ defines no function 'missing'"),
+        ("rewards.py", ValueError, "expected path/to/file.py:function"),
+    ]:
+        with pytest.raises(error, match=message):
+            RewardFunction(spec)
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ValueError, match=r"broken\.py:f: loading \S+ failed \(ModuleNotFoundError"):
+        RewardFunction(f"{tmp_path / 'broken.py'}:f")
+    calls = [("picky", RuntimeError, r"picky raised KeyError: 'bad sample' \(sample 1: response 'a bad one'\)"),
+             ("short", ValueError, r"short returned 1 values for 2 responses"),
+             ("words", ValueError, r"words returned 'many' for sample 0 \(response 'ok'\): expected a number"),
+             ("nan", NonFiniteRolloutError, r"nan returned nan for sample 0 \(response 'ok'\)")]
+    for name, error, message in calls:
+        with pytest.raises(error, match=re.escape(where) + message):
+            RewardFunction(f"{path}:{name}")([PROMPT] * 2, ["ok", "a bad one"], [None, None])
+
+
+def test_rule_only_run_with_a_reward_function_learns_on_the_demo_kit(tmp_path):
+    """No reward model: MiniMind2's format rules plus a ground-truth function from a file. Held-out accuracy
+    (greedy, 64 prompts) rises within 16 rollouts of 16 prompts (measured: 54.7% -> 89.1%)."""
+    (tmp_path / "correct.py").write_text(
+        "import re\n\n\ndef correct(prompts, responses, answers):\n"
+        "    found = [re.search(r'<answer>(.*?)</answer>', r, re.S) for r in responses]\n"
+        "    return [float(a is not None and m is not None and m.group(1).strip() == a)\n"
+        "            for m, a in zip(found, answers)]\n")
+    run(["--reward_model_path", "none", "--reward_fn", f"{tmp_path / 'correct.py'}:correct", "--max_steps", "16",
+         "--batch_size", "16", "--mini_batch_size", "8", "--eval_limit", "64", "--eval_interval", "16",
+         "--save_dir", str(tmp_path / "out"), "--device", "cpu"])
+    evals = [m for m in read_lines(tmp_path / "out" / "metrics.jsonl") if "eval_accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 16]
+    assert evals[1]["eval_accuracy"] > evals[0]["eval_accuracy"] + 0.15, evals
+    assert "eval_reward_rm" not in evals[0] and "reward_custom" in read_lines(tmp_path / "out" / "samples.jsonl")[0]
+
+
+# ----------------------------------------------------------------------------- the two-GPU layout's code path
+def test_critic_and_reward_model_on_their_own_devices(tiny_kit, tmp_path):
+    """The seeds' layout (policy and reference on one device, critic and reward model on another) runs
+    the same code; on CPU both device strings name the CPU, and the result equals a default run."""
+    run(tiny_run_args(tiny_kit, tmp_path / "split", "--max_steps", "2", "--critic_device", "cpu:0",
+                      "--reward_device", "cpu:0"))
+    run(tiny_run_args(tiny_kit, tmp_path / "default", "--max_steps", "2"))
+    def strip(metrics):
+        return [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
+                for m in metrics]
+    assert strip(read_lines(tmp_path / "split" / "metrics.jsonl")) == strip(read_lines(tmp_path / "default" /
+                                                                                   "metrics.jsonl"))
