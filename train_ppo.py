@@ -1,7 +1,8 @@
 """PPO for MiniMind: actor, old actor, reference, critic and a reward model, token-level PPO.
 
-Read top to bottom: flags -> models -> reward -> rollout -> advantages -> update -> logging
-and checkpoints -> main. Run with `python train_ppo.py` (one process) or
+Read top to bottom: flags -> models -> PPO maths -> rollout -> update -> logging and
+checkpoints -> stop signals -> main. The reward lives in reward.py, the held-out evaluation in
+evaluation.py, the model and its sampler in model/. Run with `python train_ppo.py` (one process) or
 `torchrun --nproc_per_node N train_ppo.py` (DDP; NCCL on GPUs, gloo on CPU).
 Formulas follow "The N Implementation Details of RLHF with PPO" (Huang et al.) and
 TRL / verl / OpenRLHF, as summarised in the project's PPO notes.

@@ -14,7 +14,7 @@ Steps:
    while the right behaviour keeps real probability mass for PPO to find and reinforce.
 2. a reward model (a 1-label LlamaForSequenceClassification whose backbone starts from the
    SFT actor, as in InstructGPT) learns pairwise preferences: right over wrong answers (whole
-   responses and the answer-only chats that calculate_rewards also scores) and the exact
+   responses and the answer-only chats that the trainer's Reward also scores) and the exact
    format over broken ones.
 3. prompt files in MiniMind's rlaif format, with the ground truth in an extra "answer" field.
 """
@@ -160,7 +160,7 @@ RM_KINDS = {"answer_full": 0.35, "answer_only": 0.35, "format": 0.3}  # training
 def rm_pair(q, kind, rng):
     """(chosen chat, rejected chat) of one kind of preference."""
     value = true_value(q)
-    if kind == "answer_only":  # the chat calculate_rewards builds from the <answer> content
+    if kind == "answer_only":  # the chat the trainer's Reward builds from the <answer> content
         return user(q) + assistant(str(value)), user(q) + assistant(str(wrong_value(value, rng)))
     if kind == "answer_full":  # mostly well formatted, sometimes both sides in the same broken layout
         layout = "good" if rng.random() < 0.7 else rng.choice(ANSWER_VISIBLE)
