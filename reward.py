@@ -122,6 +122,13 @@ def load_reward_model(path, device, dtype="auto", input_format="auto", label=Non
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
     except Exception as e:
         raise ValueError(f"--reward_model_path {path!r}: could not load a reward model ({e})") from e
+    # transformers 5 saves RoPE's base only in rope_parameters; 4.x reads a top-level rope_theta and, without
+    # one, silently uses its default base: refuse rather than score with the wrong positions
+    rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta")
+    if rope_theta is not None and getattr(config, "rope_theta", rope_theta) != rope_theta:
+        raise ValueError(f"--reward_model_path {path!r}: its config.json names RoPE base {rope_theta} only in "
+                         f"rope_parameters, which this transformers version ignores (it would use "
+                         f"{config.rope_theta}); add \"rope_theta\": {rope_theta} to config.json")
     get_score = hasattr(model, "get_score")
     num_labels = getattr(config, "num_labels", 1)
     if label is not None and not get_score:

@@ -10,6 +10,7 @@ TRL / verl / OpenRLHF, as summarised in the project's PPO notes.
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -1016,6 +1017,10 @@ def main(args):
     if swanlab_run is not None:
         swanlab_run.finish()
     if dist.is_initialized():
+        # free the DDP wrappers while the group lives: a reducer freed after destroy_process_group holds the
+        # group's last reference, and gloo's destructor then waits on a worker thread that waits for the GIL
+        actor = critic = models = None
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

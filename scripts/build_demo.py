@@ -245,10 +245,28 @@ def save_reward_model(reward_model, tokenizer, folder):
     reward_model.to(torch.float16).save_pretrained(tmp)  # fp16 halves the committed size
     reward_model.float()
     tokenizer.save_pretrained(tmp)
+    make_portable(tmp)
     if os.path.isdir(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def make_portable(folder):
+    """Make a saved reward model folder load the same under transformers 4.57 and 5.x. 5.x writes RoPE's
+    base only inside rope_parameters, which 4.x ignores (it silently falls back to base 10000), and names the
+    tokenizer class TokenizersBackend, which 4.x does not know. Both versions read a top-level rope_theta and
+    PreTrainedTokenizerFast; files saved by 4.x already have both and stay unchanged."""
+    def rewrite(name, data):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+    config = json.load(open(os.path.join(folder, "config.json"), encoding="utf-8"))
+    if "rope_theta" not in config:
+        rewrite("config.json", dict(config, rope_theta=config["rope_parameters"]["rope_theta"]))
+    tokenizer_config = json.load(open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8"))
+    if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+        rewrite("tokenizer_config.json", dict(tokenizer_config, tokenizer_class="PreTrainedTokenizerFast"))
 
 
 def file_size(path):

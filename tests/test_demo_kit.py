@@ -3,6 +3,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -130,6 +131,36 @@ def test_committed_reward_model_prefers_the_format(committed_kit):
                   response(expr, right)[:-12]]                                          # cut off
         scores = reward_model.score([chat(question, response(expr, right))] + [chat(question, b) for b in broken])
         assert (scores[0] > scores[1:]).all(), (question, scores.tolist())
+
+
+def assert_rope_base(reward_model, base):
+    """The RoPE base the loaded Llama (a RewardModel's) really uses: inv_freq = base ** (-2i / head_dim)."""
+    inv_freq = reward_model.model.model.rotary_emb.inv_freq.double()
+    head_dim = 2 * len(inv_freq)
+    expected = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    assert torch.allclose(inv_freq, expected, rtol=1e-5), (inv_freq[:3].tolist(), base)
+
+
+def test_committed_reward_model_uses_its_rope_base(committed_kit):
+    assert_rope_base(committed_kit["reward_model"], 1e6)
+
+
+def test_rope_base_saved_by_transformers_5_is_never_lost(tiny_kit, tmp_path):
+    """transformers 5 saves RoPE's base only in rope_parameters, which 4.x ignores: such a folder loads right
+    or is refused, never scored with another base; build_demo.make_portable makes it load under both."""
+    folder = tmp_path / "rm"
+    shutil.copytree(tiny_kit["reward_model"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("rope_theta", "rope_scaling", "rope_parameters"):
+        config.pop(key, None)
+    config["rope_parameters"] = {"rope_theta": 1e6, "rope_type": "default"}
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        assert_rope_base(load_reward_model(str(folder), "cpu", torch.float32), 1e6)  # transformers 5
+    except ValueError as e:  # transformers 4.x
+        assert "only in rope_parameters" in str(e)
+    build_demo.make_portable(str(folder))
+    assert_rope_base(load_reward_model(str(folder), "cpu", torch.float32), 1e6)
 
 
 # ----------------------------------------------------------------------------- the evaluation's metrics
