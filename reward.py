@@ -3,6 +3,7 @@
 Used by train_ppo.py (rollouts), evaluation.py (held-out evaluation) and the scripts. A
 reward is (total [B], parts {name: [B]}); every part is logged on its own.
 """
+import inspect
 import json
 import math
 import os
@@ -78,8 +79,16 @@ class RewardModel:
             else:
                 enc = self.tokenizer([q + r for q, r in zip(queries, responses)], return_tensors="pt", padding=True,
                                      truncation=True)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        enc = {k: v.to(self.model.device) for k, v in enc.items() if k in self.model_inputs(enc)}
         return self.model(**enc).logits[:, self.label].float().cpu()
+
+    def model_inputs(self, enc):
+        """The tokenizer outputs the model's forward takes: a tokenizer may emit token_type_ids that a model
+        without segment embeddings (DistilBERT) refuses."""
+        params = inspect.signature(self.model.forward).parameters
+        if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return set(enc)
+        return set(enc) & set(params)
 
 
 def reward_label_index(label, config, path):

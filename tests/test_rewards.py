@@ -6,22 +6,22 @@ import re
 import pytest
 import torch
 from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, DistilBertConfig,
-                          DistilBertForSequenceClassification)
+                          DistilBertForSequenceClassification, DistilBertTokenizerFast)
 
 import train_ppo
-from conftest import ROOT, tiny_run_args
+from conftest import tiny_run_args
 from reward import NonFiniteRolloutError, Reward, RewardFunction, load_reward_model
 
 WORDS = ["what", "is", "plus", "compute", "the", "answer", "think"]
 
 
-def write_wordpiece(folder):
+def write_wordpiece(folder, tokenizer_class):
     """A WordPiece vocabulary written here: specials, single characters (and their ## forms), a few words."""
     chars = [chr(c) for c in range(33, 127)] + list("加上等于多少是计算。？")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + WORDS
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True), len(vocab)
+    return tokenizer_class(vocab_file=str(folder / "vocab.txt"), do_lower_case=True), len(vocab)
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,13 @@ def encoder_rms(tmp_path_factory):
     the same way) and a 2-label DistilBERT with NEGATIVE / POSITIVE (TRL's sentiment classifier)."""
     root = tmp_path_factory.mktemp("encoders")
     torch.manual_seed(0)
-    tokenizer, vocab_size = write_wordpiece(root / "bert")
+    tokenizer, vocab_size = write_wordpiece(root / "bert", BertTokenizerFast)
     bert = BertForSequenceClassification(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
                                                     num_attention_heads=2, intermediate_size=64,
                                                     max_position_embeddings=512, num_labels=1))
     bert.save_pretrained(root / "bert")
     tokenizer.save_pretrained(root / "bert")
-    tokenizer, vocab_size = write_wordpiece(root / "distilbert")
+    tokenizer, vocab_size = write_wordpiece(root / "distilbert", DistilBertTokenizerFast)
     distil = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=512,
         num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}))
@@ -72,7 +72,7 @@ def test_encoder_scores_equal_the_models_documented_usage(tiny_kit, encoder_rms,
     samples = read_lines(tmp_path / "samples.jsonl")
     reference = (BertForSequenceClassification if model == "bert" else DistilBertForSequenceClassification
                  ).from_pretrained(path).eval()
-    tokenizer = BertTokenizerFast.from_pretrained(path)
+    tokenizer = (BertTokenizerFast if model == "bert" else DistilBertTokenizerFast).from_pretrained(path)
     with torch.no_grad():
         for s in samples:  # one at a time, no padding: the model's own usage
             want = documented(reference, tokenizer, last_user_message(s["prompt"]), s["response"]).item()
@@ -87,6 +87,13 @@ def test_auto_input_format_and_labels(encoder_rms, tiny_kit):
     assert load_reward_model(encoder_rms["distilbert"], "cpu", label="positive").label == 1
     assert load_reward_model(tiny_kit["reward_model"], "cpu").input_format == "chat"  # decoder with a template
     assert load_reward_model(encoder_rms["bert"], "cpu", input_format="text").input_format == "text"
+    # a tokenizer that emits token_type_ids for a model without segment embeddings: they are left out
+    bert_tokenizer = BertTokenizerFast.from_pretrained(encoder_rms["bert"])
+    distil = load_reward_model(encoder_rms["distilbert"], "cpu", label="POSITIVE")
+    with_types = type(distil)(distil.model, bert_tokenizer, "text", 1)
+    chat = [[{"role": "user", "content": "what is 7 + 5?"}, {"role": "assistant", "content": "12"}]]
+    assert "token_type_ids" in bert_tokenizer("what is 7 + 5?12")
+    assert torch.allclose(with_types.score(chat), distil.score(chat))
     with pytest.raises(ValueError, match=r"has 2 labels; choose the one to score with --reward_label NAME or INDEX "
                                          r"\(0: NEGATIVE, 1: POSITIVE\)"):
         load_reward_model(encoder_rms["distilbert"], "cpu")
