@@ -79,7 +79,8 @@ class RewardModel:
             else:
                 enc = self.tokenizer([q + r for q, r in zip(queries, responses)], return_tensors="pt", padding=True,
                                      truncation=True)
-        enc = {k: v.to(self.model.device) for k, v in enc.items() if k in self.model_inputs(enc)}
+        accepted = self.model_inputs(enc)
+        enc = {k: v.to(self.model.device) for k, v in enc.items() if k in accepted}
         return self.model(**enc).logits[:, self.label].float().cpu()
 
     def model_inputs(self, enc):
@@ -89,6 +90,12 @@ class RewardModel:
         if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return set(enc)
         return set(enc) & set(params)
+
+
+def label_list(config):
+    """'0: NEGATIVE, 1: POSITIVE': a classifier's labels, for error messages."""
+    labels = {int(i): name for i, name in (config.id2label or {}).items()}
+    return ", ".join(f"{i}: {labels.get(i, '?')}" for i in range(config.num_labels))
 
 
 def reward_label_index(label, config, path):
@@ -101,8 +108,7 @@ def reward_label_index(label, config, path):
         if index is None:
             index = next((i for i, name in labels.items() if name.lower() == str(label).lower()), None)
     if index is None or not 0 <= index < config.num_labels:
-        raise ValueError(f"--reward_label {label!r}: {path} has no such label; its labels are "
-                         + ", ".join(f"{i}: {labels.get(i, '?')}" for i in range(config.num_labels)))
+        raise ValueError(f"--reward_label {label!r}: {path} has no such label; its labels are {label_list(config)}")
     return index
 
 
@@ -144,8 +150,7 @@ def load_reward_model(path, device, dtype="auto", input_format="auto", label=Non
         label = reward_label_index(label, config, path)
     elif num_labels != 1 and not get_score:
         raise ValueError(f"--reward_model_path {path!r} has {num_labels} labels; choose the one to score with "
-                         f"--reward_label NAME or INDEX (" + ", ".join(f"{i}: {config.id2label.get(i, '?')}"
-                                                                        for i in range(num_labels)) + ")")
+                         f"--reward_label NAME or INDEX ({label_list(config)})")
     if input_format == "auto":
         input_format = ("get_score" if get_score else "chat" if tokenizer.chat_template else
                         "pair" if label is None else "text")

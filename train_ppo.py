@@ -31,11 +31,10 @@ from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, thi
 from model.model_minimind import MiniMindModel, sample_responses
 from evaluation import evaluation_sums, markdown_table, means
 from reward import REWARD_INPUTS, REWARD_RULES, NonFiniteRolloutError, Reward, RewardFunction, load_reward_model
-from trainer_utils import (Logger, SkipBatchSampler, build_cosine_scheduler, get_rank, get_rng_state,
-                           get_world_size, init_distributed_mode, init_model, is_main_process, load_resume,
-                           check_tokenizer_fit, load_tokenizer,
-                           load_state_dict_file, resolve_weight, resume_path, save_resume, save_weights, set_rng_state,
-                           setup_seed, synced_time, unwrap_model, weight_path)
+from trainer_utils import (build_cosine_scheduler, check_tokenizer_fit, get_rank, get_rng_state, get_world_size,
+                           init_distributed_mode, init_model, is_main_process, load_resume, load_state_dict_file,
+                           load_tokenizer, Logger, resolve_weight, resume_path, save_resume, save_weights,
+                           set_rng_state, setup_seed, SkipBatchSampler, synced_time, unwrap_model, weight_path)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "dataset", "rlaif-mini.jsonl")
