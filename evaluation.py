@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch.utils.data import DataLoader
 
-from dataset.lm_dataset import PromptCollator
+from dataset.lm_dataset import PromptCollator, decode_responses
 from model.model_minimind import sample_responses
 from reward import answer_correct, format_ok, tags_complete
 
@@ -42,7 +42,7 @@ def generate(model, tokenizer, samples, batch_size, max_gen_len, device, tempera
                                             max_gen_len, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                             temperature=temperature or 1.0, greedy=temperature == 0,
                                             generator=generator)
-        responses += tokenizer.batch_decode(ids * mask, skip_special_tokens=True)
+        responses += decode_responses(tokenizer, ids, mask)
         has_eos.append(((ids == tokenizer.eos_token_id) & mask.bool()).any(1).cpu())
         lengths.append(mask.sum(1).cpu())
     return responses, torch.cat(has_eos), torch.cat(lengths).float()

@@ -322,7 +322,9 @@ class Reward:
         answers = [a or None for a in answers] if answers is not None else [None] * B
         chats, answer_chats, answer_rows, turns, rule_parts = [], [], [], [], []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)]
+            # a plain-text prompt (no chat turns) is the query itself
+            messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)] or \
+                [{"role": "user", "content": prompt}]
             turn = scored_turn(prompt, response)
             turns.append(turn)
             if not self.reasoning:

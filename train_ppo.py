@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, thinking_flag
+from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, decode_responses, thinking_flag
 from model.model_minimind import MiniMindModel, sample_responses
 from evaluation import evaluation_sums, markdown_table, means
 from reward import REWARD_INPUTS, REWARD_RULES, NonFiniteRolloutError, Reward, RewardFunction, load_reward_model
@@ -386,7 +386,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
                 ref_logprobs[rows] = response_logprobs(ref_model, ids, am, R, args.temperature)[0]
                 values[rows] = critic_values(critic, ids, am, R).to(device)
     t2 = synced_time(device)
-    responses = tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+    responses = decode_responses(tokenizer, response_ids, response_mask)
     bad = (~torch.isfinite(values)).any(1).nonzero()
     if len(bad):  # padding included (NaN * 0 is NaN); whitening would spread it to every advantage
         row = int(bad[0])
@@ -766,17 +766,22 @@ def main(args):
         Logger(f"note: --dtype {args.dtype} on CPU runs under torch.autocast('cpu') to check the mixed-precision "
                f"path; it is slow on CPUs without {args.dtype} instructions")
 
-    # the tokenizer first: what does not fit stops here, before any model is built
+    # the tokenizer and the data first: what does not fit stops here, before any model is built
     tokenizer = load_tokenizer(args.tokenizer_path)
-    if not tokenizer.chat_template:
-        raise ValueError(f"--tokenizer_path {args.tokenizer_path!r}: the tokenizer has no chat template, but "
-                         f"--data_path {args.data_path} holds conversations to render with one")
     if args.thinking_ratio is not None and thinking_flag(tokenizer) is None:
         raise ValueError(f"--thinking_ratio {args.thinking_ratio}: the chat template of --tokenizer_path "
                          f"{args.tokenizer_path!r} has no thinking switch ({' or '.join(THINKING_FLAGS)})")
     if args.thinking_ratio is None:
         args.thinking_ratio = 0.9 if thinking_flag(tokenizer) else 0.0
     reward_functions = [RewardFunction(spec) for spec in args.reward_fn]  # loading errors name file and function
+    # every rank sees its own shard of one global shuffled order (below); bad lines stop the run here
+    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, thinking_ratio=args.thinking_ratio,
+                           seed=args.seed)
+    eval_samples = []
+    if args.eval_data_path:
+        eval_samples = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len,
+                                    thinking_ratio=args.thinking_ratio, seed=args.seed).samples  # epoch 0's draws
+        eval_samples = eval_samples[:args.eval_limit or None]
 
     # models: actor (trained), old actor (samples, gives pi_old), ref (KL anchor), critic, reward model
     actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
@@ -797,9 +802,6 @@ def main(args):
            + (f"; think block open in {args.thinking_ratio:.0%} of prompts ({thinking_flag(tokenizer)})"
               if thinking_flag(tokenizer) else ""))
 
-    # data: every rank sees its own shard of one global shuffled order
-    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, thinking_ratio=args.thinking_ratio,
-                           seed=args.seed)
     if args.check_tokenizer and args.from_weight != "none":
         Logger(check_tokenizer_fit(actor, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
                                    tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
@@ -808,11 +810,6 @@ def main(args):
     if len(dataset) < args.batch_size * world:
         raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
                          f"prompts, but {args.data_path} has {len(dataset)}")
-    eval_samples = []
-    if args.eval_data_path:  # bad lines stop the run here, before any training
-        eval_samples = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len,
-                                    thinking_ratio=args.thinking_ratio, seed=args.seed).samples  # epoch 0's draws
-        eval_samples = eval_samples[:args.eval_limit or None]
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     steps_per_epoch = len(sampler) // args.batch_size  # a last partial batch is left out (like drop_last)
     total_rollouts = steps_per_epoch * args.epochs

@@ -276,11 +276,16 @@ def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
 
 
 def load_tokenizer(tokenizer_path):
+    """AutoTokenizer from the folder; one with no pad token pads with EOS (as TRL sets GPT-2's). That is
+    safe because every mask comes from lengths, never from comparing ids with the pad id."""
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except Exception as e:
         raise ValueError(f"--tokenizer_path {tokenizer_path!r}: cannot load a tokenizer ({_first_line(e)})") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 @torch.no_grad()
@@ -351,9 +356,6 @@ def init_model(weight, save_dir, tokenizer_path, device, hidden_size=None, num_h
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but the model's vocabulary "
                          f"holds {model.config.vocab_size}")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"tokenizer {tokenizer_path!r}: the pad token must exist and differ from EOS "
-                         f"(pad {tokenizer.pad_token!r}, eos {tokenizer.eos_token!r}), or EOS is masked out as padding")
     return model.float().to(device), tokenizer
 
 

@@ -20,22 +20,27 @@ def thinking_flag(tokenizer):
 
 
 def parse_record(text):
-    """(messages, answer) from one jsonl line; raises ValueError(reason) on bad input.
-    The trailing assistant message is MiniMind's placeholder ("无") and is dropped."""
+    """(messages, answer) from one jsonl line, or (prompt text, answer) for a plain-text row
+    {"prompt": "..."} (base models: used as it is, no chat template); raises ValueError(reason) on
+    bad input. The trailing assistant message is MiniMind's placeholder ("无") and is dropped."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"record must be a JSON object, got {type(record).__name__}")
-    if "conversations" not in record:
-        raise ValueError("missing 'conversations'")
-    conversations = record["conversations"]
-    if not isinstance(conversations, list):
-        raise ValueError(f"'conversations' must be a list, got {type(conversations).__name__}")
     answer = record.get("answer", "")
     if not isinstance(answer, str):
         raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
+    if "prompt" in record and "conversations" not in record:
+        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+            raise ValueError("'prompt' must be a non-empty string")
+        return record["prompt"], answer
+    if "conversations" not in record:
+        raise ValueError("missing 'conversations' (or 'prompt' for a plain-text row)")
+    conversations = record["conversations"]
+    if not isinstance(conversations, list):
+        raise ValueError(f"'conversations' must be a list, got {type(conversations).__name__}")
 
     messages = []
     for i, message in enumerate(conversations):
@@ -58,8 +63,9 @@ def parse_record(text):
 
 
 class RLAIFDataset(Dataset):
-    """Prompts from a conversations jsonl, rendered by the tokenizer's own chat template and tokenised
-    once at load time.
+    """Prompts from a jsonl of conversation rows, rendered by the tokenizer's own chat template, or
+    of plain-text rows {"prompt": ...} used as they are (with the tokenizer's own special tokens, as
+    a base model reads text); one kind per file. Tokenised once at load time.
 
     Prompts longer than `max_length` tokens keep their last `max_length` ids: the end holds
     the user's latest turn and the generation prompt, which the policy must see.
@@ -74,22 +80,35 @@ class RLAIFDataset(Dataset):
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
         self.path = os.fspath(path)
         self.skipped = []  # (lineno, reason) of bad lines skipped with skip_bad_lines=True
-        self.flag = thinking_flag(tokenizer)
+        numbered = self._read_records(skip_bad_lines)  # (line number, (messages or prompt text, answer))
+        self.chat = isinstance(numbered[0][1][0], list)
+        for lineno, (content, _) in numbered:
+            if isinstance(content, list) != self.chat:
+                kinds = ("conversation", "plain-text prompt")
+                raise ValueError(f"{self.path}:{lineno}: a {kinds[self.chat]} row in a file of {kinds[not self.chat]} "
+                                 f"rows (line {numbered[0][0]}); one kind per file")
+        if self.chat and not tokenizer.chat_template:
+            raise ValueError(f"{self.path}:{numbered[0][0]}: a conversation row, but the tokenizer has no chat "
+                             f"template; use plain-text rows {{\"prompt\": ...}} or a tokenizer with a template")
+        records = [record for _, record in numbered]
+        self.flag = thinking_flag(tokenizer) if self.chat else None
         if thinking_ratio and self.flag is None:
             raise ValueError(f"thinking_ratio {thinking_ratio}: the tokenizer's chat template has no thinking switch "
                              f"({' or '.join(THINKING_FLAGS)})")
         self.thinking_ratio, self.seed, self.epoch = thinking_ratio, seed, 0
-        records = self._read_records(skip_bad_lines)
 
         self.answers = [answer for _, answer in records]
         self.variants = [{} for _ in records]  # per prompt: {switch: (prompt text, ids)}
         truncated = set()
         for switch in ([False, True] if self.flag else [None]):  # the think block closed / open
-            texts = [tokenizer.apply_chat_template(self._with_system(messages, system_prompt), tokenize=False,
+            texts = [content if not self.chat else
+                     tokenizer.apply_chat_template(self._with_system(content, system_prompt), tokenize=False,
                                                    add_generation_prompt=True,
                                                    **({self.flag: switch} if self.flag else {}))
-                     for messages, _ in records]
-            for i, (text, ids) in enumerate(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])):
+                     for content, _ in records]
+            # a rendered template holds its special tokens already; plain text gets the tokenizer's own (a BOS)
+            all_ids = tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
+            for i, (text, ids) in enumerate(zip(texts, all_ids)):
                 if len(ids) > max_length:
                     ids = ids[-max_length:]
                     text = tokenizer.decode(ids)
@@ -136,7 +155,7 @@ class RLAIFDataset(Dataset):
                 if not text.strip():
                     continue
                 try:
-                    records.append(parse_record(text))
+                    records.append((lineno, parse_record(text)))
                 except ValueError as e:
                     self._bad_line(lineno, str(e), skip_bad_lines)
 
@@ -164,6 +183,13 @@ class RLAIFDataset(Dataset):
     def __getitem__(self, index):
         text, ids = self.variants[index][self.thinking_open(index)]
         return {"prompt": text, "prompt_ids": ids, "answer": self.answers[index]}
+
+
+def decode_responses(tokenizer, response_ids, response_mask):
+    """Each row's response text: its real tokens only (lengths from the mask, never from comparing ids
+    with the pad id, which may be EOS or an ordinary token), special tokens skipped."""
+    return [tokenizer.decode(ids[:n], skip_special_tokens=True)
+            for ids, n in zip(response_ids.tolist(), response_mask.sum(1).tolist())]
 
 
 class PromptCollator:

@@ -1,3 +1,4 @@
+import copy
 import json
 import re
 from pathlib import Path
@@ -194,3 +195,37 @@ def test_collator_with_dataloader(tokenizer):
 def test_collator_needs_a_pad_id():
     with pytest.raises(ValueError, match="pad_token_id"):
         PromptCollator(None)
+
+
+# ---------------------------------------------------------------- plain-text prompts (base models)
+GOOD_CHAT = json.dumps(GOOD)
+
+def test_plain_text_rows_are_used_as_they_are(tmp_path, tokenizer):
+    path = tmp_path / "plain.jsonl"
+    path.write_text('{"prompt": "This movie was", "answer": "good"}\n\n{"prompt": "The plot"}\n', encoding="utf-8")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = None  # a base model's tokenizer: no template needed for plain rows
+    ds = RLAIFDataset(path, tokenizer, max_length=64)
+    assert [s["prompt"] for s in ds.samples] == ["This movie was", "The plot"]
+    assert ds.samples[0]["prompt_ids"] == tokenizer("This movie was")["input_ids"] and ds.answers == ["good", ""]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "Hello"}', GOOD_CHAT], r"plain\.jsonl:2: a conversation row in a file of plain-text prompt rows "
+                                         r"\(line 1\); one kind per file"),
+    ([GOOD_CHAT, "", '{"prompt": "Hello"}'], r"plain\.jsonl:3: a plain-text prompt row in a file of conversation "
+                                             r"rows \(line 1\)"),
+    (['{"prompt": ""}'], r"plain\.jsonl:1: 'prompt' must be a non-empty string"),
+])
+def test_mixed_or_bad_plain_rows_name_the_line(tmp_path, tokenizer, lines, message):
+    (tmp_path / "plain.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        RLAIFDataset(tmp_path / "plain.jsonl", tokenizer, max_length=64)
+
+
+def test_conversation_rows_need_a_chat_template(tmp_path, tokenizer):
+    (tmp_path / "chat.jsonl").write_text("\n" + GOOD_CHAT + "\n", encoding="utf-8")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match=r"chat\.jsonl:2: a conversation row, but the tokenizer has no chat template"):
+        RLAIFDataset(tmp_path / "chat.jsonl", tokenizer, max_length=64)

@@ -128,8 +128,8 @@ def test_bad_setup_stops_before_any_model_is_built(tiny_kit, tokenizers, tmp_pat
         assert "--reward_rules: invalid choice: 'minimind4'" in capsys.readouterr().err
         return
     tokenizer, extra, message = {
-        "no chat template": ("none", [], r"--tokenizer_path '\S+none': the tokenizer has no chat template, but "
-                                         r"--data_path \S+ holds conversations"),
+        "no chat template": ("none", [], r"prompts_sample\.jsonl:1: a conversation row, but the tokenizer has no "
+                                         r"chat template"),
         "a switch the template lacks": ("minimind2", ["--thinking_ratio", "0.5"],
                                         r"--thinking_ratio 0\.5: the chat template of --tokenizer_path '\S+minimind2' "
                                         r"has no thinking switch \(open_thinking or enable_thinking\)"),

@@ -157,3 +157,52 @@ def test_plot_metrics_writes_png(tmp_path):
     plot_main([str(tmp_path / "metrics.jsonl")])
     png = (tmp_path / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+
+
+def test_plain_text_prompts_with_a_tokenizer_without_template(tiny_kit, tmp_path):
+    """Base-model data: {"prompt": ...} rows used as they are, no chat template needed; the reward model's
+    query is the prompt text itself."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(train_ppo.__file__), "model"))
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "base_tok")
+    rows = [json.loads(line) for line in open(tiny_kit["data"])]
+    with open(tmp_path / "plain.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({"prompt": row["conversations"][0]["content"] + " The answer is"}) + "\n")
+    run(tiny_run_args(tiny_kit, tmp_path / "out", "--max_steps", "2", "--data_path", str(tmp_path / "plain.jsonl"),
+                      "--tokenizer_path", str(tmp_path / "base_tok"), "--log_samples", "2"))
+    samples = [json.loads(line) for line in open(tmp_path / "out" / "samples.jsonl")]
+    plain = {row["conversations"][0]["content"] + " The answer is" for row in rows}
+    assert len(samples) == 4 and all(s["prompt"] in plain for s in samples)
+    from conftest import reward_of
+
+    class Recorder:
+        seen = []
+
+        def get_score(self, tokenizer, chat):
+            self.seen.append(chat)
+            return 0.0
+    reward_of(Recorder(), reasoning=False)(["This movie was"], [" great"])
+    assert Recorder.seen == [[{"role": "user", "content": "This movie was"}, {"role": "assistant", "content": " great"}]]
+
+
+def test_pad_token_equal_to_eos_or_missing_trains_the_same(tmp_path):
+    """Every mask comes from lengths: padding with EOS (TRL's GPT-2 convention) or with no pad token at all
+    gives the same run as a distinct pad token, and EOS stays a real, trained token."""
+    from transformers import AutoTokenizer
+    root = os.path.dirname(os.path.abspath(train_ppo.__file__))
+    for name in ("pad_eos", "no_pad"):
+        tok = AutoTokenizer.from_pretrained(os.path.join(root, "model"))
+        tok.pad_token = tok.eos_token if name == "pad_eos" else None
+        tok.save_pretrained(tmp_path / name)
+    runs = {}
+    for name, path in [("own", os.path.join(root, "model")), ("pad_eos", str(tmp_path / "pad_eos")),
+                       ("no_pad", str(tmp_path / "no_pad"))]:
+        run(["--tokenizer_path", path, "--max_steps", "2", "--batch_size", "8", "--mini_batch_size", "4",
+             "--eval_data_path", "none", "--save_dir", str(tmp_path / name), "--device", "cpu"])
+        runs[name] = [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
+                      for m in read_metrics(tmp_path / name)]
+    assert train_ppo.load_tokenizer(str(tmp_path / "no_pad")).pad_token == "<|im_end|>"
+    assert runs["pad_eos"] == runs["own"] and runs["no_pad"] == runs["own"]
+    assert all(m["eos_rate"] > 0.9 for m in runs["own"])  # the demo actor ends its responses with EOS
