@@ -184,7 +184,8 @@ def test_plain_text_prompts_with_a_tokenizer_without_template(tiny_kit, tmp_path
             self.seen.append(chat)
             return 0.0
     reward_of(Recorder(), reasoning=False)(["This movie was"], [" great"])
-    assert Recorder.seen == [[{"role": "user", "content": "This movie was"}, {"role": "assistant", "content": " great"}]]
+    assert Recorder.seen == [[{"role": "user", "content": "This movie was"},
+                              {"role": "assistant", "content": " great"}]]
 
 
 def test_pad_token_equal_to_eos_or_missing_trains_the_same(tmp_path):
