@@ -805,7 +805,7 @@ def main(args):
     if args.check_tokenizer and args.from_weight != "none":
         Logger(check_tokenizer_fit(actor, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
                                    tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
-    if args.correctness_reward and not any(s["answer"] for s in dataset.samples):
+    if args.correctness_reward and not any(dataset.answers):
         raise ValueError(f"--correctness_reward {args.correctness_reward}: {args.data_path} has no `answer` field")
     if len(dataset) < args.batch_size * world:
         raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "

@@ -294,22 +294,17 @@ def tokenizer_fit(model, prompts_ids, pad_token_id, seed=0):
     prompt's tokens shuffled), in nats. A model reading the tokenizer it was trained with predicts
     text far better in its real order than shuffled; fed another tokenizer's ids, it reads both as
     noise. One left-padded forward each."""
+    from dataset.lm_dataset import PromptCollator
     generator = torch.Generator().manual_seed(seed)
-    width = max(len(ids) for ids in prompts_ids)
     device = next(model.parameters()).device
     result = []
     for shuffle in (False, True):
-        ids = torch.full((len(prompts_ids), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts_ids):
-            prompt = torch.tensor(prompt)
-            if shuffle:
-                prompt = prompt[torch.randperm(len(prompt), generator=generator)]
-            ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        rows = [torch.tensor(ids)[torch.randperm(len(ids), generator=generator)].tolist() if shuffle else ids
+                for ids in prompts_ids]
+        batch = PromptCollator(pad_token_id)([{"prompt": "", "prompt_ids": ids, "answer": ""} for ids in rows])
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = model(ids, attention_mask=mask).logits[:, :-1].float()
-        nll = -logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        nll = logits.logsumexp(-1) - logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
         scored = mask[:, :-1] * mask[:, 1:]  # predictions of real tokens from real tokens
         result.append(((nll * scored).sum() / scored.sum()).item())
     return tuple(result)
