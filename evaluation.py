@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.lm_dataset import PromptCollator, decode_responses
-from model.model_minimind import sample_responses
+from model.sampling import sample_responses
 from reward import answer_correct, format_ok, tags_complete
 
 # metric -> (table label, shown as a percentage?, decimals), in table order; logged as eval_<metric>

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from trainer_utils import Logger
+from trainer_utils import check_rope_base, Logger
 
 
 class NonFiniteRolloutError(ValueError):
@@ -137,13 +137,7 @@ def load_reward_model(path, device, dtype="auto", input_format="auto", label=Non
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
     except Exception as e:
         raise ValueError(f"--reward_model_path {path!r}: could not load a reward model ({e})") from e
-    # transformers 5 saves RoPE's base only in rope_parameters; 4.x reads a top-level rope_theta and, without
-    # one, silently uses its default base: refuse rather than score with the wrong positions
-    rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta")
-    if rope_theta is not None and getattr(config, "rope_theta", rope_theta) != rope_theta:
-        raise ValueError(f"--reward_model_path {path!r}: its config.json names RoPE base {rope_theta} only in "
-                         f"rope_parameters, which this transformers version ignores (it would use "
-                         f"{config.rope_theta}); add \"rope_theta\": {rope_theta} to config.json")
+    check_rope_base(path, config, "--reward_model_path")
     get_score = hasattr(model, "get_score")
     num_labels = getattr(config, "num_labels", 1)
     if label is not None and not get_score:
@@ -189,10 +183,15 @@ def answer_correct(response, answer):
     return extract_answer(response) == answer.strip()
 
 
-REWARD_RULES = ("minimind2", "minimind3")
+REWARD_RULES = ("minimind2", "minimind3", "none")
 ASSISTANT_START = "<|im_start|>assistant\n"
 # repetition is counted over words, and over single characters in CJK text (no spaces there)
 TEXT_UNITS = re.compile(r"[\u4e00-\u9fff]|[A-Za-z0-9_]+|[^\sA-Za-z0-9_\u4e00-\u9fff]")
+
+
+def default_reward_rules(config):
+    """The rules of the policy's own generation: MiniMind2's or minimind-3's; none for other models."""
+    return f"minimind{config.version}" if config.model_type == "minimind" else "none"
 
 
 def scored_turn(prompt, response):
@@ -305,7 +304,7 @@ class Reward:
       of the whole chat, blended 0.4 * whole + 0.6 * answer-only when an <answer> span exists.
     - minimind3 (minimind-3's PPO): `length`, `think` and `repetition`; `rm` is the clipped score
       of (the history collapsed into one user message, the answer).
-    - without reasoning: `rm` of the whole chat.
+    - none (transformers policies' default), or reasoning off: no rules; `rm` of the whole chat.
     With no reward model there is no `rm`. `correctness` (W > 0): W when the answer (answer_of) equals
     the data row's `answer`. Each function from a file adds `custom` (several: `custom_<function>`).
     """
@@ -327,7 +326,7 @@ class Reward:
                 [{"role": "user", "content": prompt}]
             turn = scored_turn(prompt, response)
             turns.append(turn)
-            if not self.reasoning:
+            if not self.reasoning or self.rules == "none":
                 chats.append(messages + [{"role": "assistant", "content": turn}])
             elif self.rules == "minimind3":
                 parts, answer = minimind3_rules(turn)

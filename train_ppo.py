@@ -28,13 +28,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, decode_responses, thinking_flag
-from model.model_minimind import MiniMindModel, sample_responses
+from model.sampling import position_ids_from_mask, sample_responses
 from evaluation import evaluation_sums, markdown_table, means
-from reward import REWARD_INPUTS, REWARD_RULES, NonFiniteRolloutError, Reward, RewardFunction, load_reward_model
-from trainer_utils import (build_cosine_scheduler, check_tokenizer_fit, get_rank, get_rng_state, get_world_size,
-                           init_distributed_mode, init_model, is_main_process, load_resume, load_state_dict_file,
-                           load_tokenizer, Logger, resolve_weight, resume_path, save_resume, save_weights,
-                           set_rng_state, setup_seed, SkipBatchSampler, synced_time, unwrap_model, weight_path)
+from reward import (REWARD_INPUTS, REWARD_RULES, default_reward_rules, NonFiniteRolloutError, Reward, RewardFunction,
+                    load_reward_model)
+from trainer_utils import (build_cosine_scheduler, check_tokenizer_fit, default_tokenizer_path, get_rank,
+                           get_rng_state, get_world_size, hf_folder_path, init_distributed_mode, init_model,
+                           is_hf_folder, is_main_process, load_hf_backbone, load_resume, load_state_dict_file,
+                           load_tokenizer, Logger, model_signature, resolve_weight, resume_path, save_hf_folder,
+                           save_resume, save_weights, set_rng_state, setup_seed, SkipBatchSampler, synced_time,
+                           unwrap_model, weight_path)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "dataset", "rlaif-mini.jsonl")
@@ -50,12 +53,17 @@ def parse_args(argv=None):
     a("--save_weight", default="ppo_actor", help="saved as {save_dir}/{save_weight}_{hidden}{_moe}.pth")
     a("--checkpoint_dir", default=None, help="resume files (default: {save_dir}/checkpoints)")
     a("--from_weight", default=os.path.join(ROOT, "demo", "full_sft_128.pth"),
-      help="actor init: a path, a name resolved as the one {save_dir}/{name}_<hidden>[_moe].pth (--hidden_size and "
-           "--use_moe pick among several), or 'none' (random)")
-    a("--critic_weight", default=None, help="critic init (critic or actor .pth); default: the actor's weights")
-    a("--tokenizer_path", default=os.path.join(ROOT, "model"),
+      help="actor init: a MiniMind .pth path, a name resolved as the one {save_dir}/{name}_<hidden>[_moe].pth "
+           "(--hidden_size and --use_moe pick among several), a transformers folder with config.json (any "
+           "AutoModelForCausalLM: GPT-2, Qwen2, Llama...; saved back to {save_dir}/{save_weight}_hf), or 'none' "
+           "(a random MiniMind)")
+    a("--critic_weight", default=None,
+      help="critic init: a MiniMind critic or actor .pth, or a transformers folder (its backbone); a fresh value "
+           "head unless a saved critic; default: the actor's backbone")
+    a("--tokenizer_path", default=None,
       help="the tokenizer the weights were trained with (real MiniMind weights: your MiniMind checkout's "
-           "minimind/model); its chat template renders the prompts")
+           "minimind/model); its chat template renders the prompts. Default: the --from_weight folder for "
+           "transformers models, else the project's model/")
     a("--check_tokenizer", type=int, default=1, choices=[0, 1],
       help="at start-up, stop if the actor does not read --tokenizer_path's ids (skipped for --from_weight none)")
     a("--thinking_ratio", type=float, default=None,
@@ -122,7 +130,8 @@ def parse_args(argv=None):
     a("--reasoning", type=int, default=1, choices=[0, 1], help="1: the rules of --reward_rules + RM; 0: RM only")
     a("--reward_rules", default=None, choices=list(REWARD_RULES),
       help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking + repetition, "
-           "RM of (history as one user message, answer). Default: the generation of the actor's weights")
+           "RM of (history as one user message, answer); none: no rules, RM of the whole chat. Default: the "
+           "generation of MiniMind weights, none for other models")
     a("--rm_clip", type=float, default=3.0)
     a("--missing_eos_penalty", type=float, default=0.0, help="subtracted when a response hits --max_gen_len")
     # PPO
@@ -154,7 +163,8 @@ def parse_args(argv=None):
     a("--keep_checkpoints", type=int, default=2)
     a("--max_bad_steps", type=int, default=5, help="abort after this many consecutive non-finite steps")
     a("--from_resume", type=int, default=0, choices=[0, 1])
-    a("--save_hf", type=int, default=0, choices=[0, 1], help="also export the actor with save_pretrained")
+    a("--save_hf", type=int, default=0, choices=[0, 1],
+      help="MiniMind: also export the actor with save_pretrained (transformers policies always are)")
     a("--use_swanlab", "--use_wandb", dest="use_swanlab", action="store_true",
       help="log metrics, evaluations and samples to swanlab (--use_wandb: MiniMind's name)")
     a("--swanlab_project", "--wandb_project", dest="swanlab_project", default="MiniMind-PPO")
@@ -162,6 +172,7 @@ def parse_args(argv=None):
       help="offline (default): written under {save_dir}/swanlog, no login, no network; `swanlab sync` uploads it")
     args = p.parse_args(argv)
     args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.save_dir, "checkpoints")
+    args.tokenizer_path = args.tokenizer_path or default_tokenizer_path(args.from_weight, os.path.join(ROOT, "model"))
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.eval_data_path is None:
         args.eval_data_path = DEMO_EVAL_DATA if os.path.abspath(args.data_path) == DEMO_DATA else None
@@ -191,24 +202,33 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- models
 class CriticModel(nn.Module):
-    """MiniMind backbone (final norm included, applied once) + a scalar value head."""
+    """A causal LM's backbone (its final norm included) + a zero-initialised scalar value head.
 
-    def __init__(self, config):
+    The backbone is `getattr(lm, lm.base_model_prefix)`: MiniMindModel, or a transformers model's
+    base (GPT2Model, LlamaModel, ...), whose first output is the last hidden state.
+    """
+
+    def __init__(self, backbone, hidden_size):
         super().__init__()
-        self.model = MiniMindModel(config)
-        self.value_head = nn.Linear(config.hidden_size, 1)
+        self.model = backbone
+        backbone.config.use_cache = False  # training forwards: no key/value cache to build
+        self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask=None):
-        hidden, _ = self.model(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
         return self.value_head(hidden).squeeze(-1)  # [B, T]
 
 
 def build_critic(actor, critic_weight=None):
-    critic = CriticModel(actor.config)
+    """The actor's backbone + a fresh value head; or, with `critic_weight`, a saved critic / actor .pth
+    (MiniMind) or a transformers folder, whose backbone (AutoModel: the heads dropped) is used."""
+    if critic_weight and is_hf_folder(critic_weight):
+        backbone = load_hf_backbone(critic_weight)
+        return CriticModel(backbone, backbone.config.hidden_size)
+    critic = CriticModel(copy.deepcopy(getattr(actor, actor.base_model_prefix)), actor.config.hidden_size)
     if not critic_weight:
-        critic.model.load_state_dict(actor.model.state_dict(), strict=True)
         return critic
     state = load_state_dict_file(critic_weight)
     try:
@@ -323,24 +343,28 @@ class AdaptiveKLController:
 def response_logprobs(model, input_ids, attention_mask, response_len, temperature):
     """Log-probs [B, R] of the last R tokens of `input_ids`, with their logits [B, R, V] and the MoE aux loss.
 
-    Only the R positions that predict response tokens reach lm_head (logits_to_keep), and the
+    Position ids are the sampler's (position_ids_from_mask), so pi_old here is the sampling
+    distribution even for models with learned positions. Only the R positions that predict response tokens reach lm_head (logits_to_keep), and the
     log-prob is gather - logsumexp, never a full log_softmax tensor. Every log-prob that
     enters the PPO ratio (old, ref, actor) comes through here, under the same precision.
     """
     T = input_ids.shape[1]
     predicting = torch.arange(T - response_len - 1, T - 1, device=input_ids.device)  # positions before each response token
-    out = model(input_ids, attention_mask=attention_mask, logits_to_keep=predicting)
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, logits_to_keep=predicting)
     logits = out.logits.float()  # [B, R, V]
     if temperature != 1.0:  # x / 1 == x: skip a full-vocab pass and its backward
         logits = logits / temperature
     logprobs = logits.gather(-1, input_ids[:, -response_len:, None]).squeeze(-1) - logits.logsumexp(-1)
-    return logprobs, logits, out.aux_loss
+    return logprobs, logits, getattr(out, "aux_loss", None)  # MoE balance loss: MiniMind's; None elsewhere
 
 
 def critic_values(critic, input_ids, attention_mask, response_len):
     """V [B, R] at the positions that predict the response tokens, on the critic's own device."""
     device = next(critic.parameters()).device
-    return critic(input_ids.to(device), attention_mask.to(device))[:, -response_len - 1:-1].float()
+    attention_mask = attention_mask.to(device)
+    values = critic(input_ids.to(device), attention_mask, position_ids_from_mask(attention_mask))
+    return values[:, -response_len - 1:-1].float()
 
 
 def entropy_from_logits(logits):
@@ -442,7 +466,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
                     values = critic_values(critic, ids, am, R).to(ids.device)
                     v_loss = value_loss_per_token(values, rollout["values"][micro], returns[micro],
                                                   args.cliprange_value)
-                    token_loss, aux_loss, token_stats = args.vf_coef * v_loss, 0.0, {"value_loss": v_loss}
+                    token_loss, aux_loss, token_stats = args.vf_coef * v_loss, None, {"value_loss": v_loss}
                     if train_actor:
                         logprobs, logits, aux_loss = response_logprobs(actor, ids, am, R, args.temperature)
                         # the entropy's backward costs a full-vocab softmax: only pay it when it is in the loss
@@ -457,7 +481,9 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
                         token_stats.update(approx_kl=0.5 * log_ratio ** 2, policy_loss=pg_loss, entropy=entropy,
                                            clipfrac=((ratio - 1).abs() > args.clip_epsilon).float(),
                                            kl_actor_ref=kl_ref, ratio_dev=(ratio - 1).abs())
-                    loss = (token_loss * mask).sum() / n_tokens * world + aux_loss / len(minibatch)
+                    loss = (token_loss * mask).sum() / n_tokens * world
+                    if aux_loss is not None:
+                        loss = loss + aux_loss / len(minibatch)
                     (scaler.scale(loss) if scaler else loss).backward()
                 with torch.no_grad():
                     for name, value in token_stats.items():
@@ -543,28 +569,36 @@ def gather_rng_states(state):
     return states
 
 
+def policy_path(args, config):
+    """Where the trained policy is saved: a transformers policy as a save_pretrained folder
+    ({save_weight}_hf), MiniMind as its fp16 .pth ({save_weight}_{hidden}[_moe].pth)."""
+    if is_hf_folder(args.from_weight):
+        return hf_folder_path(args.save_dir, args.save_weight)
+    return weight_path(args.save_dir, args.save_weight, config.hidden_size, config.use_moe)
+
+
 def save_checkpoint(args, models, optimizers, schedulers, progress, tokenizer, rng_state):
-    """fp16 actor weights (MiniMind format) + a resume file with everything needed to continue.
+    """The actor (policy_path) + a resume file with everything needed to continue.
     `rng_state` is this rank's RNG state at the start of the next step to run."""
     actor, critic, old_actor = models
     rng_states = gather_rng_states(rng_state)  # collective: every rank calls it
     if is_main_process():
         config = unwrap_model(actor).config
-        hidden, moe = config.hidden_size, config.use_moe
-        save_weights(actor, weight_path(args.save_dir, args.save_weight, hidden, moe))
+        hidden, moe = config.hidden_size, getattr(config, "use_moe", False)
+        if is_hf_folder(args.from_weight):
+            save_hf_folder(actor, tokenizer, policy_path(args, config))
+        else:
+            save_weights(actor, policy_path(args, config))
+            if args.save_hf:
+                save_hf_folder(actor, tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe))
         state = dict(model=unwrap_model(actor).state_dict(), critic_model=unwrap_model(critic).state_dict(),
                      old_actor=old_actor.state_dict(), optimizer=optimizers[0].state_dict(),
                      critic_optimizer=optimizers[1].state_dict(), scheduler=schedulers[0].state_dict(),
                      critic_scheduler=schedulers[1].state_dict(), world_size=get_world_size(),
                      batch_size=args.batch_size, rng_states=rng_states,
-                     model_config=dict(hidden_size=hidden, num_hidden_layers=config.num_hidden_layers,
-                                       use_moe=moe, version=config.version),
+                     model_config=model_signature(config),
                      **progress)
         save_resume(state, resume_path(args.checkpoint_dir, args.save_weight, hidden, moe), keep=args.keep_checkpoints)
-        if args.save_hf:
-            hf_dir = os.path.join(args.save_dir, f"{args.save_weight}_{hidden}{'_moe' if moe else ''}_hf")
-            unwrap_model(actor).save_pretrained(hf_dir)
-            tokenizer.save_pretrained(hf_dir)
     if dist.is_initialized():
         dist.barrier()
 
@@ -577,9 +611,7 @@ def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_ep
     schedulers' step counts (so the LR continues where a fresh run at that world size would be).
     """
     actor, critic, old_actor = models
-    config = actor.config
-    have = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                use_moe=config.use_moe, version=config.version)
+    have = model_signature(actor.config)
     for key, value in state["model_config"].items():
         if have[key] != value:
             raise ValueError(f"resume file was written with {key}={value}, but this run has {key}={have[key]}")
@@ -787,17 +819,22 @@ def main(args):
     actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
                                   hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                                   use_moe=None if args.use_moe is None else bool(args.use_moe))
+    # dropout off (eval mode) everywhere, as TRL disables it: PPO's ratio compares two forwards of one policy,
+    # and dropout masks would make them differ (no first ratio of 1, noisy log-probs and KL)
+    actor.eval()
     old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)
-    critic = build_critic(actor, args.critic_weight).to(args.critic_device or args.device)
+    critic = build_critic(actor, args.critic_weight).to(args.critic_device or args.device).eval()
     reward_model = None if args.reward_model_path.lower() == "none" else load_reward_model(
         args.reward_model_path, args.reward_device or args.device, args.reward_dtype, args.reward_input,
         args.reward_label)
-    args.reward_rules = args.reward_rules or f"minimind{actor.config.version}"  # the weights' own generation
+    args.reward_rules = args.reward_rules or default_reward_rules(actor.config)  # MiniMind: the weights' generation
     reward = Reward(reward_model, args.reward_rules, bool(args.reasoning), args.rm_clip, args.reward_batch_size,
                     args.correctness_reward, reward_functions)
+    config = actor.config
+    kind = f"MiniMind v{config.version}" if config.model_type == "minimind" else type(actor).__name__
     Logger(f"actor: {sum(p.numel() for p in actor.parameters()) / 1e6:.2f}M params "
-           f"(v{actor.config.version}, hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers"
-           f"{', MoE' if actor.config.use_moe else ''}); reward model: {args.reward_model_path}; reward rules: "
+           f"({kind}, hidden {config.hidden_size}, {config.num_hidden_layers} layers"
+           f"{', MoE' if getattr(config, 'use_moe', False) else ''}); reward model: {args.reward_model_path}; reward rules: "
            f"{args.reward_rules if args.reasoning else 'none (--reasoning 0)'}"
            + (f"; think block open in {args.thinking_ratio:.0%} of prompts ({thinking_flag(tokenizer)})"
               if thinking_flag(tokenizer) else ""))
@@ -843,7 +880,7 @@ def main(args):
     samples_path = os.path.join(args.save_dir, "samples.jsonl")
     start_epoch, start_step, global_step, bad_streak, run_id, resumed = 0, 0, 0, 0, None, False
     if args.from_resume:
-        path = resume_path(args.checkpoint_dir, args.save_weight, actor.config.hidden_size, actor.config.use_moe)
+        path = resume_path(args.checkpoint_dir, args.save_weight, config.hidden_size, getattr(config, "use_moe", False))
         state, loaded_from = load_resume(path)
         if state is None:
             # the file name holds the model size: a resume file for another size must not mean "start fresh"
@@ -871,7 +908,7 @@ def main(args):
         # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank by
         # construction; broadcasting them costs ~17 MB per forward at hidden 512
         ddp_kw = dict(device_ids=[local_rank] if device_type == "cuda" else None,
-                      find_unused_parameters=actor.config.use_moe, broadcast_buffers=False)
+                      find_unused_parameters=getattr(config, "use_moe", False), broadcast_buffers=False)
         actor, critic = DistributedDataParallel(actor, **ddp_kw), DistributedDataParallel(critic, **ddp_kw)
 
     if is_main_process():
@@ -1000,13 +1037,12 @@ def main(args):
         Logger(f"stopped by signal at step {global_step}; resume file written. "
                f"Continue with the same command plus --from_resume 1")
     elif is_main_process():
-        cfg = unwrap_model(actor).config
-        out = weight_path(args.save_dir, args.save_weight, cfg.hidden_size, cfg.use_moe)
+        out = policy_path(args, config)
         table = eval_table(metrics_path) if eval_samples else None
         if table:
             Logger(f"held-out evaluation ({len(eval_samples)} prompts of {args.eval_data_path}, greedy):\n{table}")
-        base = "" if args.from_weight == "none" else \
-            f"--base {resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)} "
+        base = "" if args.from_weight == "none" else f"--base {args.from_weight} " if is_hf_folder(args.from_weight) \
+            else f"--base {resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)} "
         Logger(f"done in {(time.time() - t_start) / 60:.1f} min. actor weights: {out}; metrics: {metrics_path}; "
                f"samples: {samples_path}; resume: {args.checkpoint_dir}\nnext: python scripts/eval_policy.py "
                f"{base}--trained {out}\n      python scripts/plot_metrics.py {metrics_path}")

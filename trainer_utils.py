@@ -1,10 +1,12 @@
 """Training helpers shared by the trainers: distributed setup, seeding, batching,
 LR schedule, crash-safe checkpoint I/O and RNG state capture for exact resume."""
 import glob
+import json
 import math
 import os
 import random
 import re
+import shutil
 import time
 
 import numpy as np
@@ -126,6 +128,12 @@ def resume_path(checkpoint_dir, weight, hidden_size, use_moe):
     return os.path.join(checkpoint_dir, f"{_model_tag(weight, hidden_size, use_moe)}_resume.pth")
 
 
+def hf_folder_path(save_dir, weight, hidden_size=None, use_moe=False):
+    """{save_dir}/{weight}_hf: where a transformers policy is saved with save_pretrained. MiniMind's
+    --save_hf export is named as its .pth is, with the model tag: {weight}_{hidden}[_moe]_hf."""
+    return os.path.join(save_dir, f"{weight if hidden_size is None else _model_tag(weight, hidden_size, use_moe)}_hf")
+
+
 # ---------------------------------------------------------------- crash-safe saving
 
 def _remove_if_exists(path):
@@ -188,6 +196,25 @@ def atomic_save(obj, path):
         _remove_if_exists(tmp)
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def save_hf_folder(model, tokenizer, folder):
+    """save_pretrained (model and tokenizer) that never leaves a half-written folder: written beside
+    it first, then swapped in, so `folder` always holds one complete save (the old one until the swap)."""
+    tmp, old = f"{folder}.{os.getpid()}.tmp", f"{folder}.{os.getpid()}.old"
+    for stale in glob.glob(glob.escape(folder) + ".*.tmp") + glob.glob(glob.escape(folder) + ".*.old"):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        unwrap_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(os.path.dirname(os.path.abspath(folder)))
 
 
 def unwrap_model(model):
@@ -275,6 +302,92 @@ def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
                      f"{', '.join(picked)}; pick one with --hidden_size and/or --use_moe, or give its path")
 
 
+def is_hf_folder(path):
+    """A transformers checkpoint folder (save_pretrained's config.json), as opposed to a MiniMind .pth."""
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def default_tokenizer_path(weight, minimind_tokenizer):
+    """A transformers folder carries its own tokenizer; MiniMind weights use `minimind_tokenizer`."""
+    return weight if is_hf_folder(weight) else minimind_tokenizer
+
+
+def check_rope_base(folder, config, flag):
+    """transformers 5 saves RoPE's base only in rope_parameters; 4.x reads a top-level rope_theta and,
+    without one, silently uses its default base: refuse rather than run with the wrong positions."""
+    raw = json.load(open(os.path.join(folder, "config.json")))
+    rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta")
+    if rope_theta is not None and getattr(config, "rope_theta", rope_theta) != rope_theta:
+        raise ValueError(f"{flag} {folder!r}: its config.json names RoPE base {rope_theta} only in "
+                         f"rope_parameters, which this transformers version ignores (it would use "
+                         f"{config.rope_theta}); add \"rope_theta\": {rope_theta} to config.json")
+
+
+def load_causal_lm_config(folder, flag="--from_weight"):
+    """The folder's config, checked to describe a causal LM (AutoModelForCausalLM), not a classifier."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    except Exception as e:
+        raise ValueError(f"{flag} {folder!r}: cannot read its config.json ({_first_line(e)})") from e
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in ([names] if isinstance(names, str) else names)}
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        ok = any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    else:
+        ok = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in \
+            (getattr(config, "auto_map", None) or {})
+    if not ok:
+        raise ValueError(f"{flag} {folder!r}: its config.json describes {', '.join(architectures) or config.model_type}"
+                         f", not a causal language model (AutoModelForCausalLM); the policy must generate text")
+    check_rope_base(folder, config, flag)
+    return config
+
+
+def load_hf_causal_lm(folder, tokenizer, tokenizer_path, flag="--from_weight"):
+    """AutoModelForCausalLM from a transformers folder in float32, checked to work with the sampler and to
+    hold every id of `tokenizer`."""
+    import inspect
+    from transformers import AutoModelForCausalLM
+    config = load_causal_lm_config(folder, flag)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
+                                                     trust_remote_code=True)
+    except Exception as e:
+        raise ValueError(f"{flag} {folder!r}: cannot load it as AutoModelForCausalLM ({_first_line(e)})") from e
+    takes = inspect.signature(model.forward).parameters
+    missing = [name for name in ("position_ids", "logits_to_keep") if name not in takes]
+    if missing and "kwargs" not in takes:
+        raise ValueError(f"{flag} {folder!r}: {type(model).__name__}.forward takes no {' or '.join(missing)}; "
+                         f"the sampler and the PPO log-probs need both (transformers' own models do)")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"{flag} {folder!r}: the tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but the "
+                         f"model's embedding holds {rows}: ids past {rows - 1} would index nothing; use the "
+                         f"tokenizer the model was trained with")
+    return model
+
+
+def load_hf_backbone(folder):
+    """A transformers folder's base model (AutoModel: a causal LM's or a classifier's heads dropped),
+    for a critic: its first output is the last hidden state, after the final norm."""
+    from transformers import AutoModel
+    try:
+        return AutoModel.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True)
+    except Exception as e:
+        raise ValueError(f"--critic_weight {folder!r}: cannot load its backbone with AutoModel "
+                         f"({_first_line(e)})") from e
+
+
+def model_signature(config):
+    """What a resume file must agree on with the model it is loaded into."""
+    return dict(model_type=config.model_type, hidden_size=config.hidden_size,
+                num_hidden_layers=config.num_hidden_layers, use_moe=getattr(config, "use_moe", False),
+                version=getattr(config, "version", None))
+
+
 def load_tokenizer(tokenizer_path):
     """AutoTokenizer from the folder; one with no pad token pads with EOS (as TRL sets GPT-2's). That is
     safe because every mask comes from lengths, never from comparing ids with the pad id."""
@@ -295,6 +408,7 @@ def tokenizer_fit(model, prompts_ids, pad_token_id, seed=0):
     text far better in its real order than shuffled; fed another tokenizer's ids, it reads both as
     noise. One left-padded forward each."""
     from dataset.lm_dataset import PromptCollator
+    from model.sampling import position_ids_from_mask
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     result = []
@@ -303,7 +417,7 @@ def tokenizer_fit(model, prompts_ids, pad_token_id, seed=0):
                 for ids in prompts_ids]
         batch = PromptCollator(pad_token_id)([{"prompt": "", "prompt_ids": ids, "answer": ""} for ids in rows])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(ids, attention_mask=mask).logits[:, :-1].float()
+        logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, :-1].float()
         nll = logits.logsumexp(-1) - logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
         scored = mask[:, :-1] * mask[:, 1:]  # predictions of real tokens from real tokens
         result.append(((nll * scored).sum() / scored.sum()).item())
@@ -327,13 +441,20 @@ def check_tokenizer_fit(model, prompts_ids, pad_token_id, tokenizer_path, weight
 
 
 def init_model(weight, save_dir, tokenizer_path, device, hidden_size=None, num_hidden_layers=None, use_moe=None):
-    """Tokenizer + MiniMindForCausalLM in float32 on `device`.
+    """Tokenizer + policy in float32 on `device`: MiniMindForCausalLM from a .pth, or any
+    AutoModelForCausalLM from a transformers folder (one with config.json).
 
     The config is read off the weights (sizes given here are only checked against them);
-    `weight="none"` builds a random model from the given sizes (benchmarks, tests).
+    `weight="none"` builds a random MiniMind from the given sizes (benchmarks, tests).
     """
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
     tokenizer = load_tokenizer(tokenizer_path)
+    if is_hf_folder(weight):
+        model = load_hf_causal_lm(weight, tokenizer, tokenizer_path)
+        for flag, value in [("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers)]:
+            if value is not None and value != getattr(model.config, flag):
+                raise ValueError(f"--{flag} {value}: {weight} has {flag} {getattr(model.config, flag)}")
+        return model.to(device), tokenizer
     if weight == "none":
         config = MiniMindConfig(hidden_size=hidden_size or 512, num_hidden_layers=num_hidden_layers or 8,
                                 use_moe=bool(use_moe))

@@ -128,7 +128,7 @@ def rope_tables(head_dim, end, theta):
     return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([angles.sin(), angles.sin()], -1)
 
 
-def apply_rope(x, cos, sin):  # x [B, H, T, D]; cos, sin [T, D]
+def apply_rope(x, cos, sin):  # x [B, H, T, D]; cos, sin [T, D] or, per row, [B, 1, T, D]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -304,11 +304,18 @@ class MiniMindModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None):
-        """Returns final-normed hidden states [B, T, hidden] and the summed MoE aux loss."""
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None):
+        """Returns final-normed hidden states [B, T, hidden] and the summed MoE aux loss.
+
+        `position_ids` [B, T] place each row's tokens for RoPE (left-padded rows: see
+        model.sampling.position_ids_from_mask); default: past length + 0..T-1 for every row.
+        """
         T = input_ids.shape[1]
         past = past_key_values.length if past_key_values is not None else 0
-        cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]
+        if position_ids is None:
+            cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]
+        else:
+            cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
         mask = None
         if past_key_values is not None or (attention_mask is not None and not bool(attention_mask.all())):
             if attention_mask is None:
@@ -353,7 +360,7 @@ class MiniMindForCausalLM(PreTrainedModel):
         return self.model.embed_tokens
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, position_ids=None, **kwargs):
         """Logits for the last `logits_to_keep` positions (0 = all), or, as in transformers, for the
         positions listed by a 1-D index tensor.
 
@@ -363,7 +370,7 @@ class MiniMindForCausalLM(PreTrainedModel):
         """
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(input_ids.shape[0], input_ids.shape[1])
-        hidden, aux_loss = self.model(input_ids, attention_mask, past_key_values)
+        hidden, aux_loss = self.model(input_ids, attention_mask, past_key_values, position_ids)
         if isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
         elif logits_to_keep:
@@ -373,76 +380,6 @@ class MiniMindForCausalLM(PreTrainedModel):
 
     def new_cache(self, batch_size, max_len, dtype=None):
         return KVCache(self.config, batch_size, max_len, self.device, dtype or self.model.embed_tokens.weight.dtype)
-
-
-def sample_categorical(probs, generator=None):
-    """One token per row of probs [B, V] (rows need not sum to exactly 1), by inverting the CDF.
-
-    One uniform draw per row and a binary search: ~15x cheaper on CPU than torch.multinomial,
-    which draws an exponential variate for every vocabulary entry. u < 1, so u * total stays
-    below the total and the first index whose cumulative sum exceeds it has p > 0 (zeros
-    repeat the previous cumulative sum and are never the first to exceed it).
-    """
-    cdf = probs.cumsum(-1)  # [B, V]
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
-    # clamp: NaN probabilities find no index; sample_responses reports them after the loop
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-
-
-@torch.no_grad()
-def sample_responses(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                     temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None):
-    """Sample up to `max_new_tokens` per row from left-padded prompts: the rollout hot path.
-
-    One prefill, then one cached forward per token into a preallocated KVCache. Each row stops
-    at its first EOS (kept as a real token); rows already stopped get `pad_token_id` and mask
-    0, and the loop exits as soon as every row has stopped.
-    Returns response_ids [B, R], response_mask [B, R] (1 up to and including EOS) and
-    logprobs [B, R]: log-probabilities of the sampled tokens under exactly the distribution
-    they were drawn from (logits / temperature, then top-k / top-p truncation). With
-    `greedy=True` the argmax is taken and logprobs are those of logits / temperature.
-    """
-    B, P = input_ids.shape
-    autocast = torch.is_autocast_enabled(input_ids.device.type)
-    cache = model.new_cache(B, P + max_new_tokens,
-                            torch.get_autocast_dtype(input_ids.device.type) if autocast else None)
-    full_mask = torch.ones(B, P + max_new_tokens, dtype=attention_mask.dtype, device=input_ids.device)
-    full_mask[:, :P] = attention_mask
-    response_ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
-    logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=input_ids.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    next_input = input_ids
-    steps = 0
-    for t in range(max_new_tokens):
-        logits = model(next_input, attention_mask=full_mask[:, :P + t], past_key_values=cache,
-                       logits_to_keep=1).logits[:, -1].float() / temperature  # [B, V]
-        if top_k > 0:
-            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        logp = logits.log_softmax(-1)
-        token = logits.argmax(-1) if greedy else sample_categorical(logp.exp(), generator)
-        token = token.masked_fill(finished, pad_token_id)
-        response_ids[:, t] = token
-        logprobs[:, t] = logp.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0)
-        steps = t + 1
-        finished |= token == eos_token_id
-        if bool(finished.all()):
-            break
-        next_input = token[:, None]
-    response_ids, logprobs = response_ids[:, :steps], logprobs[:, :steps]
-    if not bool(torch.isfinite(logprobs).all()):
-        row = int((~torch.isfinite(logprobs)).any(1).nonzero()[0])
-        raise FloatingPointError(f"the model produced non-finite logits while sampling (row {row})")
-    # real tokens: everything up to and including the first EOS
-    after_eos = torch.cumsum((response_ids == eos_token_id).long(), dim=1) - (response_ids == eos_token_id).long()
-    response_mask = (after_eos == 0).long()
-    return response_ids, response_mask, logprobs * response_mask
 
 
 AutoConfig.register("minimind", MiniMindConfig)

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 
 import train_ppo
 from dataset.lm_dataset import PromptCollator, RLAIFDataset
-from model.model_minimind import sample_categorical, sample_responses
+from model.sampling import sample_categorical, sample_responses
 from reward import load_reward_model
 from train_ppo import compute_advantages, response_logprobs
 from trainer_utils import init_model

@@ -20,8 +20,8 @@ from torch.utils.data import Subset
 
 from dataset.lm_dataset import RLAIFDataset
 from evaluation import evaluate, markdown_table
-from reward import Reward, load_reward_model
-from trainer_utils import init_model
+from reward import default_reward_rules, Reward, REWARD_RULES, load_reward_model
+from trainer_utils import default_tokenizer_path, init_model
 
 
 # ----------------------------------------------------------------------------- main
@@ -35,14 +35,16 @@ def parse_args(argv=None):
                    help="'none': the rules alone (no reward-model column)")
     p.add_argument("--reward_input", default="auto", help="as train_ppo")
     p.add_argument("--reward_label", default=None, help="as train_ppo")
-    p.add_argument("--tokenizer_path", default=os.path.join(ROOT, "model"))
+    p.add_argument("--tokenizer_path", default=None,
+                   help="default: a transformers folder's own tokenizer, else the project's model/")
     p.add_argument("--max_seq_len", type=int, default=64, help="max prompt tokens, as in train_ppo")
     p.add_argument("--max_gen_len", type=int, default=48, help="max new tokens, as in train_ppo")
     p.add_argument("--batch_size", type=int, default=32, help="prompts per generation batch (train_ppo's evaluation "
                                                               "uses its --batch_size)")
     p.add_argument("--reasoning", type=int, default=1, choices=[0, 1], help="reward rules, as train_ppo")
     p.add_argument("--rm_clip", type=float, default=3.0, help="as train_ppo")
-    p.add_argument("--reward_rules", default="minimind2", choices=["minimind2", "minimind3"], help="as train_ppo")
+    p.add_argument("--reward_rules", default=None, choices=list(REWARD_RULES),
+                   help="as train_ppo (default: the first model's generation)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, seeded")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N prompts (0 = all)")
@@ -58,14 +60,16 @@ def main(argv=None):
     args = parse_args(argv)
     reward_model = None if args.reward_model_path.lower() == "none" else load_reward_model(
         args.reward_model_path, args.device, "auto", args.reward_input, args.reward_label)
-    reward = Reward(reward_model, args.reward_rules, bool(args.reasoning), args.rm_clip, args.batch_size) \
-        if reward_model is not None or args.reasoning else None
-    results, responses, dataset = {}, {}, None
+    results, responses, dataset, reward = {}, {}, None, None
     for name, weight in (("base", args.base), ("trained", args.trained)):
         if not weight:
             continue
-        model, tokenizer = init_model(weight, args.save_dir, args.tokenizer_path, args.device)
+        tokenizer_path = args.tokenizer_path or default_tokenizer_path(weight, os.path.join(ROOT, "model"))
+        model, tokenizer = init_model(weight, args.save_dir, tokenizer_path, args.device)
         if dataset is None:
+            rules = args.reward_rules or default_reward_rules(model.config)
+            reward = Reward(reward_model, rules, bool(args.reasoning), args.rm_clip, args.batch_size) \
+                if reward_model is not None or (args.reasoning and rules != "none") else None
             dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
             if args.limit:
                 dataset = Subset(dataset, range(min(args.limit, len(dataset))))

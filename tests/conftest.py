@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny kit (actor weights, reward model, prompts) built in seconds."""
+"""Shared fixtures: a tiny kit (actor weights, reward model, prompts) built in seconds, and the forkserver
+that starts training runs as child processes (tests/children.py)."""
+import multiprocessing
+import multiprocessing.forkserver
+import os
 import sys
 from pathlib import Path
 
@@ -38,3 +42,18 @@ def tiny_run_args(kit, save_dir, *extra):
             "--save_dir", str(save_dir), "--batch_size", "4", "--mini_batch_size", "2", "--max_gen_len", "8",
             "--max_seq_len", "48", "--save_interval", "2", "--device", "cpu", "--seed", "1",
             "--check_tokenizer", "0", *extra]  # random weights read no tokenizer
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    """A forkserver context whose server has imported fault_runner (torch, transformers, train_ppo)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["fault_runner"])
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # the server's import path
+    multiprocessing.forkserver.ensure_running()
+    if saved is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = saved
+    return ctx

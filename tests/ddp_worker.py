@@ -1,7 +1,7 @@
 """Launched by tests/test_ddp.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
-mode "update": each rank runs one PPO update on its half of a fixed global rollout; rank 0
-saves the resulting weights for comparison with a single-process update on the whole batch.
+mode "update" (argument: an architecture, minimind or one of tests/hf_models.py): each rank runs one
+PPO update on its half of a fixed global rollout; rank 0 saves the resulting weights for comparison with a single-process update on the whole batch.
 mode "train": the real train_ppo.main, checking after every update that all ranks hold
 identical actor and critic weights.
 """
@@ -57,11 +57,15 @@ def update_args(mini_batch_size, accumulation_steps=1):
                                  str(accumulation_steps), "--entropy_coef", "0.01", "--kl_mode", "loss"])
 
 
-def tiny_models():
+def tiny_models(arch="minimind"):
+    """A tiny actor (MiniMind, or a transformers architecture of tests/hf_models.py) and its critic."""
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from hf_models import tiny_hf_model
     torch.manual_seed(0)
-    actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
-    critic = train_ppo.build_critic(actor)
+    actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)) if arch == "minimind" \
+        else tiny_hf_model(arch)
+    actor.eval()  # dropout off, as the trainer runs it
+    critic = train_ppo.build_critic(actor).eval()
     torch.nn.init.normal_(critic.value_head.weight, std=0.1)  # non-zero so the critic's gradient is non-trivial
     return actor, critic
 
@@ -71,7 +75,7 @@ def main():
     if mode == "update":
         init_distributed_mode("cpu")
         rank, world = get_rank(), dist.get_world_size()
-        actor, critic = tiny_models()
+        actor, critic = tiny_models(sys.argv[3])
         rollout = fixed_rollout(actor, 4, 6, 5)
         share = 4 // world
         mine = {k: v[rank * share:(rank + 1) * share] for k, v in rollout.items()}

@@ -14,16 +14,17 @@ from ddp_worker import fixed_rollout, one_update, tiny_models, update_args
 def torchrun(*args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "tests" / "ddp_worker.py"), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
-def test_two_rank_update_equals_one_rank_update_on_the_global_batch(tmp_path):
-    torchrun("update", tmp_path)
+@pytest.mark.parametrize("arch", ["minimind", "gpt2", "llama"])
+def test_two_rank_update_equals_one_rank_update_on_the_global_batch(tmp_path, arch):
+    torchrun("update", tmp_path, arch)
     ddp = torch.load(tmp_path / "ddp_update.pt", weights_only=True)
-    actor, critic = tiny_models()
+    actor, critic = tiny_models(arch)
     before = {k: v.clone() for k, v in actor.state_dict().items()}
     actor_sd, critic_sd = one_update(actor, critic, fixed_rollout(actor, 4, 6, 5), update_args(4))
     moved = max((actor_sd[k] - before[k]).abs().max().item() for k in before)

@@ -14,24 +14,20 @@ import ast
 import errno
 import glob
 import json
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-import fault_runner
 import reward
 import train_ppo
 import trainer_utils
+from children import assert_same_run, finish, free_port, read_metrics, run_ranks, start, wait_for
 from conftest import ROOT, tiny_run_args
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer_utils import load_resume, load_state_dict_file, save_weights
@@ -56,52 +52,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def read_metrics(save_dir):
-    return [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
-
-
-# ----------------------------------------------------------------------------- child processes
-@pytest.fixture(scope="module")
-def forkserver():
-    """A forkserver context whose server has imported fault_runner (torch, transformers, train_ppo)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["fault_runner"])
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # the server's import path
-    multiprocessing.forkserver.ensure_running()
-    if saved is None:
-        del os.environ["PYTHONPATH"]
-    else:
-        os.environ["PYTHONPATH"] = saved
-    return ctx
-
-
-def start(ctx, argv, log, **faults):
-    open(log, "a").close()
-    proc = ctx.Process(target=fault_runner.run, args=(argv, str(log), faults))
-    proc.start()
-    return proc
-
-
-def finish(proc, log, timeout=180):
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        pytest.fail(f"child still running after {timeout}s:\n{open(log).read()[-3000:]}")
-    return proc.exitcode
-
-
-def wait_for(proc, log, condition, what, timeout=180):
-    deadline = time.time() + timeout
-    while not condition():
-        if not proc.is_alive():
-            pytest.fail(f"child exited ({proc.exitcode}) before {what}:\n{open(log).read()[-3000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} after {timeout}s:\n{open(log).read()[-3000:]}")
-        time.sleep(0.02)
 
 
 def logged_step(log, step=r"\d+"):
@@ -131,22 +81,6 @@ def reference(tiny_kit, forkserver, tmp_path_factory):
     log = save_dir / "log"
     assert finish(start(forkserver, flags(tiny_kit, save_dir), log), log) == 0, open(log).read()[-3000:]
     return save_dir
-
-
-def assert_same_run(save_dir, reference_dir, steps=STEPS):
-    """Identical metrics (timings aside) for every step, and identical actor, critic and old actor."""
-    def strip(metrics):
-        return [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
-                for m in metrics]
-    got, want = strip(read_metrics(save_dir)), strip(read_metrics(reference_dir))
-    assert [m["step"] for m in got] == list(range(1, steps + 1))
-    for a, b in zip(got, want):
-        assert a == b, a["step"]
-    a, _ = load_resume(os.path.join(save_dir, RESUME))
-    b, _ = load_resume(os.path.join(reference_dir, RESUME))
-    assert a["global_step"] == b["global_step"] == steps
-    for key in ["model", "critic_model", "old_actor"]:
-        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key
 
 
 # ----------------------------------------------------------------------------- exact resume
@@ -184,7 +118,7 @@ def test_sigkill_anywhere_and_sigterm_then_resume_is_bit_exact(tiny_kit, forkser
     log = tmp_path / "log_last"
     assert finish(start(forkserver, flags(tiny_kit, save_dir, "--from_resume", "1"), log), log) == 0
     assert f"global step {stopped}" in open(log).read()
-    assert_same_run(save_dir, reference)
+    assert_same_run(save_dir, reference, STEPS, RESUME)
     assert sorted(os.listdir(save_dir / "checkpoints")) == ["ppo_actor_64_resume.1.pth", "ppo_actor_64_resume.pth"]
     assert not glob.glob(str(save_dir / "**" / "*.tmp"), recursive=True)  # killed saves' temps are cleaned up
 
@@ -201,7 +135,7 @@ def test_sigint_stops_cleanly_and_resume_matches_uninterrupted_run(tiny_kit, for
                             r"command plus --from_resume 1", open(log).read()).group(1))
     assert global_step(save_dir) == stopped >= 2
     assert finish(start(forkserver, argv + ["--from_resume", "1"], tmp_path / "log2"), tmp_path / "log2") == 0
-    assert_same_run(save_dir, reference)
+    assert_same_run(save_dir, reference, STEPS, RESUME)
 
 
 @pytest.mark.parametrize("where", ["generate", "reward"])
@@ -219,20 +153,7 @@ def test_signal_inside_a_rollout_drops_it_and_resume_is_bit_exact(tiny_kit, fork
     log = tmp_path / "log2"
     assert finish(start(forkserver, argv + ["--from_resume", "1"], log), log) == 0
     assert "resumed from" in open(log).read() and "global step 2" in open(log).read()
-    assert_same_run(save_dir, reference)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(ctx, argv, log_dir, world=2, **faults):
-    """Start `world` gloo ranks of one run; returns (processes, logs)."""
-    port = free_port()
-    logs = [log_dir / f"log{r}" for r in range(world)]
-    return [start(ctx, argv, logs[r], rank=r, world=world, port=port, **faults) for r in range(world)], logs
+    assert_same_run(save_dir, reference, STEPS, RESUME)
 
 
 def test_sigterm_to_one_rank_stops_both_and_resume_matches(tiny_kit, forkserver, tmp_path):
@@ -253,7 +174,7 @@ def test_sigterm_to_one_rank_stops_both_and_resume_matches(tiny_kit, forkserver,
     assert 1 <= stopped < 6 and global_step(save_dir) == stopped
     procs, logs = run_ranks(forkserver, argv + ["--from_resume", "1"], tmp_path / "c")
     assert [finish(p, log, timeout=120) for p, log in zip(procs, logs)] == [0, 0]
-    assert_same_run(save_dir, tmp_path / "ref", steps=6)
+    assert_same_run(save_dir, tmp_path / "ref", 6, RESUME)
 
 
 def test_resume_on_more_processes_trains_the_rest_at_a_fresh_runs_lr(tiny_kit, forkserver, tmp_path):
@@ -302,7 +223,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_kit, forkserv
     out = open(log).read()
     assert f"warning: skipping unreadable resume file {newest}" in out
     assert re.search(rf"resumed from \S+resume\.1\.pth: .*global step {STEPS - 1}", out)
-    assert_same_run(tmp_path, reference)
+    assert_same_run(tmp_path, reference, STEPS, RESUME)
 
 
 def test_world_size_change_continues_at_the_right_data_position(tiny_kit, forkserver, tmp_path):

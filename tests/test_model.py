@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_state_dict,
-                                  sample_categorical, sample_responses)
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
+from model.sampling import sample_categorical, sample_responses
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

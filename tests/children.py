@@ -1,0 +1,72 @@
+"""Training runs as child processes of a forkserver that imported tests/fault_runner.py (and so torch,
+transformers and train_ppo) once: real processes that can be killed with SIGKILL, SIGTERM or SIGINT,
+started in milliseconds. The `forkserver` fixture is in conftest.py."""
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+
+import fault_runner
+from trainer_utils import load_resume
+
+
+def read_metrics(save_dir):
+    return [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
+
+
+def start(ctx, argv, log, **faults):
+    open(log, "a").close()
+    proc = ctx.Process(target=fault_runner.run, args=(argv, str(log), faults))
+    proc.start()
+    return proc
+
+
+def finish(proc, log, timeout=180):
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail(f"child still running after {timeout}s:\n{open(log).read()[-3000:]}")
+    return proc.exitcode
+
+
+def wait_for(proc, log, condition, what, timeout=180):
+    deadline = time.time() + timeout
+    while not condition():
+        if not proc.is_alive():
+            pytest.fail(f"child exited ({proc.exitcode}) before {what}:\n{open(log).read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} after {timeout}s:\n{open(log).read()[-3000:]}")
+        time.sleep(0.02)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(ctx, argv, log_dir, world=2, **faults):
+    """Start `world` gloo ranks of one run; returns (processes, logs)."""
+    port = free_port()
+    logs = [log_dir / f"log{r}" for r in range(world)]
+    return [start(ctx, argv, logs[r], rank=r, world=world, port=port, **faults) for r in range(world)], logs
+
+
+def assert_same_run(save_dir, reference_dir, steps, resume):
+    """Identical metrics (timings aside) for every step, and identical actor, critic and old actor."""
+    def strip(metrics):
+        return [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
+                for m in metrics]
+    got, want = strip(read_metrics(save_dir)), strip(read_metrics(reference_dir))
+    assert [m["step"] for m in got] == list(range(1, steps + 1))
+    for a, b in zip(got, want):
+        assert a == b, a["step"]
+    a, _ = load_resume(os.path.join(save_dir, resume))
+    b, _ = load_resume(os.path.join(reference_dir, resume))
+    assert a["global_step"] == b["global_step"] == steps
+    for key in ["model", "critic_model", "old_actor"]:
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key

@@ -1,0 +1,178 @@
+"""Any transformers causal LM as the policy: tiny GPT-2 (learned positions), Qwen2 and Llama built offline
+from configs, checked against transformers' own generate, trained, saved, killed and resumed."""
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+import train_ppo
+from children import assert_same_run, finish, read_metrics, start, wait_for
+from conftest import ROOT
+from hf_models import ARCHITECTURES, save_tiny_hf_model, tiny_hf_model
+from model.sampling import position_ids_from_mask, sample_responses
+from trainer_utils import load_resume
+from transformers import LlamaModel
+
+TOKENIZER = str(ROOT / "model")
+
+
+def left_padded_prompts(lengths=(7, 3, 5, 1), pad_id=0, seed=0):
+    """Random prompts of the given lengths, left-padded as PromptCollator pads them: ids, mask [B, P]."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids, mask = torch.full((len(lengths), P), pad_id), torch.zeros(len(lengths), P, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, P - n:] = torch.randint(3, 6400, (n,), generator=g)
+        mask[row, P - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_sampling_equals_transformers_generate_on_left_padded_prompts(arch):
+    model = tiny_hf_model(arch).eval()
+    ids, mask = left_padded_prompts()
+    P, N = ids.shape[1], 12
+    free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N, pad_token_id=0)
+    row1 = free[1, P:].tolist()
+    stop = next(j for j in range(1, N) if row1[j] not in row1[:j])  # row 1's first new token after its first
+    eos = row1[stop]  # row 1 stops there, the others where this token comes up, if ever
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N, pad_token_id=0,
+                          eos_token_id=eos)[:, P:]
+    got, got_mask, _ = sample_responses(model, ids, mask, N, eos, 0, greedy=True)
+    assert got_mask[1].sum() == stop + 1 < N
+    for row in range(len(ids)):
+        n = int(got_mask[row].sum())
+        assert got[row, :n].tolist() == want[row, :n].tolist(), row
+        assert n == N or want[row, n - 1] == eos
+    if arch == "gpt2":  # the comparison means something: without generate's position ids GPT-2 reads pads as text
+        plain = model(ids, attention_mask=mask).logits[:, -1]
+        placed = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+        assert (plain - placed).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampler_logprobs_equal_the_scoring_forward(arch, dtype):
+    """The log-probs the sampler drew with are the ones PPO's scoring forward computes (static cache in
+    float32, dynamic cache under autocast)."""
+    model = tiny_hf_model(arch).eval()
+    ids, mask = left_padded_prompts(seed=1)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with autocast:
+        response, response_mask, sampled = sample_responses(model, ids, mask, 10, 2, 0, temperature=0.7,
+                                                            generator=torch.Generator().manual_seed(0))
+        scored = train_ppo.response_logprobs(model, torch.cat([ids, response], 1),
+                                             torch.cat([mask, response_mask], 1), response.shape[1], 0.7)[0]
+    gap = ((sampled - scored).abs() * response_mask).max().item()
+    assert gap < (1e-5 if dtype == torch.float32 else 0.1), gap
+    assert response_mask.sum() > 20
+
+
+def plain_prompts(path, n=16):
+    """Plain-text rows for base models, as TRL's sentiment example queries with review openings."""
+    openings = ["The movie was", "I think this film", "Honestly, the plot", "The actors in it", "This story is",
+                "My friends said it", "The ending felt", "Watching it again"]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": openings[i % len(openings)] + f" {i}"}) + "\n")
+    return str(path)
+
+
+def length_reward(tmp_path):
+    path = tmp_path / "length_reward.py"
+    path.write_text("def reward(prompts, responses, answers):\n    return [len(r) / 20 for r in responses]\n")
+    return f"{path}:reward"
+
+
+def hf_run_args(folder, save_dir, data, *extra):
+    return ["--from_weight", folder, "--data_path", data, "--save_dir", str(save_dir), "--batch_size", "4",
+            "--mini_batch_size", "2", "--max_gen_len", "8", "--max_seq_len", "32", "--device", "cpu",
+            "--seed", "1", "--check_tokenizer", "0", *extra]
+
+
+def gpt2_kit(tmp_path):
+    """A base GPT-2 folder as real ones come (no chat template, no pad token), plain prompts, a rule reward."""
+    folder = save_tiny_hf_model("gpt2", tmp_path / "gpt2", TOKENIZER, chat=False, pad=False)
+    return folder, plain_prompts(tmp_path / "plain.jsonl"), ["--reward_model_path", "none", "--reward_fn",
+                                                              length_reward(tmp_path)]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_ppo_trains_and_saves_a_folder_transformers_loads(arch, tiny_kit, tmp_path):
+    if arch == "gpt2":
+        folder, data, reward = gpt2_kit(tmp_path)
+    else:  # a chat model: the project's ChatML template, conversation rows, a reward model
+        folder, data = save_tiny_hf_model(arch, tmp_path / arch, TOKENIZER), tiny_kit["data"]
+        reward = ["--reward_model_path", tiny_kit["reward_model"]]
+    save_dir = tmp_path / "run"
+    train_ppo.main(train_ppo.parse_args(hf_run_args(folder, save_dir, data, "--max_steps", "3", *reward)))
+    steps = [m for m in read_metrics(save_dir) if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(m["first_minibatch_ratio_dev"] == 0.0 and m["sampler_logprob_gap"] < 1e-5 for m in steps)
+    assert all(m["approx_kl"] > 0 for m in steps)  # the policy moved
+    assert not [n for n in os.listdir(save_dir) if n.endswith(".pth")]  # saved as a folder, not a MiniMind .pth
+    state, _ = load_resume(str(save_dir / "checkpoints" / "ppo_actor_32_resume.pth"))
+    saved = AutoModelForCausalLM.from_pretrained(save_dir / "ppo_actor_hf").eval()
+    assert type(saved).__name__ == type(tiny_hf_model(arch)).__name__
+    assert all(torch.equal(v, state["model"][k]) for k, v in saved.state_dict().items())
+    tokenizer = AutoTokenizer.from_pretrained(save_dir / "ppo_actor_hf")
+    enc = tokenizer(["The movie was"], return_tensors="pt")
+    out = saved.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape == (1, enc["input_ids"].shape[1] + 5)
+
+
+def test_sigkill_then_resume_is_bit_exact(forkserver, tmp_path):
+    """GPT-2 (learned positions, no pad token, plain prompts): a run SIGKILLed after its 3rd step and
+    resumed ends with the metrics and weights of an uninterrupted run."""
+    folder, data, reward = gpt2_kit(tmp_path)
+    argv = lambda save_dir, *extra: hf_run_args(folder, save_dir, data, "--max_steps", "6", "--save_interval", "1",
+                                                *reward, *extra)
+    log = tmp_path / "ref.log"
+    assert finish(start(forkserver, argv(tmp_path / "ref"), log), log) == 0, open(log).read()[-3000:]
+    log = tmp_path / "killed.log"
+    proc = start(forkserver, argv(tmp_path / "run"), log)
+    wait_for(proc, log, lambda: re.search(r"^step 3/6 \|", open(log).read(), re.M), "step 3")
+    os.kill(proc.pid, signal.SIGKILL)
+    assert finish(proc, log) == -signal.SIGKILL
+    log = tmp_path / "resumed.log"
+    assert finish(start(forkserver, argv(tmp_path / "run", "--from_resume", "1"), log), log) == 0
+    assert "resumed from" in open(log).read()
+    assert_same_run(tmp_path / "run", tmp_path / "ref", 6, "checkpoints/ppo_actor_32_resume.pth")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert open(tmp_path / "run" / "ppo_actor_hf" / name, "rb").read() == \
+            open(tmp_path / "ref" / "ppo_actor_hf" / name, "rb").read(), name
+
+
+def test_critic_is_the_backbone_with_a_zero_value_head_or_another_folder(tmp_path):
+    actor = tiny_hf_model("gpt2")
+    critic = train_ppo.build_critic(actor)
+    assert type(critic.model).__name__ == "GPT2Model"  # base_model_prefix "transformer"
+    assert all(torch.equal(p, q) and p is not q for p, q in zip(critic.model.parameters(),
+                                                                actor.transformer.parameters()))
+    ids, mask = left_padded_prompts()
+    values = train_ppo.critic_values(critic, ids, mask, 3)
+    assert values.shape == (4, 3) and torch.equal(values, torch.zeros(4, 3))
+    folder = save_tiny_hf_model("llama", tmp_path / "llama_critic", TOKENIZER, seed=3)
+    critic = train_ppo.build_critic(actor, folder)
+    want = tiny_hf_model("llama", seed=3).model
+    assert isinstance(critic.model, LlamaModel)
+    assert all(torch.equal(a, b) for a, b in zip(critic.model.state_dict().values(), want.state_dict().values()))
+
+
+def test_a_classifier_folder_or_a_too_large_tokenizer_stops_the_run(tiny_kit, tmp_path):
+    classifier = tmp_path / "distilbert"
+    DistilBertForSequenceClassification(DistilBertConfig(vocab_size=6400, dim=32, n_layers=1, n_heads=2,
+                                                         hidden_dim=64)).save_pretrained(classifier)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(classifier)
+    small = save_tiny_hf_model("llama", tmp_path / "small_vocab", TOKENIZER, vocab_size=1000)
+    for folder, message in [(classifier, r"DistilBertForSequenceClassification, not a causal language model"),
+                            (small, r"has 6400 tokens but the model's embedding holds 1000")]:
+        save_dir = tmp_path / f"run_{os.path.basename(folder)}"
+        with pytest.raises(ValueError, match=re.escape(repr(str(folder))) + ".*" + message):
+            train_ppo.main(train_ppo.parse_args(hf_run_args(str(folder), save_dir, tiny_kit["data"],
+                                                            "--reward_model_path", "none")))
+        assert not os.path.exists(save_dir / "metrics.jsonl")
