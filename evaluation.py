@@ -68,7 +68,7 @@ def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, 
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
             total, parts = reward([s["prompt"] for s in chunk], responses[i:i + batch_size],
-                                  [s["answer"] for s in chunk])
+                                  [s["answer"] for s in chunk], [s.get("messages") for s in chunk])
             sums["reward"] += total.sum().item()
             sums["reward_rm"] += parts["rm"].sum().item() if "rm" in parts else 0.0
     return {k: float(sums[k]) for k in keys}, responses

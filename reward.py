@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from trainer_utils import check_rope_base, Logger
+from trainer_utils import check_rope_base, trusts_remote_code
 
 
 class NonFiniteRolloutError(ValueError):
@@ -125,9 +125,7 @@ def load_reward_model(path, device, dtype="auto", input_format="auto", label=Non
     raw = json.load(open(os.path.join(path, "config.json")))
     if isinstance(dtype, str):
         dtype = resolve_reward_dtype(dtype, raw, device)
-    remote = "auto_map" in raw
-    if remote:
-        Logger(f"note: trust_remote_code enabled for the reward model folder {path} only")
+    remote = trusts_remote_code(path, "reward model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
         config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
@@ -316,14 +314,18 @@ class Reward:
         self.reward_model, self.rules, self.reasoning, self.rm_clip = reward_model, rules, reasoning, rm_clip
         self.batch_size, self.correctness, self.functions = batch_size, correctness, list(functions)
 
-    def __call__(self, prompts, responses, answers=None):
+    def __call__(self, prompts, responses, answers=None, messages=None):
+        """prompts: the rendered prompt texts; messages: each row's chat as the data gave it (None for
+        plain-text rows). The reward model's query is read back from a ChatML prompt (MiniMind's, Qwen's),
+        keeping a system turn the template added, as MiniMind's PPO does; a prompt in another template is
+        taken from its messages, and plain text is the user's query itself."""
         B = len(responses)
         answers = [a or None for a in answers] if answers is not None else [None] * B
+        given = messages or [None] * B
         chats, answer_chats, answer_rows, turns, rule_parts = [], [], [], [], []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            # a plain-text prompt (no chat turns) is the query itself
             messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)] or \
-                [{"role": "user", "content": prompt}]
+                given[i] or [{"role": "user", "content": prompt}]
             turn = scored_turn(prompt, response)
             turns.append(turn)
             if not self.reasoning or self.rules == "none":

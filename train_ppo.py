@@ -416,7 +416,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
         row = int(bad[0])
         raise NonFiniteRolloutError(f"critic returned a non-finite value for sample {row} "
                                     f"(response {responses[row][:80]!r})")
-    scores, parts = reward(batch["prompts"], responses, batch["answers"])
+    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"])
     has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(1)
     scores = scores - args.missing_eos_penalty * (~has_eos).float().cpu()
     t3 = synced_time(device)

@@ -323,12 +323,21 @@ def check_rope_base(folder, config, flag):
                          f"{config.rope_theta}); add \"rope_theta\": {rope_theta} to config.json")
 
 
-def load_causal_lm_config(folder, flag="--from_weight"):
+def trusts_remote_code(folder, what):
+    """A model's own Python files run only for a folder whose config.json asks for them (auto_map), and the
+    run says so."""
+    remote = "auto_map" in json.load(open(os.path.join(folder, "config.json")))
+    if remote:
+        Logger(f"note: trust_remote_code enabled for the {what} folder {folder} only")
+    return remote
+
+
+def load_causal_lm_config(folder, flag, remote):
     """The folder's config, checked to describe a causal LM (AutoModelForCausalLM), not a classifier."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
     except Exception as e:
         raise ValueError(f"{flag} {folder!r}: cannot read its config.json ({_first_line(e)})") from e
     causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -351,10 +360,11 @@ def load_hf_causal_lm(folder, tokenizer, tokenizer_path, flag="--from_weight"):
     hold every id of `tokenizer`."""
     import inspect
     from transformers import AutoModelForCausalLM
-    config = load_causal_lm_config(folder, flag)
+    remote = trusts_remote_code(folder, "policy")
+    config = load_causal_lm_config(folder, flag, remote)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
-                                                     trust_remote_code=True)
+                                                     trust_remote_code=remote)
     except Exception as e:
         raise ValueError(f"{flag} {folder!r}: cannot load it as AutoModelForCausalLM ({_first_line(e)})") from e
     takes = inspect.signature(model.forward).parameters
@@ -375,7 +385,8 @@ def load_hf_backbone(folder):
     for a critic: its first output is the last hidden state, after the final norm."""
     from transformers import AutoModel
     try:
-        return AutoModel.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True)
+        return AutoModel.from_pretrained(folder, dtype=torch.float32,
+                                         trust_remote_code=trusts_remote_code(folder, "critic"))
     except Exception as e:
         raise ValueError(f"--critic_weight {folder!r}: cannot load its backbone with AutoModel "
                          f"({_first_line(e)})") from e

@@ -98,6 +98,8 @@ class RLAIFDataset(Dataset):
         self.thinking_ratio, self.seed, self.epoch = thinking_ratio, seed, 0
 
         self.answers = [answer for _, answer in records]
+        # the chat each prompt renders (None for plain text): what the reward model reads as the query
+        self.messages = [self._with_system(content, system_prompt) if self.chat else None for content, _ in records]
         self.variants = [{} for _ in records]  # per prompt: {switch: (prompt text, ids)}
         truncated = set()
         for switch in ([False, True] if self.flag else [None]):  # the think block closed / open
@@ -182,7 +184,7 @@ class RLAIFDataset(Dataset):
 
     def __getitem__(self, index):
         text, ids = self.variants[index][self.thinking_open(index)]
-        return {"prompt": text, "prompt_ids": ids, "answer": self.answers[index]}
+        return {"prompt": text, "prompt_ids": ids, "answer": self.answers[index], "messages": self.messages[index]}
 
 
 def decode_responses(tokenizer, response_ids, response_mask):
@@ -212,6 +214,7 @@ class PromptCollator:
         return {
             "prompts": [item["prompt"] for item in items],
             "answers": [item["answer"] for item in items],
+            "messages": [item.get("messages") for item in items],
             "input_ids": input_ids,
             "attention_mask": attention_mask,
         }

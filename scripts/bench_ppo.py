@@ -2,6 +2,7 @@
 
     python scripts/bench_ppo.py --preset small --runs 3     # one JSON line per run, then a summary line
     python scripts/bench_ppo.py --preset mm2 --device cuda --dtype bfloat16
+    python scripts/bench_ppo.py --preset llama_mm2 --runs 3  # a transformers Llama policy of the same size
     python scripts/bench_ppo.py --preset small --ablations  # ours vs the naive reference, one line each
     python scripts/bench_ppo.py --preset small --flops      # matmul GFLOP per step and the floor they set
     python scripts/bench_ppo.py --preset mm2 --max_gen_len 512 --signal_test  # SIGTERM during step 2: s to exit
@@ -48,6 +49,10 @@ PRESETS = {
     "mm2": dict(hidden_size=512, num_hidden_layers=8, batch_size=4, mini_batch_size=2, ppo_epochs=2,
                 max_gen_len=64, prompt_len=64),
 }
+# the mm2 run with a transformers LlamaForCausalLM of MiniMind2-small's shape as the policy (a folder built
+# on the fly, loaded like any Hugging Face checkpoint): the general path timed beside the MiniMind one
+PRESETS["llama_mm2"] = PRESETS["mm2"]
+HF_POLICY_PRESETS = ("llama_mm2",)
 TOKENIZER = os.path.join(ROOT, "model")
 
 
@@ -122,6 +127,23 @@ def write_prompts(path, tokenizer, n, max_len, seed):
     return questions
 
 
+def build_llama_policy(folder, hidden_size, num_hidden_layers, seed=0):
+    """A random LlamaForCausalLM shaped as MiniMind2 (GQA 8/2 heads, SwiGLU 64-rounded 8/3 width, RoPE 1e6,
+    tied embeddings, the project's tokenizer), saved as a transformers folder."""
+    from transformers import LlamaForCausalLM
+    from model.model_minimind import MiniMindConfig
+    torch.manual_seed(seed)
+    mm = MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+    config = LlamaConfig(vocab_size=mm.vocab_size, hidden_size=hidden_size, intermediate_size=mm.intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=mm.num_attention_heads,
+                         num_key_value_heads=mm.num_key_value_heads, rms_norm_eps=mm.rms_norm_eps,
+                         rope_theta=mm.rope_theta, max_position_embeddings=mm.max_position_embeddings,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return str(folder)
+
+
 def force_full_length(model, eos_token_id):
     """Pin the EOS logit to -1e4 so sampling never stops early. Finite, not -inf: the update's entropy term
     sums softmax * logits, and 0 * -inf is NaN. frozen_copy deep-copies the hook into the old actor and ref,
@@ -152,8 +174,11 @@ def bench_run(args):
         prompts = os.path.join(tmp, "prompts.jsonl")
         write_prompts(prompts, AutoTokenizer.from_pretrained(TOKENIZER), args.batch_size * args.steps,
                       args.prompt_len, args.seed)
-        argv = ["--from_weight", "none", "--hidden_size", args.hidden_size, "--num_hidden_layers",
-                args.num_hidden_layers, "--batch_size", args.batch_size, "--mini_batch_size", args.mini_batch_size,
+        policy = ["--from_weight", build_llama_policy(os.path.join(tmp, "policy"), args.hidden_size,
+                                                      args.num_hidden_layers, args.seed), "--check_tokenizer", 0] \
+            if args.preset in HF_POLICY_PRESETS else \
+            ["--from_weight", "none", "--hidden_size", args.hidden_size, "--num_hidden_layers", args.num_hidden_layers]
+        argv = [*policy, "--batch_size", args.batch_size, "--mini_batch_size", args.mini_batch_size,
                 "--ppo_epochs", args.ppo_epochs, "--max_gen_len", args.max_gen_len, "--max_seq_len", args.prompt_len,
                 "--max_steps", args.steps, "--data_path", prompts, "--tokenizer_path", TOKENIZER,
                 "--reward_model_path", build_tiny_reward_model(os.path.join(tmp, "rm")), "--device", args.device,

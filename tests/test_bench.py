@@ -40,3 +40,12 @@ def test_flops_count_the_step_and_grow_with_the_model(capsys):
     assert small["matmul_floor_s_per_step"] == small["matmul_gflop_per_step"] / small["gemm_gflops"]
     # twice the width: the layers' matmuls 4x, the vocabulary head 2x, so between 2x and 4x overall
     assert 2 < wide["matmul_gflop_per_step"] / small["matmul_gflop_per_step"] < 4
+
+
+def test_llama_preset_trains_a_transformers_policy_folder(capsys):
+    bench_ppo.main(MICRO + ["--preset", "llama_mm2"])
+    captured = capsys.readouterr()
+    (result,) = [json.loads(line) for line in captured.out.splitlines()]
+    assert "(LlamaForCausalLM, hidden 32, 1 layers)" in captured.err  # train_ppo's log names the policy
+    assert result["config"]["preset"] == "llama_mm2" and result["config"]["hidden_size"] == 32
+    assert result["avg_response_len"] == 4  # EOS pinned on the Llama's lm_head too

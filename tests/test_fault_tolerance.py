@@ -29,6 +29,7 @@ import train_ppo
 import trainer_utils
 from children import assert_same_run, finish, free_port, read_metrics, run_ranks, start, wait_for
 from conftest import ROOT, tiny_run_args
+from hf_models import save_tiny_hf_model
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer_utils import load_resume, load_state_dict_file, save_weights
 
@@ -546,8 +547,19 @@ def test_remote_code_only_for_the_named_reward_folder_with_a_notice(tmp_path, ca
     out = capsys.readouterr().out
     assert out.count("trust_remote_code") == 1
     assert f"note: trust_remote_code enabled for the reward model folder {tmp_path / 'rm'} only" in out
-    for path, tree in project_sources():  # nowhere else is remote code turned on
-        allowed = {id(node) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "load_reward_model"
+    # a transformers policy folder: the same rule; one without auto_map runs no remote code and says nothing
+    policy = save_tiny_hf_model("llama", tmp_path / "policy", str(ROOT / "model"))
+    trainer_utils.load_hf_causal_lm(policy, trainer_utils.load_tokenizer(policy), policy)
+    assert "trust_remote_code" not in capsys.readouterr().out
+    config = json.load(open(tmp_path / "policy" / "config.json"))
+    json.dump(config | {"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, open(tmp_path / "policy" / "config.json", "w"))
+    with pytest.raises(ValueError, match="policy"):
+        trainer_utils.load_hf_causal_lm(policy, trainer_utils.load_tokenizer(policy), policy)
+    assert f"note: trust_remote_code enabled for the policy folder {policy} only" in capsys.readouterr().out
+    # nowhere else is remote code turned on: every trust_remote_code= is the value trusts_remote_code() gave
+    loaders = {"load_reward_model", "load_causal_lm_config", "load_hf_causal_lm", "load_hf_backbone"}
+    for path, tree in project_sources():
+        allowed = {id(node) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name in loaders
                    for node in ast.walk(f)}
         for node in ast.walk(tree):
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":

@@ -3,6 +3,7 @@ from configs, checked against transformers' own generate, trained, saved, killed
 import json
 import os
 import re
+import shutil
 import signal
 
 import pytest
@@ -176,3 +177,72 @@ def test_a_classifier_folder_or_a_too_large_tokenizer_stops_the_run(tiny_kit, tm
             train_ppo.main(train_ppo.parse_args(hf_run_args(str(folder), save_dir, tiny_kit["data"],
                                                             "--reward_model_path", "none")))
         assert not os.path.exists(save_dir / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------- the README's commands
+def readme_commands(start):
+    import shlex
+    text = open(ROOT / "README.md", encoding="utf-8").read()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    commands = [shlex.split(line) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [cmd for cmd in commands if cmd[:len(start)] == start]
+
+
+def test_readme_gpt2_sentiment_command_runs_on_stand_ins(encoder_rms, tmp_path, monkeypatch):
+    """The README's gpt2-sentiment command, verbatim, in a folder where gpt2 and distilbert-imdb are tiny
+    random stand-ins (a base GPT-2 folder: no chat template, no pad token; DistilBERT NEGATIVE/POSITIVE),
+    for one rollout."""
+    (command,) = readme_commands(["python", "train_ppo.py", "--from_weight", "gpt2"])
+    monkeypatch.chdir(tmp_path)
+    save_tiny_hf_model("gpt2", tmp_path / "gpt2", TOKENIZER, chat=False, pad=False)
+    shutil.copytree(encoder_rms["distilbert"], tmp_path / "distilbert-imdb")
+    plain_prompts(tmp_path / "imdb_prompts.jsonl", n=64)
+    args = train_ppo.parse_args(command[2:] + ["--max_steps", "1", "--device", "cpu", "--check_tokenizer", "0"])
+    assert (args.tokenizer_path, args.reward_label, args.reward_input) == ("gpt2", "POSITIVE", "auto")
+    train_ppo.main(args)
+    (step,) = read_metrics(tmp_path / "out")
+    assert step["first_minibatch_ratio_dev"] == 0.0 and "reward_rm" in step and "reward_format" not in step
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ppo_actor_hf").config.model_type == "gpt2"
+
+
+def test_readme_two_gpu_qwen_command_places_the_models_as_documented(tmp_path, monkeypatch):
+    (command,) = readme_commands(["python", "train_ppo.py", "--from_weight", "Qwen2.5-0.5B-Instruct"])
+    monkeypatch.chdir(tmp_path)
+    save_tiny_hf_model("qwen2", tmp_path / "Qwen2.5-0.5B-Instruct", TOKENIZER)
+    args = train_ppo.parse_args(command[2:])
+    assert (args.device, args.critic_device, args.reward_device) == ("cuda:0", "cuda:1", "cuda:1")
+    assert args.tokenizer_path == "Qwen2.5-0.5B-Instruct" and args.reward_rules is None
+
+
+LLAMA3_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
+                   "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+                   "<|end_header_id|>\n\n{% endif %}")
+
+
+def test_the_reward_model_reads_the_datas_chat_whatever_the_template(tmp_path):
+    """A non-ChatML template (Llama 3's layout): the reward model gets the data row's chat, not the rendered
+    text as one user message; ChatML prompts are read back as before."""
+    from conftest import reward_of
+    from dataset.lm_dataset import PromptCollator, RLAIFDataset
+    rows = [{"conversations": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                               {"role": "assistant", "content": "无"}]},
+            {"conversations": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "无"}]}]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def get_scores(self, tokenizer, chats):
+            seen.extend(chats)
+            return [0.0] * len(chats)
+
+    for template in (LLAMA3_TEMPLATE, None):  # None: the project's ChatML template
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+        tokenizer.chat_template = template or tokenizer.chat_template
+        dataset = RLAIFDataset(tmp_path / "chats.jsonl", tokenizer)
+        batch = PromptCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+        assert ("<|start_header_id|>" in batch["prompts"][0]) == (template is not None)
+        seen.clear()
+        reward_of(Recorder(), rules="none")(batch["prompts"], ["Hello.", "4"], batch["answers"], batch["messages"])
+        assert seen[0][:2] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+        assert seen[0][2:] == [{"role": "assistant", "content": "Hello."}]
+        assert seen[1][-2:] == [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]

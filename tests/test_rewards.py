@@ -5,45 +5,12 @@ import re
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, DistilBertConfig,
-                          DistilBertForSequenceClassification, DistilBertTokenizerFast)
+from transformers import (BertForSequenceClassification, BertTokenizerFast, DistilBertForSequenceClassification,
+                          DistilBertTokenizerFast)
 
 import train_ppo
 from conftest import tiny_run_args
 from reward import NonFiniteRolloutError, Reward, RewardFunction, load_reward_model
-
-WORDS = ["what", "is", "plus", "compute", "the", "answer", "think"]
-
-
-def write_wordpiece(folder, tokenizer_class):
-    """A WordPiece vocabulary written here: specials, single characters (and their ## forms), a few words."""
-    chars = [chr(c) for c in range(33, 127)] + list("加上等于多少是计算。？")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + WORDS
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    return tokenizer_class(vocab_file=str(folder / "vocab.txt"), do_lower_case=True), len(vocab)
-
-
-@pytest.fixture(scope="module")
-def encoder_rms(tmp_path_factory):
-    """Tiny random encoder reward models built offline: a 1-label BERT (OpenAssistant's DeBERTa is scored
-    the same way) and a 2-label DistilBERT with NEGATIVE / POSITIVE (TRL's sentiment classifier)."""
-    root = tmp_path_factory.mktemp("encoders")
-    torch.manual_seed(0)
-    tokenizer, vocab_size = write_wordpiece(root / "bert", BertTokenizerFast)
-    bert = BertForSequenceClassification(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=64,
-                                                    max_position_embeddings=512, num_labels=1))
-    bert.save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
-    tokenizer, vocab_size = write_wordpiece(root / "distilbert", DistilBertTokenizerFast)
-    distil = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=512,
-        num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}))
-    distil.save_pretrained(root / "distilbert")
-    tokenizer.save_pretrained(root / "distilbert")
-    return dict(bert=str(root / "bert"), distilbert=str(root / "distilbert"))
-
 
 def run(argv):
     train_ppo.main(train_ppo.parse_args(argv))
