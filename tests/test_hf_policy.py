@@ -122,7 +122,8 @@ def test_ppo_trains_and_saves_a_folder_transformers_loads(arch, tiny_kit, tmp_pa
     assert all(torch.equal(v, state["model"][k]) for k, v in saved.state_dict().items())
     tokenizer = AutoTokenizer.from_pretrained(save_dir / "ppo_actor_hf")
     enc = tokenizer(["The movie was"], return_tensors="pt")
-    out = saved.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = saved.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=5, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, enc["input_ids"].shape[1] + 5)
 
 
