@@ -7,6 +7,7 @@ has an `answer`), mean reward (total and reward-model part, computed exactly as 
 mean response length in tokens (EOS included) and the share of responses that end with EOS.
 """
 import contextlib
+import json
 
 import torch
 from torch.utils.data import DataLoader
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from dataset.lm_dataset import PromptCollator, decode_responses
 from model.sampling import sample_responses
 from reward import answer_correct, format_ok, tags_complete
+from trainer_utils import all_reduce_dict, append_jsonl, get_rank, get_world_size, Logger, unwrap_model
 
 # metric -> (table label, shown as a percentage?, decimals), in table order; logged as eval_<metric>
 METRICS = {
@@ -101,3 +103,33 @@ def markdown_table(results):
             cells.append(f"{values[1] - values[0]:+.{decimals}f}{' pt' if percent else ''}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def evaluate_on_ranks(model, tokenizer, samples, reward, batch_size, max_gen_len, device, autocast):
+    """The trainer's greedy evaluation: each rank takes every world-th prompt and the sums are reduced.
+    Returns {eval_<metric>: value} (METRICS)."""
+    with_accuracy = all(s["answer"] for s in samples)
+    sums, _ = evaluation_sums(unwrap_model(model), tokenizer, samples[get_rank()::get_world_size()], reward,
+                              batch_size, max_gen_len, device, with_accuracy, autocast=autocast)
+    totals = all_reduce_dict({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in sums.items()})
+    return {f"eval_{k}": v for k, v in means(totals).items()}
+
+
+def log_eval(record, metrics_path, swanlab_run):
+    """An evaluation as one metrics.jsonl line (and swanlab), printed as one line."""
+    append_jsonl(metrics_path, record, swanlab_run)
+    accuracy = f" accuracy {record['eval_accuracy']:.1%}" if "eval_accuracy" in record else ""
+    rm = f" (rm {record['eval_reward_rm']:.3f})" if "eval_reward_rm" in record else ""
+    reward = f" | reward {record['eval_reward']:.3f}{rm}" if "eval_reward" in record else ""
+    Logger(f"eval step {record['step']} | format {record['eval_format']:.1%} tags {record['eval_tags']:.1%}"
+           f"{accuracy}{reward} | len {record['eval_response_len']:.1f} eos {record['eval_eos_rate']:.1%}")
+
+
+def eval_table(metrics_path):
+    """The first and the last evaluation of metrics.jsonl side by side (markdown), or None."""
+    evals = [r for r in map(json.loads, open(metrics_path, encoding="utf-8")) if "eval_format" in r]
+    if not evals:
+        return None
+    first, last = evals[0], evals[-1]
+    return markdown_table({f"step {r['step']}": {k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_")}
+                           for r in ([first, last] if last is not first else [first])})

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from trainer_utils import check_rope_base, trusts_remote_code
+from model.loading import check_rope_base, trusts_remote_code
 
 
 class NonFiniteRolloutError(ValueError):

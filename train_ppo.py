@@ -1,11 +1,12 @@
-"""PPO for MiniMind: actor, old actor, reference, critic and a reward model, token-level PPO.
+"""PPO for language models: actor, old actor, frozen reference, critic and a reward, token-level PPO.
 
-Read top to bottom: flags -> models -> PPO maths -> rollout -> update -> logging and
-checkpoints -> stop signals -> main. The reward lives in reward.py, the held-out evaluation in
-evaluation.py, the model and its sampler in model/. Run with `python train_ppo.py` (one process) or
+The policy is MiniMind or any transformers causal LM. Read top to bottom: flags -> models (the
+critic) -> PPO maths -> rollout (an Experience) -> update -> the run and its checkpoints ->
+building the run -> one training step -> the loop -> main. The reward lives in reward.py, the
+held-out evaluation in evaluation.py, model loading and the sampler in model/, distributed,
+logging and file helpers in trainer_utils.py. Run with `python train_ppo.py` (one process) or
 `torchrun --nproc_per_node N train_ppo.py` (DDP; NCCL on GPUs, gloo on CPU).
-Formulas follow "The N Implementation Details of RLHF with PPO" (Huang et al.) and
-TRL / verl / OpenRLHF, as summarised in the project's PPO notes.
+Formulas follow "The N Implementation Details of RLHF with PPO" (Huang et al.), TRL, verl and OpenRLHF.
 """
 import argparse
 import contextlib
@@ -14,11 +15,10 @@ import gc
 import json
 import math
 import os
-import re
 import shutil
-import signal
 import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -28,16 +28,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, decode_responses, thinking_flag
+from evaluation import evaluate_on_ranks, eval_table, log_eval
+from model.loading import (check_tokenizer_fit, default_tokenizer_path, init_model, is_hf_folder, load_hf_backbone,
+                           load_tokenizer, model_signature)
 from model.sampling import position_ids_from_mask, sample_responses
-from evaluation import evaluation_sums, markdown_table, means
 from reward import (REWARD_INPUTS, REWARD_RULES, default_reward_rules, NonFiniteRolloutError, Reward, RewardFunction,
                     load_reward_model)
-from trainer_utils import (build_cosine_scheduler, check_tokenizer_fit, default_tokenizer_path, get_rank,
-                           get_rng_state, get_world_size, hf_folder_path, init_distributed_mode, init_model,
-                           is_hf_folder, is_main_process, load_hf_backbone, load_resume, load_state_dict_file,
-                           load_tokenizer, Logger, model_signature, resolve_weight, resume_path, save_hf_folder,
-                           save_resume, save_weights, set_rng_state, setup_seed, SkipBatchSampler, synced_time,
-                           unwrap_model, weight_path)
+from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, gather_rng_states, get_rank,
+                           get_rng_state, get_world_size, hf_folder_path, init_distributed_mode, is_main_process,
+                           load_resume, load_state_dict_file, log_samples, log_step, Logger, no_sync, resolve_weight,
+                           resume_file_pattern, resume_path, save_hf_folder, save_resume, save_weights, set_rng_state,
+                           setup_seed, SkipBatchSampler, StopSignal, synced_time, truncate_metrics, unwrap_model,
+                           weight_path)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "dataset", "rlaif-mini.jsonl")
@@ -47,129 +49,152 @@ DEMO_EVAL_DATA = os.path.join(ROOT, "dataset", "rlaif-eval.jsonl")
 # ----------------------------------------------------------------------------- flags
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PPO (RLHF) for MiniMind. With no flags: the shipped demo kit on CPU.")
-    a = p.add_argument
-    # files
-    a("--save_dir", default="out", help="weights, metrics.jsonl, args and a copy of this script go here")
-    a("--save_weight", default="ppo_actor", help="saved as {save_dir}/{save_weight}_{hidden}{_moe}.pth")
-    a("--checkpoint_dir", default=None, help="resume files (default: {save_dir}/checkpoints)")
-    a("--from_weight", default=os.path.join(ROOT, "demo", "full_sft_128.pth"),
-      help="actor init: a MiniMind .pth path, a name resolved as the one {save_dir}/{name}_<hidden>[_moe].pth "
-           "(--hidden_size and --use_moe pick among several), a transformers folder with config.json (any "
-           "AutoModelForCausalLM: GPT-2, Qwen2, Llama...; saved back to {save_dir}/{save_weight}_hf), or 'none' "
-           "(a random MiniMind)")
-    a("--critic_weight", default=None,
-      help="critic init: a MiniMind critic or actor .pth, or a transformers folder (its backbone); a fresh value "
-           "head unless a saved critic; default: the actor's backbone")
-    a("--tokenizer_path", default=None,
-      help="the tokenizer the weights were trained with (real MiniMind weights: your MiniMind checkout's "
-           "minimind/model); its chat template renders the prompts. Default: the --from_weight folder for "
-           "transformers models, else the project's model/")
-    a("--check_tokenizer", type=int, default=1, choices=[0, 1],
-      help="at start-up, stop if the actor does not read --tokenizer_path's ids (skipped for --from_weight none)")
-    a("--thinking_ratio", type=float, default=None,
-      help="share of prompts rendered with the think block open, for templates with a thinking switch "
-           "(minimind-3's open_thinking, 2025-10's enable_thinking); default 0.9 with such a template")
-    a("--data_path", default=DEMO_DATA)
-    a("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
-      help="local folder: a get_score() model (internlm2-reward style) or a sequence classifier (decoder or "
-           "encoder); 'none': rules, --correctness_reward and --reward_fn only")
-    a("--reward_input", default="auto", choices=list(REWARD_INPUTS),
-      help="how the reward model reads (query, response): chat = its tokenizer's chat template, pair = "
-           "tokenizer(query, response), text = tokenizer(query + response), both with special tokens; auto: "
-           "get_score models through their API, then chat if the tokenizer has a template, else pair (1 label) "
-           "or text (--reward_label)")
-    a("--reward_label", default=None, help="score with the raw logit of this label (name or index), as TRL's "
-                                           "sentiment example takes POSITIVE; required for multi-label models")
-    a("--correctness_reward", type=float, default=0.0,
-      help="W: add W when the answer (the <answer> content, or the stripped response without tags) equals the "
-           "data row's `answer`")
-    a("--reward_fn", action="append", default=[], metavar="FILE.py:FUNCTION",
-      help="a reward function function(prompts, responses, answers) -> one float per response, added as the part "
-           "custom (several: custom_<function>); may be repeated")
-    a("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="auto: float32 on CPU; on CUDA the model's own dtype when its config names one, else bfloat16 "
-           "where the GPU supports it, else float32")
-    a("--reward_batch_size", type=int, default=32, help="chats per reward-model forward (get_scores calls too)")
-    a("--reward_device", default=None, help="device for the reward model (default: --device)")
-    a("--critic_device", default=None,
-      help="device for the critic (default: --device); with --reward_device, the two-GPU layout: policy and "
-           "reference on cuda:0, critic and reward model on cuda:1 (one process)")
-    # held-out evaluation and logged samples
-    a("--eval_data_path", default=None,
-      help="prompts evaluated greedily at step 0, every --eval_interval rollouts and at the end (default: "
-           "dataset/rlaif-eval.jsonl when training on the demo's dataset/rlaif-mini.jsonl, else none; 'none' = off)")
-    a("--eval_interval", type=int, default=20, help="rollouts between evaluations")
-    a("--eval_limit", type=int, default=0, help="evaluate only the first N prompts of --eval_data_path (0 = all)")
-    a("--log_samples", type=int, default=4, help="samples per rollout written to {save_dir}/samples.jsonl (0 = off)")
-    # model size: read off the weights; give them only to check or to build a random model
-    a("--hidden_size", type=int, default=None, help="default: from the weights (512 to resolve a name)")
-    a("--num_hidden_layers", type=int, default=None)
-    a("--use_moe", type=int, default=None, choices=[0, 1])
-    a("--max_seq_len", type=int, default=64, help="max prompt tokens (longer prompts lose their left part)")
-    a("--max_gen_len", type=int, default=48, help="max new tokens per response")
-    # schedule
-    a("--epochs", type=int, default=10, help="passes over --data_path (the demo: 10 x 14 rollouts)")
-    a("--max_steps", type=int, default=0, help="stop after this many rollouts (0 = run all epochs)")
-    a("--batch_size", type=int, default=32, help="prompts per rollout per process")
-    a("--mini_batch_size", type=int, default=16, help="rollout rows per optimizer step (per process)")
-    a("--accumulation_steps", type=int, default=1, help="micro-batches per minibatch")
-    a("--ppo_epochs", type=int, default=2)
-    a("--learning_rate", type=float, default=5e-5)
-    a("--critic_learning_rate", type=float, default=2e-4)
-    a("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
-    a("--grad_clip", type=float, default=1.0)
-    # rollout
-    a("--temperature", type=float, default=1.0)
-    a("--top_k", type=int, default=0, help="0 = off. When on, the sampling distribution is truncated while "
-                                           "pi_old is scored untruncated: the ratio then is not exact")
-    a("--top_p", type=float, default=1.0, help="1.0 = off; same caveat as --top_k")
-    a("--update_old_actor_freq", type=int, default=1, help="sync the old actor every N rollouts (1 = standard)")
-    a("--critic_warmup_steps", type=int, default=0,
-      help="the first N rollouts train only the critic: the actor, its optimizer and its schedule are untouched")
-    # reward
-    a("--reasoning", type=int, default=1, choices=[0, 1], help="1: the rules of --reward_rules + RM; 0: RM only")
-    a("--reward_rules", default=None, choices=list(REWARD_RULES),
-      help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking + repetition, "
-           "RM of (history as one user message, answer); none: no rules, RM of the whole chat. Default: the "
-           "generation of MiniMind weights, none for other models")
-    a("--rm_clip", type=float, default=3.0)
-    a("--missing_eos_penalty", type=float, default=0.0, help="subtracted when a response hits --max_gen_len")
-    # PPO
-    a("--clip_epsilon", type=float, default=0.2)
-    a("--dual_clip_c", type=float, default=0.0, help="dual clip for A<0: 0 = off, else a value > 1 (verl: 3.0)")
-    a("--cliprange_value", type=float, default=0.2)
-    a("--vf_coef", type=float, default=0.5)
-    a("--entropy_coef", type=float, default=0.0)
-    a("--kl_coef", type=float, default=0.02)
-    a("--kl_estimator", default="k3", choices=["k1", "k2", "k3"])
-    a("--kl_mode", default="reward", choices=["reward", "loss"], help="KL to ref as per-token reward or as loss")
-    a("--target_kl_ctl", type=float, default=0.0,
-      help="adaptive KL target in nats per response: the controller compares it with kl_ref_per_response, the "
-           "mean over responses of the summed per-token KL estimate (TRL's convention, e.g. 6); 0 = fixed --kl_coef")
-    a("--kl_horizon", type=int, default=10000)
-    a("--gamma", type=float, default=1.0)
-    a("--lam", type=float, default=0.95)
-    a("--early_stop_kl", type=float, default=0.0, help="stop this rollout's updates when approx_kl exceeds it")
-    # system
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-      help="autocast precision (default: bfloat16 on CUDA, float32 on CPU). On CPU, bfloat16/float16 run under "
-           "torch.autocast('cpu') (float16 with a loss scaler) to check the mixed-precision path: slow on CPUs "
-           "without bf16/fp16 instructions")
-    a("--num_workers", type=int, default=0)
-    a("--seed", type=int, default=42)
-    a("--log_interval", type=int, default=1)
-    a("--save_interval", type=int, default=50)
-    a("--keep_checkpoints", type=int, default=2)
-    a("--max_bad_steps", type=int, default=5, help="abort after this many consecutive non-finite steps")
-    a("--from_resume", type=int, default=0, choices=[0, 1])
-    a("--save_hf", type=int, default=0, choices=[0, 1],
-      help="MiniMind: also export the actor with save_pretrained (transformers policies always are)")
-    a("--use_swanlab", "--use_wandb", dest="use_swanlab", action="store_true",
-      help="log metrics, evaluations and samples to swanlab (--use_wandb: MiniMind's name)")
-    a("--swanlab_project", "--wandb_project", dest="swanlab_project", default="MiniMind-PPO")
-    a("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"],
-      help="offline (default): written under {save_dir}/swanlog, no login, no network; `swanlab sync` uploads it")
+    files = p.add_argument_group("files and models")
+    files.add_argument("--save_dir", default="out",
+                       help="weights, metrics.jsonl, args and a copy of this script go here")
+    files.add_argument("--save_weight", default="ppo_actor",
+                       help="saved as {save_dir}/{save_weight}_{hidden}{_moe}.pth")
+    files.add_argument("--checkpoint_dir", default=None, help="resume files (default: {save_dir}/checkpoints)")
+    files.add_argument("--from_weight", default=os.path.join(ROOT, "demo", "full_sft_128.pth"),
+                       help="actor init: a MiniMind .pth path, a name resolved as the one "
+                            "{save_dir}/{name}_<hidden>[_moe].pth (--hidden_size and --use_moe pick among several), "
+                            "a transformers folder with config.json (any AutoModelForCausalLM: GPT-2, Qwen2, "
+                            "Llama...; saved back to {save_dir}/{save_weight}_hf), or 'none' (a random MiniMind)")
+    files.add_argument("--critic_weight", default=None,
+                       help="critic init: a MiniMind critic or actor .pth, or a transformers folder (its backbone); "
+                            "a fresh value head unless a saved critic; default: the actor's backbone")
+    files.add_argument("--tokenizer_path", default=None,
+                       help="the tokenizer the weights were trained with (real MiniMind weights: your MiniMind "
+                            "checkout's minimind/model); its chat template renders the prompts. Default: the "
+                            "--from_weight folder for transformers models, else the project's model/")
+    files.add_argument("--check_tokenizer", type=int, default=1, choices=[0, 1],
+                       help="at start-up, stop if the actor does not read --tokenizer_path's ids (skipped for "
+                            "--from_weight none)")
+    files.add_argument("--thinking_ratio", type=float, default=None,
+                       help="share of prompts rendered with the think block open, for templates with a thinking "
+                            "switch (minimind-3's open_thinking, 2025-10's enable_thinking); default 0.9 with such a "
+                            "template")
+    files.add_argument("--data_path", default=DEMO_DATA)
+    files.add_argument("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
+                       help="local folder: a get_score() model (internlm2-reward style) or a sequence classifier "
+                            "(decoder or encoder); 'none': rules, --correctness_reward and --reward_fn only")
+    files.add_argument("--reward_input", default="auto", choices=list(REWARD_INPUTS),
+                       help="how the reward model reads (query, response): chat = its tokenizer's chat template, "
+                            "pair = tokenizer(query, response), text = tokenizer(query + response), both with "
+                            "special tokens; auto: get_score models through their API, then chat if the tokenizer "
+                            "has a template, else pair (1 label) or text (--reward_label)")
+    files.add_argument("--reward_label", default=None,
+                       help="score with the raw logit of this label (name or index), as TRL's sentiment example "
+                            "takes POSITIVE; required for multi-label models")
+    files.add_argument("--correctness_reward", type=float, default=0.0,
+                       help="W: add W when the answer (the <answer> content, or the stripped response without tags) "
+                            "equals the data row's `answer`")
+    files.add_argument("--reward_fn", action="append", default=[], metavar="FILE.py:FUNCTION",
+                       help="a reward function function(prompts, responses, answers) -> one float per response, "
+                            "added as the part custom (several: custom_<function>); may be repeated")
+    files.add_argument("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: float32 on CPU; on CUDA the model's own dtype when its config names one, else "
+                            "bfloat16 where the GPU supports it, else float32")
+    files.add_argument("--reward_batch_size", type=int, default=32,
+                       help="chats per reward-model forward (get_scores calls too)")
+    files.add_argument("--reward_device", default=None, help="device for the reward model (default: --device)")
+    files.add_argument("--critic_device", default=None,
+                       help="device for the critic (default: --device); with --reward_device, the two-GPU layout: "
+                            "policy and reference on cuda:0, critic and reward model on cuda:1 (one process)")
+    watch = p.add_argument_group("held-out evaluation and logged samples")
+    watch.add_argument("--eval_data_path", default=None,
+                       help="prompts evaluated greedily at step 0, every --eval_interval rollouts and at the end "
+                            "(default: dataset/rlaif-eval.jsonl when training on the demo's "
+                            "dataset/rlaif-mini.jsonl, else none; 'none' = off)")
+    watch.add_argument("--eval_interval", type=int, default=20, help="rollouts between evaluations")
+    watch.add_argument("--eval_limit", type=int, default=0,
+                       help="evaluate only the first N prompts of --eval_data_path (0 = all)")
+    watch.add_argument("--log_samples", type=int, default=4,
+                       help="samples per rollout written to {save_dir}/samples.jsonl (0 = off)")
+    size = p.add_argument_group("model size", "read off the weights; give it only to check them or to build a "
+                                                 "random model")
+    size.add_argument("--hidden_size", type=int, default=None, help="default: from the weights (512 to resolve a name)")
+    size.add_argument("--num_hidden_layers", type=int, default=None)
+    size.add_argument("--use_moe", type=int, default=None, choices=[0, 1])
+    size.add_argument("--max_seq_len", type=int, default=64,
+                      help="max prompt tokens (longer prompts lose their left part)")
+    size.add_argument("--max_gen_len", type=int, default=48, help="max new tokens per response")
+    schedule = p.add_argument_group("schedule")
+    schedule.add_argument("--epochs", type=int, default=10, help="passes over --data_path (the demo: 10 x 14 rollouts)")
+    schedule.add_argument("--max_steps", type=int, default=0, help="stop after this many rollouts (0 = run all epochs)")
+    schedule.add_argument("--batch_size", type=int, default=32, help="prompts per rollout per process")
+    schedule.add_argument("--mini_batch_size", type=int, default=16,
+                          help="rollout rows per optimizer step (per process)")
+    schedule.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per minibatch")
+    schedule.add_argument("--ppo_epochs", type=int, default=2)
+    schedule.add_argument("--learning_rate", type=float, default=5e-5)
+    schedule.add_argument("--critic_learning_rate", type=float, default=2e-4)
+    schedule.add_argument("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
+    schedule.add_argument("--grad_clip", type=float, default=1.0)
+    rollout = p.add_argument_group("rollout")
+    rollout.add_argument("--temperature", type=float, default=1.0)
+    rollout.add_argument("--top_k", type=int, default=0,
+                         help="0 = off. When on, the sampling distribution is truncated while pi_old is scored "
+                              "untruncated: the ratio then is not exact")
+    rollout.add_argument("--top_p", type=float, default=1.0, help="1.0 = off; same caveat as --top_k")
+    rollout.add_argument("--update_old_actor_freq", type=int, default=1,
+                         help="sync the old actor every N rollouts (1 = standard)")
+    rollout.add_argument("--critic_warmup_steps", type=int, default=0,
+                         help="the first N rollouts train only the critic: the actor, its optimizer and its schedule "
+                              "are untouched")
+    rewards = p.add_argument_group("reward rules")
+    rewards.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
+                         help="1: the rules of --reward_rules + RM; 0: RM only")
+    rewards.add_argument("--reward_rules", default=None, choices=list(REWARD_RULES),
+                         help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking "
+                              "+ repetition, RM of (history as one user message, answer); none: no rules, RM of the "
+                              "whole chat. Default: the generation of MiniMind weights, none for other models")
+    rewards.add_argument("--rm_clip", type=float, default=3.0)
+    rewards.add_argument("--missing_eos_penalty", type=float, default=0.0,
+                         help="subtracted when a response hits --max_gen_len")
+    ppo = p.add_argument_group("PPO")
+    ppo.add_argument("--clip_epsilon", type=float, default=0.2)
+    ppo.add_argument("--dual_clip_c", type=float, default=0.0,
+                     help="dual clip for A<0: 0 = off, else a value > 1 (verl: 3.0)")
+    ppo.add_argument("--cliprange_value", type=float, default=0.2)
+    ppo.add_argument("--vf_coef", type=float, default=0.5)
+    ppo.add_argument("--entropy_coef", type=float, default=0.0)
+    ppo.add_argument("--kl_coef", type=float, default=0.02)
+    ppo.add_argument("--kl_estimator", default="k3", choices=["k1", "k2", "k3"])
+    ppo.add_argument("--kl_mode", default="reward", choices=["reward", "loss"],
+                     help="KL to ref as per-token reward or as loss")
+    ppo.add_argument("--target_kl_ctl", type=float, default=0.0,
+                     help="adaptive KL target in nats per response: the controller compares it with "
+                          "kl_ref_per_response, the mean over responses of the summed per-token KL estimate (TRL's "
+                          "convention, e.g. 6); 0 = fixed --kl_coef")
+    ppo.add_argument("--kl_horizon", type=int, default=10000)
+    ppo.add_argument("--gamma", type=float, default=1.0)
+    ppo.add_argument("--lam", type=float, default=0.95)
+    ppo.add_argument("--early_stop_kl", type=float, default=0.0,
+                     help="stop this rollout's updates when approx_kl exceeds it")
+    system = p.add_argument_group("system, checkpoints and logging")
+    system.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    system.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="autocast precision (default: bfloat16 on CUDA, float32 on CPU). On CPU, "
+                             "bfloat16/float16 run under torch.autocast('cpu') (float16 with a loss scaler) to check "
+                             "the mixed-precision path: slow on CPUs without bf16/fp16 instructions")
+    system.add_argument("--num_workers", type=int, default=0)
+    system.add_argument("--seed", type=int, default=42)
+    system.add_argument("--log_interval", type=int, default=1)
+    system.add_argument("--save_interval", type=int, default=50)
+    system.add_argument("--keep_checkpoints", type=int, default=2)
+    system.add_argument("--max_bad_steps", type=int, default=5,
+                        help="abort after this many consecutive non-finite steps")
+    system.add_argument("--from_resume", type=int, default=0, choices=[0, 1])
+    system.add_argument("--save_hf", type=int, default=0, choices=[0, 1],
+                        help="MiniMind: also export the actor with save_pretrained (transformers policies always "
+                             "are)")
+    system.add_argument("--use_swanlab", "--use_wandb", dest="use_swanlab", action="store_true",
+                        help="log metrics, evaluations and samples to swanlab (--use_wandb: MiniMind's name)")
+    system.add_argument("--swanlab_project", "--wandb_project", dest="swanlab_project", default="MiniMind-PPO")
+    system.add_argument("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"],
+                        help="offline (default): written under {save_dir}/swanlog, no login, no network; `swanlab "
+                             "sync` uploads it")
     args = p.parse_args(argv)
     args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.save_dir, "checkpoints")
     args.tokenizer_path = args.tokenizer_path or default_tokenizer_path(args.from_weight, os.path.join(ROOT, "model"))
@@ -255,18 +280,6 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def all_reduce_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def all_reduce_dict(sums):
-    """{name: 0-d tensor} summed over ranks, as {name: float}; every rank has the same names."""
-    names = sorted(sums)
-    return dict(zip(names, all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()))
-
-
 def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / std over every real token of every rank (unbiased variance, as TRL).
 
@@ -340,16 +353,40 @@ class AdaptiveKLController:
 
 
 # ----------------------------------------------------------------------------- rollout
+@dataclass
+class Experience:
+    """One rollout of B prompts: [B, T] over prompt + response, [B, R] over the response tokens.
+
+    Filled by collect_rollout; advantages and returns by add_advantages, before the update."""
+    input_ids: torch.Tensor  # [B, T] left-padded prompts, then the responses
+    attention_mask: torch.Tensor  # [B, T]
+    response_mask: torch.Tensor  # [B, R] float: 1 up to and including each row's EOS
+    old_logprobs: torch.Tensor  # [B, R] log pi_old: the distribution the tokens were sampled from
+    ref_logprobs: torch.Tensor  # [B, R] log pi_ref
+    values: torch.Tensor  # [B, R] V(s_t), 0 past each row's end
+    token_rewards: torch.Tensor  # [B, R] -beta * KL per token (reward mode) + the score at the last token
+    advantages: torch.Tensor = None  # [B, R] GAE, whitened (add_advantages)
+    returns: torch.Tensor = None  # [B, R] GAE + V: the critic's targets (add_advantages)
+    # for the logs
+    kl: torch.Tensor = None  # [B, R] per-token KL estimate to the reference
+    scores: torch.Tensor = None  # [B] total reward per response (CPU)
+    reward_parts: dict = None  # {part: [B]} the reward's parts, summing to scores
+    has_eos: torch.Tensor = None  # [B] the response ended with EOS
+    responses: list = None  # B decoded responses
+    sampler_gap: torch.Tensor = None  # mean |sampler log-prob - old_logprobs| over real tokens
+    seconds: dict = None  # generate, forward, reward
+
+
 def response_logprobs(model, input_ids, attention_mask, response_len, temperature):
     """Log-probs [B, R] of the last R tokens of `input_ids`, with their logits [B, R, V] and the MoE aux loss.
 
     Position ids are the sampler's (position_ids_from_mask), so pi_old here is the sampling
-    distribution even for models with learned positions. Only the R positions that predict response tokens reach lm_head (logits_to_keep), and the
-    log-prob is gather - logsumexp, never a full log_softmax tensor. Every log-prob that
-    enters the PPO ratio (old, ref, actor) comes through here, under the same precision.
+    distribution even for models with learned positions. Only the R positions that predict response tokens
+    reach lm_head (logits_to_keep), and the log-prob is gather - logsumexp, never a full log_softmax tensor.
+    Every log-prob that enters the PPO ratio (old, ref, actor) comes through here, under the same precision.
     """
     T = input_ids.shape[1]
-    predicting = torch.arange(T - response_len - 1, T - 1, device=input_ids.device)  # positions before each response token
+    predicting = torch.arange(T - response_len - 1, T - 1, device=input_ids.device)  # before each response token
     out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False, logits_to_keep=predicting)
     logits = out.logits.float()  # [B, R, V]
@@ -382,7 +419,7 @@ def micro_batches(order, mini_batch_size, accumulation_steps):
 
 @torch.no_grad()
 def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_coef, orders, args, autocast):
-    """Sample responses with the old actor, score them, and turn scores into token rewards.
+    """Sample responses with the old actor, score them, and turn scores into token rewards: an Experience.
 
     pi_old, pi_ref and V are computed on the very micro-batches that the first PPO epoch
     uses (orders[0]), so with old actor == actor the first ratio is exactly 1. No collective
@@ -425,59 +462,86 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
     token_rewards = -kl_coef * kl if args.kl_mode == "reward" else torch.zeros_like(kl)
     last = (response_mask.sum(1) - 1).clamp(min=0)
     token_rewards[torch.arange(B, device=device), last] += scores.to(device)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=mask, old_logprobs=old_logprobs,
-                ref_logprobs=ref_logprobs, values=values * mask, token_rewards=token_rewards, scores=scores,
-                parts=parts, kl=kl, has_eos=has_eos, responses=responses,
-                sampler_gap=((sampler_logprobs - old_logprobs).abs() * mask).sum() / mask.sum(),
-                time_generate=t1 - t0, time_forward=t2 - t1, time_reward=t3 - t2)
+    return Experience(input_ids=input_ids, attention_mask=attention_mask, response_mask=mask,
+                      old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values * mask, kl=kl,
+                      token_rewards=token_rewards, scores=scores, reward_parts=parts, has_eos=has_eos,
+                      responses=responses, sampler_gap=((sampler_logprobs - old_logprobs).abs() * mask).sum() / mask.sum(),
+                      seconds=dict(generate=t1 - t0, forward=t2 - t1, reward=t3 - t2))
+
+
+def add_advantages(experience, gamma, lam):
+    """GAE on the token rewards; returns (the critic's targets) before whitening, advantages whitened."""
+    mask = experience.response_mask
+    advantages, experience.returns = compute_advantages(experience.token_rewards, experience.values, mask, gamma, lam)
+    experience.advantages = masked_whiten(advantages, mask)
 
 
 # ----------------------------------------------------------------------------- update
-def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages, returns,
-               orders, kl_coef, args, autocast, scaler=None, train_actor=True):
+@dataclass
+class Learner:
+    """What the PPO update trains: actor and critic (DDP wrappers under torchrun), their optimizers and LR
+    schedules, and the float16 loss scaler (None otherwise)."""
+    actor: nn.Module
+    critic: nn.Module
+    actor_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    actor_sched: torch.optim.lr_scheduler.LRScheduler
+    critic_sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler = None
+
+
+@dataclass
+class UpdateResult:
+    stats: dict  # token means over every minibatch evaluated, by name (value_loss, policy_loss, approx_kl, ...)
+    optimizer_steps: int
+    skipped_steps: int  # non-finite loss or gradient: no step, weights untouched
+    early_stopped: bool
+
+
+def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor=True):
     """PPO epochs over one rollout: clipped policy + value loss, one optimizer step per minibatch.
 
     Losses are token means over the whole minibatch of every rank: each rank divides its sum by
     the global token count times the world size, and DDP averages, so N ranks take the same
     step as one process on the global batch. With train_actor=False (critic warm-up) only the
-    value loss is computed and only the critic steps. Returns (global token-mean statistics,
-    optimizer steps taken, steps skipped as non-finite, early-stopped?). With a float16 loss
-    scaler, steps whose gradients overflowed are the scaler's business (it lowers the scale):
-    they are counted as `scaler_skipped_steps`, not as skipped.
+    value loss is computed and only the critic steps. With a float16 loss scaler, steps whose
+    gradients overflowed are the scaler's business (it lowers the scale): they are counted as
+    `scaler_skipped_steps`, not as skipped.
     """
-    R = rollout["response_mask"].shape[1]
+    exp, scaler = experience, learner.scaler
+    R = exp.response_mask.shape[1]
     world = get_world_size()
-    optimizers = [actor_opt, critic_opt] if train_actor else [critic_opt]
-    models = [actor, critic] if train_actor else [critic]
+    optimizers = [learner.actor_opt, learner.critic_opt] if train_actor else [learner.critic_opt]
+    schedulers = [learner.actor_sched, learner.critic_sched] if train_actor else [learner.critic_sched]
+    models = [learner.actor, learner.critic] if train_actor else [learner.critic]
     totals = {}  # token sums over every minibatch evaluated
     steps = skipped = scaler_skipped = 0
     first_ratio_dev = None
     early_stopped = False
     for epoch in range(args.ppo_epochs):
         for minibatch in micro_batches(orders[epoch], args.mini_batch_size, args.accumulation_steps):
-            n_tokens = all_reduce_sum(rollout["response_mask"][torch.cat(minibatch)].sum()).item()
+            n_tokens = all_reduce_sum(exp.response_mask[torch.cat(minibatch)].sum()).item()
             sums = {}
             for k, micro in enumerate(minibatch):
-                mask = rollout["response_mask"][micro]
-                ids, am = rollout["input_ids"][micro], rollout["attention_mask"][micro]
+                mask = exp.response_mask[micro]
+                ids, am = exp.input_ids[micro], exp.attention_mask[micro]
                 # gradients are all-reduced only on the last micro-batch of a minibatch
-                sync = _no_sync(*models) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
+                sync = no_sync(*models) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
                 with sync, autocast:
-                    values = critic_values(critic, ids, am, R).to(ids.device)
-                    v_loss = value_loss_per_token(values, rollout["values"][micro], returns[micro],
-                                                  args.cliprange_value)
+                    values = critic_values(learner.critic, ids, am, R).to(ids.device)
+                    v_loss = value_loss_per_token(values, exp.values[micro], exp.returns[micro], args.cliprange_value)
                     token_loss, aux_loss, token_stats = args.vf_coef * v_loss, None, {"value_loss": v_loss}
                     if train_actor:
-                        logprobs, logits, aux_loss = response_logprobs(actor, ids, am, R, args.temperature)
+                        logprobs, logits, aux_loss = response_logprobs(learner.actor, ids, am, R, args.temperature)
                         # the entropy's backward costs a full-vocab softmax: only pay it when it is in the loss
                         entropy = entropy_from_logits(logits if args.entropy_coef else logits.detach())
-                        pg_loss, ratio = policy_loss_per_token(logprobs, rollout["old_logprobs"][micro],
-                                                               advantages[micro], args.clip_epsilon, args.dual_clip_c)
-                        kl_ref = kl_penalty(logprobs, rollout["ref_logprobs"][micro], args.kl_estimator)
+                        pg_loss, ratio = policy_loss_per_token(logprobs, exp.old_logprobs[micro], exp.advantages[micro],
+                                                               args.clip_epsilon, args.dual_clip_c)
+                        kl_ref = kl_penalty(logprobs, exp.ref_logprobs[micro], args.kl_estimator)
                         token_loss = token_loss + pg_loss - args.entropy_coef * entropy
                         if args.kl_mode == "loss":
                             token_loss = token_loss + kl_coef * kl_ref
-                        log_ratio = (logprobs - rollout["old_logprobs"][micro]).detach()
+                        log_ratio = (logprobs - exp.old_logprobs[micro]).detach()
                         token_stats.update(approx_kl=0.5 * log_ratio ** 2, policy_loss=pg_loss, entropy=entropy,
                                            clipfrac=((ratio - 1).abs() > args.clip_epsilon).float(),
                                            kl_actor_ref=kl_ref, ratio_dev=(ratio - 1).abs())
@@ -509,7 +573,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
             if finite_loss and all(bool(torch.isfinite(n)) for n in norms):
                 for opt in optimizers:
                     scaler.step(opt) if scaler else opt.step()
-                for sched in ([actor_sched, critic_sched] if train_actor else [critic_sched]):
+                for sched in schedulers:
                     sched.step()
                 steps += 1
             elif finite_loss and scaler:  # float16 gradients overflowed: the scaler lowers its scale
@@ -529,44 +593,71 @@ def ppo_update(actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, 
         stats["first_minibatch_ratio_dev"] = first_ratio_dev
     if scaler:
         stats["loss_scale"] = scaler.get_scale()
-    return stats, steps, skipped, early_stopped
+    return UpdateResult(stats, steps, skipped, early_stopped)
 
 
-def _no_sync(*ddp_models):
-    stack = contextlib.ExitStack()
-    for m in ddp_models:
-        stack.enter_context(m.no_sync())
-    return stack
-
-
-# ----------------------------------------------------------------------------- logging and checkpoints
-def rollout_metrics(rollout, advantages, returns):
+def rollout_metrics(experience):
     """Rollout statistics averaged over ranks."""
-    mask, values = rollout["response_mask"], rollout["values"]
+    exp = experience
+    mask, values, returns, advantages = exp.response_mask, exp.values, exp.returns, exp.advantages
     err = returns - values
     explained_var = 1 - masked_mean((err - masked_mean(err, mask)) ** 2, mask) / \
         masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)
     local = {
-        "reward": rollout["scores"].mean(),
-        **{f"reward_{name}": values.mean() for name, values in rollout["parts"].items()},
-        "kl_ref": masked_mean(rollout["kl"], mask), "kl_ref_per_response": rollout["kl"].sum(1).mean(),
+        "reward": exp.scores.mean(),
+        **{f"reward_{name}": values.mean() for name, values in exp.reward_parts.items()},
+        "kl_ref": masked_mean(exp.kl, mask), "kl_ref_per_response": exp.kl.sum(1).mean(),
         "value_explained_var": explained_var,
         "advantage_mean": masked_mean(advantages, mask),
         "advantage_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt(),
-        "avg_response_len": mask.sum(1).mean(), "eos_rate": rollout["has_eos"].float().mean(),
-        "sampler_logprob_gap": rollout["sampler_gap"],
+        "avg_response_len": mask.sum(1).mean(), "eos_rate": exp.has_eos.float().mean(),
+        "sampler_logprob_gap": exp.sampler_gap,
     }
     values_ = all_reduce_sum(torch.stack([v.detach().double().cpu() for v in local.values()]).to(mask.device))
     return dict(zip(local, (values_ / get_world_size()).tolist()))
 
 
-def gather_rng_states(state):
-    """Every rank's RNG `state`, gathered to all ranks (rank 0 writes them)."""
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+# ----------------------------------------------------------------------------- the run and its checkpoints
+@dataclass
+class Progress:
+    """Where the run is: with the models, optimizers, schedulers and RNG, what a resume file records."""
+    epoch: int = 0
+    step: int = 0  # the next batch of `epoch` to run
+    global_step: int = 0  # rollouts done
+    bad_streak: int = 0  # consecutive rollouts without a usable update
+    swanlab_id: str = None  # a resumed run logs to the same swanlab run
+
+
+@dataclass
+class Run:
+    """Everything the training loop needs, built by build_run. Tests and scripts change a part
+    (wrap the reward, hook a model) between build_run and train."""
+    args: argparse.Namespace
+    tokenizer: object
+    dataset: RLAIFDataset
+    sampler: DistributedSampler
+    eval_samples: list
+    learner: Learner
+    old_actor: nn.Module  # the behaviour policy: samples, gives pi_old
+    ref_model: nn.Module  # frozen reference: the KL anchor
+    reward: Reward
+    autocast: object  # torch.autocast, or a null context for float32
+    kl_ctl: AdaptiveKLController
+    progress: Progress
+    steps_per_epoch: int
+    total_rollouts: int
+    resumed: bool = False
+    swanlab_run: object = None
+    started: float = None  # time.time() when train() started, and the global step then (for the ETA)
+    first_step: int = 0
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.args.save_dir, "metrics.jsonl")
+
+    @property
+    def samples_path(self):
+        return os.path.join(self.args.save_dir, "samples.jsonl")
 
 
 def policy_path(args, config):
@@ -577,236 +668,127 @@ def policy_path(args, config):
     return weight_path(args.save_dir, args.save_weight, config.hidden_size, config.use_moe)
 
 
-def save_checkpoint(args, models, optimizers, schedulers, progress, tokenizer, rng_state):
-    """The actor (policy_path) + a resume file with everything needed to continue.
+def checkpoint_record(run):
+    """The resume file's contents (rank 0's view; every rank's RNG is added by save_checkpoint)."""
+    learner = run.learner
+    return dict(model=unwrap_model(learner.actor).state_dict(), critic_model=unwrap_model(learner.critic).state_dict(),
+                old_actor=run.old_actor.state_dict(), optimizer=learner.actor_opt.state_dict(),
+                critic_optimizer=learner.critic_opt.state_dict(), scheduler=learner.actor_sched.state_dict(),
+                critic_scheduler=learner.critic_sched.state_dict(),
+                grad_scaler=learner.scaler.state_dict() if learner.scaler else None, kl_coef=run.kl_ctl.value,
+                model_config=model_signature(unwrap_model(learner.actor).config), world_size=get_world_size(),
+                batch_size=run.args.batch_size, **asdict(run.progress))
+
+
+def load_checkpoint_record(run, state):
+    """checkpoint_record read back into the run: what save wrote, load reads, field for field."""
+    have = model_signature(unwrap_model(run.learner.actor).config)
+    for key, value in state["model_config"].items():
+        if have[key] != value:
+            raise ValueError(f"resume file was written with {key}={value}, but this run has {key}={have[key]}")
+    if state["batch_size"] != run.args.batch_size:
+        raise ValueError(f"resume file was written with --batch_size {state['batch_size']}, "
+                         f"this run has --batch_size {run.args.batch_size}")
+    learner = run.learner
+    for obj, key in [(learner.actor, "model"), (learner.critic, "critic_model"), (run.old_actor, "old_actor"),
+                     (learner.actor_opt, "optimizer"), (learner.critic_opt, "critic_optimizer"),
+                     (learner.actor_sched, "scheduler"), (learner.critic_sched, "critic_scheduler")]:
+        obj.load_state_dict(state[key])
+    if learner.scaler is not None and state["grad_scaler"]:
+        learner.scaler.load_state_dict(state["grad_scaler"])
+    run.kl_ctl.value = state["kl_coef"]
+    state.setdefault("swanlab_id", state.get("wandb_id"))  # the name in resume files written before 2026-11-21
+    run.progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
+
+
+def save_checkpoint(run, rng_state):
+    """The actor (policy_path) + a resume file with everything needed to continue from run.progress.
     `rng_state` is this rank's RNG state at the start of the next step to run."""
-    actor, critic, old_actor = models
+    args, actor = run.args, run.learner.actor
     rng_states = gather_rng_states(rng_state)  # collective: every rank calls it
     if is_main_process():
         config = unwrap_model(actor).config
         hidden, moe = config.hidden_size, getattr(config, "use_moe", False)
         if is_hf_folder(args.from_weight):
-            save_hf_folder(actor, tokenizer, policy_path(args, config))
+            save_hf_folder(actor, run.tokenizer, policy_path(args, config))
         else:
             save_weights(actor, policy_path(args, config))
             if args.save_hf:
-                save_hf_folder(actor, tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe))
-        state = dict(model=unwrap_model(actor).state_dict(), critic_model=unwrap_model(critic).state_dict(),
-                     old_actor=old_actor.state_dict(), optimizer=optimizers[0].state_dict(),
-                     critic_optimizer=optimizers[1].state_dict(), scheduler=schedulers[0].state_dict(),
-                     critic_scheduler=schedulers[1].state_dict(), world_size=get_world_size(),
-                     batch_size=args.batch_size, rng_states=rng_states,
-                     model_config=model_signature(config),
-                     **progress)
-        save_resume(state, resume_path(args.checkpoint_dir, args.save_weight, hidden, moe), keep=args.keep_checkpoints)
+                save_hf_folder(actor, run.tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe))
+        save_resume(dict(checkpoint_record(run), rng_states=rng_states),
+                    resume_path(args.checkpoint_dir, args.save_weight, hidden, moe), keep=args.keep_checkpoints)
     if dist.is_initialized():
         dist.barrier()
 
 
-def restore_checkpoint(state, args, models, optimizers, schedulers, steps_per_epoch, scaler=None):
-    """Load a resume file into the models, optimizers and loss scaler; return (epoch, step, global_step).
+def restore_checkpoint(run, state):
+    """Load a resume file into the run.
 
     Under another world size every counter is re-derived from the prompts consumed: the data
     position, the global step (so the run still trains every remaining prompt) and the
     schedulers' step counts (so the LR continues where a fresh run at that world size would be).
     """
-    actor, critic, old_actor = models
-    have = model_signature(actor.config)
-    for key, value in state["model_config"].items():
-        if have[key] != value:
-            raise ValueError(f"resume file was written with {key}={value}, but this run has {key}={have[key]}")
-    if state["batch_size"] != args.batch_size:
-        raise ValueError(f"resume file was written with --batch_size {state['batch_size']}, "
-                         f"this run has --batch_size {args.batch_size}")
-    actor.load_state_dict(state["model"])
-    critic.load_state_dict(state["critic_model"])
-    old_actor.load_state_dict(state["old_actor"])
-    for obj, key in zip(optimizers + schedulers, ["optimizer", "critic_optimizer", "scheduler", "critic_scheduler"]):
-        obj.load_state_dict(state[key])
-    if scaler is not None and state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
+    load_checkpoint_record(run, state)
+    args, p, steps_per_epoch = run.args, run.progress, run.steps_per_epoch
     world, saved_world = get_world_size(), state["world_size"]
-    epoch, step, global_step = state["epoch"], state["step"], state["global_step"]
     if saved_world != world:
         # the global data order does not depend on the world size: keep the number of prompts consumed
-        consumed = step * args.batch_size * saved_world
-        step = min(consumed // (args.batch_size * world), steps_per_epoch)
-        global_step = epoch * steps_per_epoch + step
-        for sched in schedulers:  # the same share of optimizer steps as of rollouts
-            sched.last_epoch = round(sched.last_epoch * global_step / state["global_step"]) - 1 \
+        consumed = p.step * args.batch_size * saved_world
+        p.step = min(consumed // (args.batch_size * world), steps_per_epoch)
+        p.global_step = p.epoch * steps_per_epoch + p.step
+        for sched in (run.learner.actor_sched, run.learner.critic_sched):  # the same share of optimizer steps
+            sched.last_epoch = round(sched.last_epoch * p.global_step / state["global_step"]) - 1 \
                 if state["global_step"] else -1
             sched.step()
-        Logger(f"resume: world size {saved_world} -> {world}; data position {consumed} prompts -> step {step}, "
-               f"global step {state['global_step']} -> {global_step}"
+        Logger(f"resume: world size {saved_world} -> {world}; data position {consumed} prompts -> step {p.step}, "
+               f"global step {state['global_step']} -> {p.global_step}"
                + ("" if consumed % (args.batch_size * world) == 0 else
                   f" ({consumed % (args.batch_size * world)} prompts of this epoch are revisited)"))
-    if step >= steps_per_epoch:
-        epoch, step = epoch + 1, 0
+    if p.step >= steps_per_epoch:
+        p.epoch, p.step = p.epoch + 1, 0
     rng = state["rng_states"]
     if get_rank() < len(rng) and saved_world == world:
         set_rng_state(rng[get_rank()])
     else:
-        setup_seed(args.seed + get_rank() + 1000 * global_step)
+        setup_seed(args.seed + get_rank() + 1000 * p.global_step)
         Logger("resume: RNG states reseeded (world size changed)")
-    return epoch, step, global_step
+    run.resumed = True
 
 
-def append_jsonl(path, record, swanlab_run=None):
-    """One JSON line in `path` (rank 0 writes); the same record to swanlab."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if swanlab_run is not None:
-        swanlab_run.log(record, step=record["step"])
-
-
-def log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta_s, args):
-    """Append the step's metrics to metrics.jsonl (and swanlab); print a line every --log_interval."""
-    append_jsonl(metrics_path, metrics, swanlab_run)
-    if metrics["step"] % args.log_interval == 0 or metrics["step"] == total_rollouts:
-        policy = f"policy {metrics['policy_loss']:.4f}" if "policy_loss" in metrics else "critic warm-up"
-        parts = " ".join(f"{k[len('reward_'):]} {v:.2f}" for k, v in metrics.items() if k.startswith("reward_"))
-        Logger(f"step {metrics['step']}/{total_rollouts} | reward {metrics['reward']:.3f} ({parts}) | "
-               f"kl_ref {metrics['kl_ref']:.4f} | "
-               f"{policy} value {metrics['value_loss']:.4f} | "
-               f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
-               f"{metrics['time_step_s']:.1f}s/step, eta {eta_s / 60:.1f} min")
-
-
-def evaluate_policy(actor, tokenizer, eval_samples, reward, args, autocast):
-    """Greedy evaluation of the actor on the held-out prompts: each rank takes every world-th prompt
-    and the sums are reduced. Returns {eval_<metric>: value} (evaluation.METRICS)."""
-    with_accuracy = all(s["answer"] for s in eval_samples)
-    sums, _ = evaluation_sums(unwrap_model(actor), tokenizer, eval_samples[get_rank()::get_world_size()],
-                              reward, args.batch_size, args.max_gen_len, args.device, with_accuracy,
-                              autocast=autocast)
-    totals = all_reduce_dict({k: torch.tensor(v, dtype=torch.float64, device=args.device) for k, v in sums.items()})
-    return {f"eval_{k}": v for k, v in means(totals).items()}
-
-
-def log_eval(record, metrics_path, swanlab_run):
-    """An evaluation as one metrics.jsonl line (and swanlab), printed as one line."""
-    append_jsonl(metrics_path, record, swanlab_run)
-    accuracy = f" accuracy {record['eval_accuracy']:.1%}" if "eval_accuracy" in record else ""
-    rm = f" (rm {record['eval_reward_rm']:.3f})" if "eval_reward_rm" in record else ""
-    reward = f" | reward {record['eval_reward']:.3f}{rm}" if "eval_reward" in record else ""
-    Logger(f"eval step {record['step']} | format {record['eval_format']:.1%} tags {record['eval_tags']:.1%}"
-           f"{accuracy}{reward} | len {record['eval_response_len']:.1f} eos {record['eval_eos_rate']:.1%}")
-
-
-def log_samples(step, prompts, rollout, n, samples_path, swanlab_run):
-    """The first n samples of the rollout, each with its reward and every reward part, to samples.jsonl
-    (and to swanlab as text)."""
-    rows = [dict(step=step, prompt=prompts[i], response=rollout["responses"][i], reward=rollout["scores"][i].item(),
-                 **{f"reward_{part}": values[i].item() for part, values in rollout["parts"].items()})
-            for i in range(min(n, len(prompts)))]
-    with open(samples_path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if swanlab_run is not None:
-        import swanlab
-        swanlab_run.log({"samples": [swanlab.Text(json.dumps(row, ensure_ascii=False, indent=1)) for row in rows]},
-                        step=step)
-
-
-def eval_table(metrics_path):
-    """The first and the last evaluation of metrics.jsonl side by side (markdown), or None."""
-    evals = [r for r in map(json.loads, open(metrics_path, encoding="utf-8")) if "eval_format" in r]
-    if not evals:
-        return None
-    first, last = evals[0], evals[-1]
-    return markdown_table({f"step {r['step']}": {k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_")}
-                           for r in ([first, last] if last is not first else [first])})
-
-
-def truncate_metrics(path, last_step):
-    """On resume, keep only the lines of steps <= last_step: later steps are run (and logged) again."""
-    if not os.path.exists(path):
+def resume_if_asked(run):
+    """--from_resume 1: continue from the newest readable resume file of this actor, or start fresh when
+    there is none (but not when the only ones are another model size's)."""
+    args = run.args
+    config = unwrap_model(run.learner.actor).config
+    path = resume_path(args.checkpoint_dir, args.save_weight, config.hidden_size, getattr(config, "use_moe", False))
+    state, loaded_from = load_resume(path)
+    if state is None:
+        # the file name holds the model size: a resume file for another size must not mean "start fresh"
+        names = os.listdir(args.checkpoint_dir) if os.path.isdir(args.checkpoint_dir) else []
+        others = sorted(n for n in names if resume_file_pattern(args.save_weight).fullmatch(n))
+        if others:
+            raise ValueError(f"--from_resume 1: no resume file for this actor ({os.path.basename(path)}), but "
+                             f"{args.checkpoint_dir} holds {', '.join(others)} from another model size; "
+                             f"resume with the actor they were written for, or use another --checkpoint_dir")
+        Logger(f"--from_resume 1: no checkpoint at {path}; starting fresh")
         return
-    lines = open(path).readlines()
-    kept = []
-    for lineno, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if lineno < len(lines):
-                raise ValueError(f"{path}:{lineno}: not JSON; fix or move the file before resuming")
-            Logger(f"{path}:{lineno}: dropping a torn last line (the previous run died while writing it)")
-            continue
-        if record["step"] <= last_step:
-            kept.append(line)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    restore_checkpoint(run, state)
+    p = run.progress
+    Logger(f"resumed from {loaded_from}: epoch {p.epoch + 1}, step {p.step}, global step {p.global_step}")
+    if is_main_process():
+        truncate_metrics(run.metrics_path, p.global_step)
+        truncate_metrics(run.samples_path, p.global_step)
 
 
-# ----------------------------------------------------------------------------- stop signals
-class RolloutInterrupted(BaseException):
-    """Raised by the stop-signal handler inside a rollout. A BaseException, as KeyboardInterrupt is,
-    so that no `except Exception` in model or tokenizer code swallows it."""
-
-
-class StopSignal:
-    """SIGTERM / SIGINT. Inside a rollout (generation, scoring: nothing has changed yet) the handler
-    raises RolloutInterrupted at once, so the rollout is dropped and the state after the last
-    finished step is saved: torchrun SIGKILLs its workers 30 s after forwarding SIGTERM, less than
-    one real-size step. Elsewhere (the update, a save) it only records the signal: the update
-    finishes, the step is saved, and the run exits."""
-
-    def __init__(self):
-        self.signum, self.in_rollout, self.previous = None, False, {}
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum, frame):
-        self.signum = signum
-        if self.in_rollout:
-            raise RolloutInterrupted(signum)
-
-    def interruptible(self, fn, *args):
-        """fn(*args), or None when a stop signal comes in meanwhile (fn must change no state and run
-        no collective). Other exceptions pass through."""
-        try:
-            try:
-                self.in_rollout = True
-                return fn(*args)
-            finally:  # a signal landing here, before the flag is down, is caught below too
-                self.in_rollout = False
-        except RolloutInterrupted:
-            return None
-
-
-# ----------------------------------------------------------------------------- main
-def main(args):
-    local_rank = init_distributed_mode(args.device)
-    if dist.is_initialized() and args.critic_device:
-        raise ValueError("--critic_device is for one process (the two-GPU layout); under torchrun each rank "
-                         "keeps its models on its own GPU")
-    rank, world = get_rank(), get_world_size()
-    if dist.is_initialized() and args.device.startswith("cuda"):
-        args.device = f"cuda:{local_rank}"
-    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    setup_seed(args.seed + rank)  # each rank samples its own responses
-    dtype = getattr(torch, args.dtype)
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device_type) if dtype == torch.float16 else None
-    if device_type == "cpu" and dtype != torch.float32:
-        Logger(f"note: --dtype {args.dtype} on CPU runs under torch.autocast('cpu') to check the mixed-precision "
-               f"path; it is slow on CPUs without {args.dtype} instructions")
-
-    # the tokenizer and the data first: what does not fit stops here, before any model is built
-    tokenizer = load_tokenizer(args.tokenizer_path)
+# ----------------------------------------------------------------------------- building the run
+def load_data(args, tokenizer):
+    """The training prompts and the held-out ones: what does not fit stops here, before any model is built."""
     if args.thinking_ratio is not None and thinking_flag(tokenizer) is None:
         raise ValueError(f"--thinking_ratio {args.thinking_ratio}: the chat template of --tokenizer_path "
                          f"{args.tokenizer_path!r} has no thinking switch ({' or '.join(THINKING_FLAGS)})")
     if args.thinking_ratio is None:
         args.thinking_ratio = 0.9 if thinking_flag(tokenizer) else 0.0
-    reward_functions = [RewardFunction(spec) for spec in args.reward_fn]  # loading errors name file and function
-    # every rank sees its own shard of one global shuffled order (below); bad lines stop the run here
+    # every rank sees its own shard of one global shuffled order (build_run); bad lines stop the run here
     dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, thinking_ratio=args.thinking_ratio,
                            seed=args.seed)
     eval_samples = []
@@ -814,8 +796,13 @@ def main(args):
         eval_samples = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len,
                                     thinking_ratio=args.thinking_ratio, seed=args.seed).samples  # epoch 0's draws
         eval_samples = eval_samples[:args.eval_limit or None]
+    if args.correctness_reward and not any(dataset.answers):
+        raise ValueError(f"--correctness_reward {args.correctness_reward}: {args.data_path} has no `answer` field")
+    return dataset, eval_samples
 
-    # models: actor (trained), old actor (samples, gives pi_old), ref (KL anchor), critic, reward model
+
+def build_models(args, reward_functions):
+    """Actor (trained), old actor (samples, gives pi_old), reference (KL anchor), critic and the reward."""
     actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
                                   hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                                   use_moe=None if args.use_moe is None else bool(args.use_moe))
@@ -834,16 +821,37 @@ def main(args):
     kind = f"MiniMind v{config.version}" if config.model_type == "minimind" else type(actor).__name__
     Logger(f"actor: {sum(p.numel() for p in actor.parameters()) / 1e6:.2f}M params "
            f"({kind}, hidden {config.hidden_size}, {config.num_hidden_layers} layers"
-           f"{', MoE' if getattr(config, 'use_moe', False) else ''}); reward model: {args.reward_model_path}; reward rules: "
-           f"{args.reward_rules if args.reasoning else 'none (--reasoning 0)'}"
+           f"{', MoE' if getattr(config, 'use_moe', False) else ''}); reward model: {args.reward_model_path}; "
+           f"reward rules: {args.reward_rules if args.reasoning else 'none (--reasoning 0)'}"
            + (f"; think block open in {args.thinking_ratio:.0%} of prompts ({thinking_flag(tokenizer)})"
               if thinking_flag(tokenizer) else ""))
+    return actor, old_actor, ref_model, critic, reward, tokenizer
 
+
+def build_run(args):
+    """Models, optimizers, LR schedules, data and the resume state: a Run ready for train()."""
+    local_rank = init_distributed_mode(args.device)
+    if dist.is_initialized() and args.critic_device:
+        raise ValueError("--critic_device is for one process (the two-GPU layout); under torchrun each rank "
+                         "keeps its models on its own GPU")
+    rank, world = get_rank(), get_world_size()
+    if dist.is_initialized() and args.device.startswith("cuda"):
+        args.device = f"cuda:{local_rank}"
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    setup_seed(args.seed + rank)  # each rank samples its own responses
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    if device_type == "cpu" and dtype != torch.float32:
+        Logger(f"note: --dtype {args.dtype} on CPU runs under torch.autocast('cpu') to check the mixed-precision "
+               f"path; it is slow on CPUs without {args.dtype} instructions")
+
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    reward_functions = [RewardFunction(spec) for spec in args.reward_fn]  # loading errors name file and function
+    dataset, eval_samples = load_data(args, tokenizer)
+    actor, old_actor, ref_model, critic, reward, tokenizer = build_models(args, reward_functions)
     if args.check_tokenizer and args.from_weight != "none":
         Logger(check_tokenizer_fit(actor, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
                                    tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
-    if args.correctness_reward and not any(dataset.answers):
-        raise ValueError(f"--correctness_reward {args.correctness_reward}: {args.data_path} has no `answer` field")
     if len(dataset) < args.batch_size * world:
         raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
                          f"prompts, but {args.data_path} has {len(dataset)}")
@@ -862,11 +870,15 @@ def main(args):
     # memory-bound, so on CPU this cuts it ~4x (hidden 512: 110 -> 24 ms per optimizer step)
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate, fused=True)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, fused=True)
-    # the actor's schedule spans only the rollouts after the critic warm-up
-    actor_sched = build_cosine_scheduler(actor_opt, total_opt_steps - args.critic_warmup_steps * opt_steps_per_rollout,
-                                         args.warmup_steps)
-    critic_sched = build_cosine_scheduler(critic_opt, total_opt_steps, args.warmup_steps)
-    kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon)
+    learner = Learner(actor, critic, actor_opt, critic_opt,
+                      # the actor's schedule spans only the rollouts after the critic warm-up
+                      build_cosine_scheduler(actor_opt, total_opt_steps - args.critic_warmup_steps *
+                                             opt_steps_per_rollout, args.warmup_steps),
+                      build_cosine_scheduler(critic_opt, total_opt_steps, args.warmup_steps),
+                      torch.amp.GradScaler(device_type) if dtype == torch.float16 else None)
+    run = Run(args, tokenizer, dataset, sampler, eval_samples, learner, old_actor, ref_model, reward, autocast,
+              AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon), Progress(), steps_per_epoch,
+              total_rollouts)
 
     if is_main_process():  # fail now rather than at the first save, after the training it was meant to keep
         for flag, folder in [("--save_dir", args.save_dir), ("--checkpoint_dir", args.checkpoint_dir)]:
@@ -875,186 +887,188 @@ def main(args):
                 tempfile.TemporaryFile(dir=folder).close()
             except OSError as e:
                 raise OSError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
-
-    metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
-    samples_path = os.path.join(args.save_dir, "samples.jsonl")
-    start_epoch, start_step, global_step, bad_streak, run_id, resumed = 0, 0, 0, 0, None, False
     if args.from_resume:
-        path = resume_path(args.checkpoint_dir, args.save_weight, config.hidden_size, getattr(config, "use_moe", False))
-        state, loaded_from = load_resume(path)
-        if state is None:
-            # the file name holds the model size: a resume file for another size must not mean "start fresh"
-            names = os.listdir(args.checkpoint_dir) if os.path.isdir(args.checkpoint_dir) else []
-            others = sorted(n for n in names
-                            if re.fullmatch(re.escape(args.save_weight) + r"_\d+(_moe)?_resume(\.\d+)?\.pth", n))
-            if others:
-                raise ValueError(f"--from_resume 1: no resume file for this actor ({os.path.basename(path)}), but "
-                                 f"{args.checkpoint_dir} holds {', '.join(others)} from another model size; "
-                                 f"resume with the actor they were written for, or use another --checkpoint_dir")
-            Logger(f"--from_resume 1: no checkpoint at {path}; starting fresh")
-        else:
-            start_epoch, start_step, global_step = restore_checkpoint(
-                state, args, (actor, critic, old_actor), (actor_opt, critic_opt), (actor_sched, critic_sched),
-                steps_per_epoch, scaler)
-            bad_streak, run_id, kl_ctl.value = state["bad_streak"], state["wandb_id"], state["kl_coef"]
-            resumed = True
-            Logger(f"resumed from {loaded_from}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
-            if is_main_process():
-                truncate_metrics(metrics_path, global_step)
-                truncate_metrics(samples_path, global_step)
-            del state
-
+        resume_if_asked(run)
     if dist.is_initialized():  # every loss-bearing forward goes through these wrappers
-        # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank by
+        # broadcast_buffers=False: the only buffers are RoPE tables (or the like), identical on every rank by
         # construction; broadcasting them costs ~17 MB per forward at hidden 512
         ddp_kw = dict(device_ids=[local_rank] if device_type == "cuda" else None,
-                      find_unused_parameters=getattr(config, "use_moe", False), broadcast_buffers=False)
-        actor, critic = DistributedDataParallel(actor, **ddp_kw), DistributedDataParallel(critic, **ddp_kw)
-
+                      find_unused_parameters=getattr(actor.config, "use_moe", False), broadcast_buffers=False)
+        learner.actor, learner.critic = DistributedDataParallel(actor, **ddp_kw), DistributedDataParallel(critic,
+                                                                                                          **ddp_kw)
     if is_main_process():
-        os.makedirs(args.save_dir, exist_ok=True)
         with open(os.path.join(args.save_dir, "run_args.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=2)
         shutil.copy(os.path.abspath(__file__), os.path.join(args.save_dir, "train_ppo.py"))
-    swanlab_run = None
     if args.use_swanlab and is_main_process():  # a resumed run continues the same swanlab run (its id)
         import swanlab
-        swanlab_run = swanlab.init(project=args.swanlab_project, mode={"cloud": "online"}.get(args.swanlab_mode,
-                                   args.swanlab_mode), id=run_id, resume="allow" if run_id else None,
-                                   log_dir=os.path.join(args.save_dir, "swanlog"), config=vars(args))
-        run_id = swanlab_run.id
+        run_id = run.progress.swanlab_id
+        run.swanlab_run = swanlab.init(project=args.swanlab_project, mode={"cloud": "online"}.get(
+            args.swanlab_mode, args.swanlab_mode), id=run_id, resume="allow" if run_id else None,
+            log_dir=os.path.join(args.save_dir, "swanlog"), config=vars(args))
+        run.progress.swanlab_id = run.swanlab_run.id
+    return run
 
-    def progress(epoch, next_step):  # what the resume file holds beyond weights, optimizers and RNG
-        return dict(epoch=epoch, step=next_step, global_step=global_step, kl_coef=kl_ctl.value, wandb_id=run_id,
-                    bad_streak=bad_streak, grad_scaler=scaler.state_dict() if scaler else None)
 
-    def evaluate_and_log(step):  # every rank evaluates its share; rank 0 writes
-        record = dict(step=step, **evaluate_policy(actor, tokenizer, eval_samples, reward, args, autocast))
-        if is_main_process():
-            log_eval(record, metrics_path, swanlab_run)
+# ----------------------------------------------------------------------------- one training step
+def train_step(run, batch, stop):
+    """One PPO step: rollout -> advantages -> update -> log. Returns False, having changed nothing, when a
+    stop signal came during the rollout (every rank agrees); True otherwise."""
+    args, learner, p = run.args, run.learner, run.progress
+    t0 = synced_time(args.device)
+    # rollout: the old actor samples; old/ref log-probs, values and token rewards
+    orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
+    try:
+        experience, non_finite = stop.interruptible(
+            collect_rollout, batch, run.old_actor, run.ref_model, unwrap_model(learner.critic), run.reward,
+            run.tokenizer, run.kl_ctl.value, orders, args, run.autocast), False
+    except NonFiniteRolloutError as e:
+        print(f"warning: step {p.global_step + 1}{f' (rank {get_rank()})' if get_world_size() > 1 else ''}: {e}",
+              flush=True)
+        experience, non_finite = None, True
+    # every rank agrees: one that updated alone would wait forever for the others' gradients
+    any_non_finite, stopped = (all_reduce_sum(torch.tensor(
+        [float(non_finite), float(stop.signum is not None)], device=args.device)) > 0).tolist()
+    if stopped:
+        return False
+    p.global_step += 1
+    skipped = 0
+    if any_non_finite:
+        Logger(f"step {p.global_step}: non-finite reward or value; no update for this rollout")
+    else:
+        add_advantages(experience, args.gamma, args.lam)
+        train_actor = p.global_step > args.critic_warmup_steps  # the critic alone during its warm-up
+        t1 = synced_time(args.device)
+        update = ppo_update(learner, experience, orders, run.kl_ctl.value, args, run.autocast, train_actor)
+        t2 = synced_time(args.device)
+        skipped = update.skipped_steps
+        if skipped:
+            Logger(f"step {p.global_step}: {skipped} optimizer step(s) skipped (non-finite loss or gradient)")
+        log_update(run, batch, experience, update, train_actor, t0, t1, t2)
+    if p.global_step % args.update_old_actor_freq == 0:
+        run.old_actor.load_state_dict(unwrap_model(learner.actor).state_dict())
+    p.bad_streak = p.bad_streak + 1 if any_non_finite or skipped else 0
+    if p.bad_streak >= args.max_bad_steps:
+        raise RuntimeError(f"aborting at step {p.global_step}: {p.bad_streak} consecutive rollouts with non-finite "
+                           f"rewards, values, losses or gradients (--max_bad_steps {args.max_bad_steps}); the last "
+                           f"good checkpoint is kept in {args.checkpoint_dir}")
+    return True
 
-    models = (actor, critic, old_actor)
-    t_start, steps_this_run, stopped = time.time(), 0, False
-    Logger(f"training: {total_rollouts} rollouts of {args.batch_size * world} prompts, "
-           f"{total_opt_steps} optimizer steps, device {args.device} ({args.dtype}), {world} process(es)")
+
+def log_update(run, batch, experience, update, train_actor, t0, t1, t2):
+    """The step's metrics (rollout, update, LR, timings) to metrics.jsonl and swanlab, a printed line, the
+    logged samples; and the adaptive KL coefficient's update."""
+    args, learner, p = run.args, run.learner, run.progress
+    metrics = rollout_metrics(experience)
+    kl_coef_used = run.kl_ctl.value
+    run.kl_ctl.update(metrics["kl_ref_per_response"], args.batch_size * get_world_size())  # nats per response
+    tokens = all_reduce_sum(experience.response_mask.sum()).item()
+    seconds = experience.seconds
+    metrics.update(update.stats, step=p.global_step, epoch=p.epoch, kl_coef=kl_coef_used,
+                   actor_lr=learner.actor_sched.get_last_lr()[0], critic_lr=learner.critic_sched.get_last_lr()[0],
+                   optimizer_steps=update.optimizer_steps, skipped_steps=update.skipped_steps,
+                   early_stopped=int(update.early_stopped), critic_warmup=int(not train_actor),
+                   rollout_tokens_per_s=tokens / max(seconds["generate"], 1e-9), time_rollout_s=seconds["generate"],
+                   time_forward_s=seconds["forward"], time_reward_s=seconds["reward"], time_update_s=t2 - t1,
+                   time_step_s=t2 - t0)
+    if is_main_process():
+        steps_done = p.global_step - run.first_step
+        eta = (time.time() - run.started) / steps_done * (run.total_rollouts - p.global_step)
+        log_step(metrics, run.metrics_path, run.swanlab_run, run.total_rollouts, eta, args)
+        if args.log_samples:
+            log_samples(p.global_step, batch["prompts"], experience.responses, experience.scores,
+                        experience.reward_parts, args.log_samples, run.samples_path, run.swanlab_run)
+
+
+# ----------------------------------------------------------------------------- the loop
+def evaluate_and_log(run):
+    """The held-out evaluation at run.progress.global_step: every rank evaluates its share; rank 0 writes."""
+    args = run.args
+    record = dict(step=run.progress.global_step, **evaluate_on_ranks(
+        run.learner.actor, run.tokenizer, run.eval_samples, run.reward, args.batch_size, args.max_gen_len,
+        args.device, run.autocast))
+    if is_main_process():
+        log_eval(record, run.metrics_path, run.swanlab_run)
+
+
+def train(run, after_step=None):
+    """Epochs of PPO steps with evaluations, checkpoints and stop signals; `after_step(run)` (optional) is
+    called after every step. Returns True when a stop signal ended the run (a resume file is written)."""
+    args, p = run.args, run.progress
+    run.started, run.first_step, stopped = time.time(), p.global_step, False
+    Logger(f"training: {run.total_rollouts} rollouts of {args.batch_size * get_world_size()} prompts, "
+           f"{run.total_rollouts * args.ppo_epochs * (args.batch_size // args.mini_batch_size)} optimizer steps, "
+           f"device {args.device} ({args.dtype}), {get_world_size()} process(es)")
     with StopSignal() as stop:
-        if eval_samples and not resumed:
-            evaluate_and_log(0)  # the policy before any update
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            first = start_step if epoch == start_epoch else 0
-            loader = DataLoader(dataset, batch_sampler=SkipBatchSampler(sampler, args.batch_size, first),
-                                collate_fn=PromptCollator(tokenizer.pad_token_id), num_workers=args.num_workers,
+        if run.eval_samples and not run.resumed:
+            evaluate_and_log(run)  # the policy before any update
+        while p.epoch < args.epochs and p.global_step < run.total_rollouts and not stopped:
+            run.sampler.set_epoch(p.epoch)
+            run.dataset.set_epoch(p.epoch)
+            loader = DataLoader(run.dataset, batch_sampler=SkipBatchSampler(run.sampler, args.batch_size, p.step),
+                                collate_fn=PromptCollator(run.tokenizer.pad_token_id), num_workers=args.num_workers,
                                 generator=torch.Generator())  # its seed draw must not touch the global RNG
-            for step, batch in enumerate(loader, start=first):
-                if step >= steps_per_epoch or global_step >= total_rollouts:
+            for batch in loader:
+                if p.step >= run.steps_per_epoch or p.global_step >= run.total_rollouts:
                     break
-                t0 = synced_time(args.device)
-                rng_before_step = get_rng_state()  # what a stop during this rollout saves: the step never ran
-                # rollout: old actor samples; old/ref log-probs, values and token rewards
-                orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
-                try:
-                    rollout, non_finite = stop.interruptible(
-                        collect_rollout, batch, old_actor, ref_model, unwrap_model(critic), reward, tokenizer,
-                        kl_ctl.value, orders, args, autocast), False
-                except NonFiniteRolloutError as e:
-                    print(f"warning: step {global_step + 1}{f' (rank {rank})' if world > 1 else ''}: {e}", flush=True)
-                    rollout, non_finite = None, True
-                # every rank agrees: one that updated alone would wait forever for the others' gradients
-                any_non_finite, stopped = (all_reduce_sum(torch.tensor(
-                    [float(non_finite), float(stop.signum is not None)], device=args.device)) > 0).tolist()
-                if stopped:  # before the update nothing has changed: drop the rollout, save the last finished step
-                    Logger(f"stop signal during the rollout of step {global_step + 1}: rollout dropped")
-                    save_checkpoint(args, models, (actor_opt, critic_opt), (actor_sched, critic_sched),
-                                    progress(epoch, step), tokenizer, rng_before_step)
+                rng_before_step = get_rng_state()  # what a stop during the rollout saves: the step never ran
+                if not train_step(run, batch, stop):  # nothing changed: save the last finished step
+                    Logger(f"stop signal during the rollout of step {p.global_step + 1}: rollout dropped")
+                    save_checkpoint(run, rng_before_step)
+                    stopped = True
                     break
-                global_step += 1
-                steps_this_run += 1
-                n_skipped = 0
-                if any_non_finite:
-                    Logger(f"step {global_step}: non-finite reward or value; no update for this rollout")
-                else:
-                    # advantages: GAE on token rewards, returns before whitening
-                    mask = rollout["response_mask"]
-                    advantages, returns = compute_advantages(rollout["token_rewards"], rollout["values"], mask,
-                                                             args.gamma, args.lam)
-                    advantages = masked_whiten(advantages, mask)
-                    # PPO update of actor and critic (the critic alone during its warm-up)
-                    train_actor = global_step > args.critic_warmup_steps
-                    t1 = synced_time(args.device)
-                    update_stats, n_steps, n_skipped, early_stopped = ppo_update(
-                        actor, critic, actor_opt, critic_opt, actor_sched, critic_sched, rollout, advantages,
-                        returns, orders, kl_ctl.value, args, autocast, scaler, train_actor)
-                    t2 = synced_time(args.device)
-                    if n_skipped:
-                        Logger(f"step {global_step}: {n_skipped} optimizer step(s) skipped "
-                               f"(non-finite loss or gradient)")
-                    metrics = rollout_metrics(rollout, advantages, returns)
-                    kl_coef_used = kl_ctl.value
-                    kl_ctl.update(metrics["kl_ref_per_response"], args.batch_size * world)  # nats per response
-
-                    # logging
-                    tokens = all_reduce_sum(mask.sum()).item()
-                    metrics.update(update_stats, step=global_step, epoch=epoch, kl_coef=kl_coef_used,
-                                   actor_lr=actor_sched.get_last_lr()[0], critic_lr=critic_sched.get_last_lr()[0],
-                                   optimizer_steps=n_steps, skipped_steps=n_skipped,
-                                   early_stopped=int(early_stopped), critic_warmup=int(not train_actor),
-                                   rollout_tokens_per_s=tokens / max(rollout["time_generate"], 1e-9),
-                                   time_rollout_s=rollout["time_generate"], time_forward_s=rollout["time_forward"],
-                                   time_reward_s=rollout["time_reward"], time_update_s=t2 - t1, time_step_s=t2 - t0)
-                    if is_main_process():
-                        eta = (time.time() - t_start) / steps_this_run * (total_rollouts - global_step)
-                        log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta, args)
-                        if args.log_samples:
-                            log_samples(global_step, batch["prompts"], rollout, args.log_samples, samples_path,
-                                        swanlab_run)
-                if (global_step % args.update_old_actor_freq) == 0:
-                    old_actor.load_state_dict(unwrap_model(actor).state_dict())
-                bad_streak = bad_streak + 1 if any_non_finite or n_skipped else 0
-                if bad_streak >= args.max_bad_steps:
-                    raise RuntimeError(f"aborting at step {global_step}: {bad_streak} consecutive rollouts with "
-                                       f"non-finite rewards, values, losses or gradients (--max_bad_steps "
-                                       f"{args.max_bad_steps}); the last good checkpoint is kept in "
-                                       f"{args.checkpoint_dir}")
-
-                done = global_step >= total_rollouts
-                if eval_samples and (global_step % args.eval_interval == 0 or done):
-                    evaluate_and_log(global_step)
-
+                p.step += 1
+                if after_step:
+                    after_step(run)
+                done = p.global_step >= run.total_rollouts
+                if run.eval_samples and (p.global_step % args.eval_interval == 0 or done):
+                    evaluate_and_log(run)
                 # checkpoints; a signal during the update stops here, after the step, agreed by every rank
                 stopped = all_reduce_sum(torch.tensor(float(stop.signum is not None), device=args.device)).item() > 0
                 # no periodic save inside a bad streak: it would rotate the last good checkpoint out
-                if (global_step % args.save_interval == 0 and not bad_streak) or done or stopped:
-                    save_checkpoint(args, models, (actor_opt, critic_opt), (actor_sched, critic_sched),
-                                    progress(epoch, step + 1), tokenizer, get_rng_state())
+                if (p.global_step % args.save_interval == 0 and not p.bad_streak) or done or stopped:
+                    save_checkpoint(run, get_rng_state())
                 if stopped:
                     break
-            if stopped or global_step >= total_rollouts:
-                break
+            else:
+                p.epoch, p.step = p.epoch + 1, 0
+                continue
+            if p.step >= run.steps_per_epoch:
+                p.epoch, p.step = p.epoch + 1, 0
+    return stopped
 
+
+def finish(run, stopped):
+    """The closing report (the first evaluation against the last, where the weights are, what to run
+    next), swanlab closed, the process group taken down."""
+    args = run.args
     if stopped:
-        Logger(f"stopped by signal at step {global_step}; resume file written. "
+        Logger(f"stopped by signal at step {run.progress.global_step}; resume file written. "
                f"Continue with the same command plus --from_resume 1")
     elif is_main_process():
-        out = policy_path(args, config)
-        table = eval_table(metrics_path) if eval_samples else None
+        out = policy_path(args, unwrap_model(run.learner.actor).config)
+        table = eval_table(run.metrics_path) if run.eval_samples else None
         if table:
-            Logger(f"held-out evaluation ({len(eval_samples)} prompts of {args.eval_data_path}, greedy):\n{table}")
+            Logger(f"held-out evaluation ({len(run.eval_samples)} prompts of {args.eval_data_path}, greedy):\n{table}")
         base = "" if args.from_weight == "none" else f"--base {args.from_weight} " if is_hf_folder(args.from_weight) \
             else f"--base {resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)} "
-        Logger(f"done in {(time.time() - t_start) / 60:.1f} min. actor weights: {out}; metrics: {metrics_path}; "
-               f"samples: {samples_path}; resume: {args.checkpoint_dir}\nnext: python scripts/eval_policy.py "
-               f"{base}--trained {out}\n      python scripts/plot_metrics.py {metrics_path}")
-    if swanlab_run is not None:
-        swanlab_run.finish()
+        Logger(f"done in {(time.time() - run.started) / 60:.1f} min. actor weights: {out}; metrics: "
+               f"{run.metrics_path}; samples: {run.samples_path}; resume: {args.checkpoint_dir}\nnext: python "
+               f"scripts/eval_policy.py {base}--trained {out}\n      python scripts/plot_metrics.py {run.metrics_path}")
+    if run.swanlab_run is not None:
+        run.swanlab_run.finish()
     if dist.is_initialized():
         # free the DDP wrappers while the group lives: a reducer freed after destroy_process_group holds the
         # group's last reference, and gloo's destructor then waits on a worker thread that waits for the GIL
-        actor = critic = models = None
+        run.learner = None
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def main(args):
+    run = build_run(args)
+    finish(run, train(run))
 
 
 if __name__ == "__main__":

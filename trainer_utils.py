@@ -1,5 +1,6 @@
 """Training helpers shared by the trainers: distributed setup, seeding, batching,
 LR schedule, crash-safe checkpoint I/O and RNG state capture for exact resume."""
+import contextlib
 import glob
 import json
 import math
@@ -7,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -68,6 +70,35 @@ def setup_seed(seed):
     torch.cuda.manual_seed_all(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_dict(sums):
+    """{name: 0-d tensor} summed over ranks, as {name: float}; every rank has the same names."""
+    names = sorted(sums)
+    return dict(zip(names, all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()))
+
+
+def no_sync(*ddp_models):
+    """Every DDP model's no_sync() at once: gradients accumulate locally, no all-reduce."""
+    stack = contextlib.ExitStack()
+    for m in ddp_models:
+        stack.enter_context(m.no_sync())
+    return stack
+
+
+def gather_rng_states(state):
+    """Every rank's RNG `state`, gathered to all ranks (rank 0 writes them)."""
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 # ---------------------------------------------------------------- batching and LR
@@ -132,6 +163,38 @@ def hf_folder_path(save_dir, weight, hidden_size=None, use_moe=False):
     """{save_dir}/{weight}_hf: where a transformers policy is saved with save_pretrained. MiniMind's
     --save_hf export is named as its .pth is, with the model tag: {weight}_{hidden}[_moe]_hf."""
     return os.path.join(save_dir, f"{weight if hidden_size is None else _model_tag(weight, hidden_size, use_moe)}_hf")
+
+
+def weight_file_pattern(weight):
+    """{weight}_{hidden}[_moe].pth: group 1 the hidden size, group 2 the MoE suffix."""
+    return re.compile(re.escape(weight) + r"_(\d+)(_moe)?\.pth")
+
+
+def resume_file_pattern(weight):
+    """Every resume file of `weight`, of any model size, rotated copies (.1, .2) included."""
+    return re.compile(re.escape(weight) + r"_\d+(_moe)?_resume(\.\d+)?\.pth")
+
+
+def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
+    """A weight name becomes the one file {save_dir}/{name}_{hidden}{_moe}.pth, whatever its size:
+    `--from_weight full_sft` finds full_sft_512.pth or full_sft_768_moe.pth alone in the folder.
+    hidden_size and use_moe (when given) pick among several; anything that looks like a path is
+    used as it is."""
+    if weight.endswith(".pth") or os.sep in weight or os.path.isfile(weight):
+        return weight
+    pattern = weight_file_pattern(weight)
+    found = sorted(n for n in (os.listdir(save_dir) if os.path.isdir(save_dir) else []) if pattern.fullmatch(n))
+    picked = [n for n in found if (hidden_size is None or int(pattern.fullmatch(n).group(1)) == hidden_size)
+              and (use_moe is None or bool(pattern.fullmatch(n).group(2)) == bool(use_moe))]
+    if len(picked) == 1:
+        return os.path.join(save_dir, picked[0])
+    wanted = _model_tag(weight, hidden_size or "<hidden>", use_moe)
+    if not picked:
+        raise FileNotFoundError(f"--from_weight {weight}: no {wanted}.pth in {os.path.abspath(save_dir)} (pattern "
+                                f"{weight}_<hidden>[_moe].pth" + (f"; it holds {', '.join(found)}" if found else "")
+                                + "); give a path, or the --save_dir that holds the file")
+    raise ValueError(f"--from_weight {weight}: {len(picked)} files match in {os.path.abspath(save_dir)}: "
+                     f"{', '.join(picked)}; pick one with --hidden_size and/or --use_moe, or give its path")
 
 
 # ---------------------------------------------------------------- crash-safe saving
@@ -241,7 +304,7 @@ def save_weights(model, path, dtype=torch.float16):
     atomic_save(state, path)
 
 
-def _first_line(error):
+def first_line(error):
     # torch's unpickling errors run to several paragraphs; one line says what happened. When
     # weights_only=True refuses a file, that is the line naming what was refused, not the
     # opening advice to retry with weights_only=False (which lets the file run code).
@@ -267,7 +330,7 @@ def load_state_dict_file(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read weights ({_first_line(e)})") from e
+        raise ValueError(f"{path}: cannot read weights ({first_line(e)})") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj:
@@ -276,214 +339,6 @@ def load_state_dict_file(path):
     if bad:
         raise ValueError(f"{path}: not a state dict; entry {bad[0]!r} is not a tensor")
     return {_strip_wrapper_prefixes(k): v for k, v in obj.items()}
-
-
-# ---------------------------------------------------------------- models
-
-def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
-    """A weight name becomes the one file {save_dir}/{name}_{hidden}{_moe}.pth, whatever its size:
-    `--from_weight full_sft` finds full_sft_512.pth or full_sft_768_moe.pth alone in the folder.
-    hidden_size and use_moe (when given) pick among several; anything that looks like a path is
-    used as it is."""
-    if weight.endswith(".pth") or os.sep in weight or os.path.isfile(weight):
-        return weight
-    pattern = re.compile(re.escape(weight) + r"_(\d+)(_moe)?\.pth")
-    found = sorted(n for n in (os.listdir(save_dir) if os.path.isdir(save_dir) else []) if pattern.fullmatch(n))
-    picked = [n for n in found if (hidden_size is None or int(pattern.fullmatch(n).group(1)) == hidden_size)
-              and (use_moe is None or bool(pattern.fullmatch(n).group(2)) == bool(use_moe))]
-    if len(picked) == 1:
-        return os.path.join(save_dir, picked[0])
-    wanted = _model_tag(weight, hidden_size or "<hidden>", use_moe)
-    if not picked:
-        raise FileNotFoundError(f"--from_weight {weight}: no {wanted}.pth in {os.path.abspath(save_dir)} (pattern "
-                                f"{weight}_<hidden>[_moe].pth" + (f"; it holds {', '.join(found)}" if found else "")
-                                + "); give a path, or the --save_dir that holds the file")
-    raise ValueError(f"--from_weight {weight}: {len(picked)} files match in {os.path.abspath(save_dir)}: "
-                     f"{', '.join(picked)}; pick one with --hidden_size and/or --use_moe, or give its path")
-
-
-def is_hf_folder(path):
-    """A transformers checkpoint folder (save_pretrained's config.json), as opposed to a MiniMind .pth."""
-    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
-
-
-def default_tokenizer_path(weight, minimind_tokenizer):
-    """A transformers folder carries its own tokenizer; MiniMind weights use `minimind_tokenizer`."""
-    return weight if is_hf_folder(weight) else minimind_tokenizer
-
-
-def check_rope_base(folder, config, flag):
-    """transformers 5 saves RoPE's base only in rope_parameters; 4.x reads a top-level rope_theta and,
-    without one, silently uses its default base: refuse rather than run with the wrong positions."""
-    raw = json.load(open(os.path.join(folder, "config.json")))
-    rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta")
-    if rope_theta is not None and getattr(config, "rope_theta", rope_theta) != rope_theta:
-        raise ValueError(f"{flag} {folder!r}: its config.json names RoPE base {rope_theta} only in "
-                         f"rope_parameters, which this transformers version ignores (it would use "
-                         f"{config.rope_theta}); add \"rope_theta\": {rope_theta} to config.json")
-
-
-def trusts_remote_code(folder, what):
-    """A model's own Python files run only for a folder whose config.json asks for them (auto_map), and the
-    run says so."""
-    remote = "auto_map" in json.load(open(os.path.join(folder, "config.json")))
-    if remote:
-        Logger(f"note: trust_remote_code enabled for the {what} folder {folder} only")
-    return remote
-
-
-def load_causal_lm_config(folder, flag, remote):
-    """The folder's config, checked to describe a causal LM (AutoModelForCausalLM), not a classifier."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
-    except Exception as e:
-        raise ValueError(f"{flag} {folder!r}: cannot read its config.json ({_first_line(e)})") from e
-    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-              for name in ([names] if isinstance(names, str) else names)}
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:
-        ok = any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    else:
-        ok = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in \
-            (getattr(config, "auto_map", None) or {})
-    if not ok:
-        raise ValueError(f"{flag} {folder!r}: its config.json describes {', '.join(architectures) or config.model_type}"
-                         f", not a causal language model (AutoModelForCausalLM); the policy must generate text")
-    check_rope_base(folder, config, flag)
-    return config
-
-
-def load_hf_causal_lm(folder, tokenizer, tokenizer_path, flag="--from_weight"):
-    """AutoModelForCausalLM from a transformers folder in float32, checked to work with the sampler and to
-    hold every id of `tokenizer`."""
-    import inspect
-    from transformers import AutoModelForCausalLM
-    remote = trusts_remote_code(folder, "policy")
-    config = load_causal_lm_config(folder, flag, remote)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
-                                                     trust_remote_code=remote)
-    except Exception as e:
-        raise ValueError(f"{flag} {folder!r}: cannot load it as AutoModelForCausalLM ({_first_line(e)})") from e
-    takes = inspect.signature(model.forward).parameters
-    missing = [name for name in ("position_ids", "logits_to_keep") if name not in takes]
-    if missing and "kwargs" not in takes:
-        raise ValueError(f"{flag} {folder!r}: {type(model).__name__}.forward takes no {' or '.join(missing)}; "
-                         f"the sampler and the PPO log-probs need both (transformers' own models do)")
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise ValueError(f"{flag} {folder!r}: the tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but the "
-                         f"model's embedding holds {rows}: ids past {rows - 1} would index nothing; use the "
-                         f"tokenizer the model was trained with")
-    return model
-
-
-def load_hf_backbone(folder):
-    """A transformers folder's base model (AutoModel: a causal LM's or a classifier's heads dropped),
-    for a critic: its first output is the last hidden state, after the final norm."""
-    from transformers import AutoModel
-    try:
-        return AutoModel.from_pretrained(folder, dtype=torch.float32,
-                                         trust_remote_code=trusts_remote_code(folder, "critic"))
-    except Exception as e:
-        raise ValueError(f"--critic_weight {folder!r}: cannot load its backbone with AutoModel "
-                         f"({_first_line(e)})") from e
-
-
-def model_signature(config):
-    """What a resume file must agree on with the model it is loaded into."""
-    return dict(model_type=config.model_type, hidden_size=config.hidden_size,
-                num_hidden_layers=config.num_hidden_layers, use_moe=getattr(config, "use_moe", False),
-                version=getattr(config, "version", None))
-
-
-def load_tokenizer(tokenizer_path):
-    """AutoTokenizer from the folder; one with no pad token pads with EOS (as TRL sets GPT-2's). That is
-    safe because every mask comes from lengths, never from comparing ids with the pad id."""
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except Exception as e:
-        raise ValueError(f"--tokenizer_path {tokenizer_path!r}: cannot load a tokenizer ({_first_line(e)})") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-@torch.no_grad()
-def tokenizer_fit(model, prompts_ids, pad_token_id, seed=0):
-    """(mean negative log-likelihood per token of `prompts_ids` under `model`, the same with each
-    prompt's tokens shuffled), in nats. A model reading the tokenizer it was trained with predicts
-    text far better in its real order than shuffled; fed another tokenizer's ids, it reads both as
-    noise. One left-padded forward each."""
-    from dataset.lm_dataset import PromptCollator
-    from model.sampling import position_ids_from_mask
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    result = []
-    for shuffle in (False, True):
-        rows = [torch.tensor(ids)[torch.randperm(len(ids), generator=generator)].tolist() if shuffle else ids
-                for ids in prompts_ids]
-        batch = PromptCollator(pad_token_id)([{"prompt": "", "prompt_ids": ids, "answer": ""} for ids in rows])
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, :-1].float()
-        nll = logits.logsumexp(-1) - logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        scored = mask[:, :-1] * mask[:, 1:]  # predictions of real tokens from real tokens
-        result.append(((nll * scored).sum() / scored.sum()).item())
-    return tuple(result)
-
-
-def check_tokenizer_fit(model, prompts_ids, pad_token_id, tokenizer_path, weight):
-    """Stop with an error naming --tokenizer_path when the actor does not read this tokenizer's ids:
-    it must predict the rendered prompts at least 1 nat/token better than the same tokens shuffled,
-    and better than a uniform guess over its vocabulary. Returns the message of a passed check."""
-    nll, shuffled = tokenizer_fit(model, prompts_ids, pad_token_id)
-    uniform = math.log(model.config.vocab_size)
-    numbers = (f"{nll:.2f} nats/token on {len(prompts_ids)} rendered prompts ({shuffled:.2f} with their tokens "
-               f"shuffled, {uniform:.2f} for a uniform guess)")
-    if nll < min(shuffled - 1.0, uniform):
-        return f"tokenizer check: the actor reads --tokenizer_path: {numbers}"
-    raise ValueError(f"--tokenizer_path {tokenizer_path!r} does not fit the actor {weight}: it scores {numbers}; "
-                     f"a model reading its own tokenizer scores far below both. Weights only work with the exact "
-                     f"tokenizer they were trained with: real MiniMind weights need the tokenizer folder of your "
-                     f"MiniMind checkout (minimind/model). --check_tokenizer 0 skips this check")
-
-
-def init_model(weight, save_dir, tokenizer_path, device, hidden_size=None, num_hidden_layers=None, use_moe=None):
-    """Tokenizer + policy in float32 on `device`: MiniMindForCausalLM from a .pth, or any
-    AutoModelForCausalLM from a transformers folder (one with config.json).
-
-    The config is read off the weights (sizes given here are only checked against them);
-    `weight="none"` builds a random MiniMind from the given sizes (benchmarks, tests).
-    """
-    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
-    tokenizer = load_tokenizer(tokenizer_path)
-    if is_hf_folder(weight):
-        model = load_hf_causal_lm(weight, tokenizer, tokenizer_path)
-        for flag, value in [("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers)]:
-            if value is not None and value != getattr(model.config, flag):
-                raise ValueError(f"--{flag} {value}: {weight} has {flag} {getattr(model.config, flag)}")
-        return model.to(device), tokenizer
-    if weight == "none":
-        config = MiniMindConfig(hidden_size=hidden_size or 512, num_hidden_layers=num_hidden_layers or 8,
-                                use_moe=bool(use_moe))
-        model, state_dict = MiniMindForCausalLM(config), None
-    else:
-        path = resolve_weight(weight, save_dir, hidden_size, use_moe)
-        state_dict = load_state_dict_file(path)
-        try:
-            config = config_from_state_dict(state_dict, hidden_size=hidden_size,
-                                            num_hidden_layers=num_hidden_layers, use_moe=use_moe)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
-        model = MiniMindForCausalLM(config)
-        model.load_state_dict(state_dict, strict=True)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but the model's vocabulary "
-                         f"holds {model.config.vocab_size}")
-    return model.float().to(device), tokenizer
 
 
 # ---------------------------------------------------------------- RNG state
@@ -511,7 +366,7 @@ def set_rng_state(state):
         np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
         torch.set_rng_state(state["torch"].cpu())
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise ValueError(f"invalid RNG state ({_first_line(e)})") from e
+        raise ValueError(f"invalid RNG state ({first_line(e)})") from e
     if "cuda" in state and torch.cuda.is_available():
         # A run resumed on fewer GPUs restores the generators it has.
         for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
@@ -577,8 +432,109 @@ def load_resume(path, map_location="cpu"):
                 raise TypeError(f"expected a dict, got {type(state).__name__}")
             return state, candidate
         except Exception as e:
-            errors.append(f"{candidate} ({_first_line(e)})")
+            errors.append(f"{candidate} ({first_line(e)})")
             Logger(f"warning: skipping unreadable resume file {errors[-1]}")
     if errors:
         raise ValueError("all resume files are unreadable: " + "; ".join(errors))
     return None, None
+
+
+# ---------------------------------------------------------------- metrics and samples files
+
+def append_jsonl(path, record, swanlab_run=None):
+    """One JSON line in `path` (rank 0 writes); the same record to swanlab."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if swanlab_run is not None:
+        swanlab_run.log(record, step=record["step"])
+
+
+def log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta_s, args):
+    """Append the step's metrics to metrics.jsonl (and swanlab); print a line every --log_interval."""
+    append_jsonl(metrics_path, metrics, swanlab_run)
+    if metrics["step"] % args.log_interval == 0 or metrics["step"] == total_rollouts:
+        policy = f"policy {metrics['policy_loss']:.4f}" if "policy_loss" in metrics else "critic warm-up"
+        parts = " ".join(f"{k[len('reward_'):]} {v:.2f}" for k, v in metrics.items() if k.startswith("reward_"))
+        Logger(f"step {metrics['step']}/{total_rollouts} | reward {metrics['reward']:.3f} ({parts}) | "
+               f"kl_ref {metrics['kl_ref']:.4f} | "
+               f"{policy} value {metrics['value_loss']:.4f} | "
+               f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
+               f"{metrics['time_step_s']:.1f}s/step, eta {eta_s / 60:.1f} min")
+
+
+def log_samples(step, prompts, responses, scores, reward_parts, n, samples_path, swanlab_run):
+    """The first n samples of a rollout, each with its reward and every reward part ({name: [B]}), to
+    samples.jsonl (and to swanlab as text)."""
+    rows = [dict(step=step, prompt=prompts[i], response=responses[i], reward=scores[i].item(),
+                 **{f"reward_{part}": values[i].item() for part, values in reward_parts.items()})
+            for i in range(min(n, len(prompts)))]
+    with open(samples_path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if swanlab_run is not None:
+        import swanlab
+        swanlab_run.log({"samples": [swanlab.Text(json.dumps(row, ensure_ascii=False, indent=1)) for row in rows]},
+                        step=step)
+
+
+def truncate_metrics(path, last_step):
+    """On resume, keep only the lines of steps <= last_step: later steps are run (and logged) again."""
+    if not os.path.exists(path):
+        return
+    lines = open(path).readlines()
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno < len(lines):
+                raise ValueError(f"{path}:{lineno}: not JSON; fix or move the file before resuming")
+            Logger(f"{path}:{lineno}: dropping a torn last line (the previous run died while writing it)")
+            continue
+        if record["step"] <= last_step:
+            kept.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------- stop signals
+
+class RolloutInterrupted(BaseException):
+    """Raised by the stop-signal handler inside a rollout. A BaseException, as KeyboardInterrupt is,
+    so that no `except Exception` in model or tokenizer code swallows it."""
+
+
+class StopSignal:
+    """SIGTERM / SIGINT. Inside a rollout (generation, scoring: nothing has changed yet) the handler
+    raises RolloutInterrupted at once, so the rollout is dropped and the state after the last
+    finished step is saved: torchrun SIGKILLs its workers 30 s after forwarding SIGTERM, less than
+    one real-size step. Elsewhere (the update, a save) it only records the signal: the update
+    finishes, the step is saved, and the run exits."""
+
+    def __init__(self):
+        self.signum, self.in_rollout, self.previous = None, False, {}
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        if self.in_rollout:
+            raise RolloutInterrupted(signum)
+
+    def interruptible(self, fn, *args):
+        """fn(*args), or None when a stop signal comes in meanwhile (fn must change no state and run
+        no collective). Other exceptions pass through."""
+        try:
+            try:
+                self.in_rollout = True
+                return fn(*args)
+            finally:  # a signal landing here, before the flag is down, is caught below too
+                self.in_rollout = False
+        except RolloutInterrupted:
+            return None

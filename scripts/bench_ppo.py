@@ -38,10 +38,11 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 
 import train_ppo
 from dataset.lm_dataset import PromptCollator, RLAIFDataset
+from model.loading import init_model
 from model.sampling import sample_categorical, sample_responses
 from reward import load_reward_model
 from train_ppo import compute_advantages, response_logprobs
-from trainer_utils import init_model
+from trainer_utils import unwrap_model
 
 PRESETS = {
     "small": dict(hidden_size=256, num_hidden_layers=4, batch_size=8, mini_batch_size=4, ppo_epochs=2,
@@ -146,18 +147,12 @@ def build_llama_policy(folder, hidden_size, num_hidden_layers, seed=0):
 
 def force_full_length(model, eos_token_id):
     """Pin the EOS logit to -1e4 so sampling never stops early. Finite, not -inf: the update's entropy term
-    sums softmax * logits, and 0 * -inf is NaN. frozen_copy deep-copies the hook into the old actor and ref,
-    so sampling and every scoring pass see the same distribution."""
+    sums softmax * logits, and 0 * -inf is NaN. Put on the actor, the old actor and the reference, so
+    sampling and every scoring pass see the same distribution."""
     def hook(module, inputs, logits):
         return logits.index_fill(-1, torch.tensor([eos_token_id], device=logits.device), -1e4)
     model.lm_head.register_forward_hook(hook)
     return model
-
-
-def full_length_init_model(*args, **kwargs):
-    """trainer_utils.init_model, then force_full_length: swapped into train_ppo for the run."""
-    model, tokenizer = init_model(*args, **kwargs)
-    return force_full_length(model, tokenizer.eos_token_id), tokenizer
 
 
 # ----------------------------------------------------------------------------- the PPO run
@@ -169,7 +164,7 @@ def config_of(args):
 
 
 def bench_run(args):
-    """One train_ppo.main() run in this process; returns the summary dict."""
+    """One train_ppo run (build_run, EOS pinned, train) in this process; returns the summary dict."""
     with tempfile.TemporaryDirectory() as tmp:
         prompts = os.path.join(tmp, "prompts.jsonl")
         write_prompts(prompts, AutoTokenizer.from_pretrained(TOKENIZER), args.batch_size * args.steps,
@@ -184,12 +179,11 @@ def bench_run(args):
                 "--reward_model_path", build_tiny_reward_model(os.path.join(tmp, "rm")), "--device", args.device,
                 "--dtype", args.dtype, "--save_dir", tmp, "--save_interval", 10 ** 9, "--num_workers", 0,
                 "--seed", args.seed]
-        train_ppo.init_model = full_length_init_model
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
-                train_ppo.main(train_ppo.parse_args([str(a) for a in argv]))
-        finally:
-            train_ppo.init_model = init_model
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
+            run = train_ppo.build_run(train_ppo.parse_args([str(a) for a in argv]))
+            for model in (run.learner.actor, run.old_actor, run.ref_model):
+                force_full_length(unwrap_model(model), run.tokenizer.eos_token_id)
+            train_ppo.finish(run, train_ppo.train(run))
         metrics = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
     if len(metrics) < args.steps:  # stopped by a signal (--signal_test): nothing to summarise
         return dict(config=config_of(args), stopped_after_steps=len(metrics))
@@ -373,9 +367,9 @@ def ablate(name, ours, naive, fn_ours, fn_naive, args, compare=True, max_abs_dif
 def run_ablations(args):
     """Each hot path against its naive reference on the same model and inputs, at the bench's sizes."""
     torch.manual_seed(args.seed)
-    model, tokenizer = full_length_init_model("none", "", TOKENIZER, args.device, hidden_size=args.hidden_size,
-                                              num_hidden_layers=args.num_hidden_layers)
-    model.eval()
+    model, tokenizer = init_model("none", "", TOKENIZER, args.device, hidden_size=args.hidden_size,
+                                  num_hidden_layers=args.num_hidden_layers)
+    force_full_length(model.eval(), tokenizer.eos_token_id)
     B, G, dev = args.batch_size, args.max_gen_len, args.device
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "prompts.jsonl")

@@ -40,7 +40,8 @@ from dataset.lm_dataset import RLAIFDataset
 from evaluation import evaluate
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from reward import Reward, RewardModel, load_reward_model
-from trainer_utils import build_cosine_scheduler, init_model, save_weights, setup_seed
+from model.loading import init_model
+from trainer_utils import build_cosine_scheduler, save_weights, setup_seed
 
 # ----------------------------------------------------------------------------- the task
 OPS = {"+": (lambda a, b: a + b, "plus", "加", "加上")}

@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from dataset.lm_dataset import RLAIFDataset
 from evaluation import evaluate, markdown_table
 from reward import default_reward_rules, Reward, REWARD_RULES, load_reward_model
-from trainer_utils import default_tokenizer_path, init_model
+from model.loading import default_tokenizer_path, init_model
 
 
 # ----------------------------------------------------------------------------- main

@@ -2,7 +2,7 @@
 
 mode "update" (argument: an architecture, minimind or one of tests/hf_models.py): each rank runs one
 PPO update on its half of a fixed global rollout; rank 0 saves the resulting weights for comparison with a single-process update on the whole batch.
-mode "train": the real train_ppo.main, checking after every update that all ranks hold
+mode "train": the real build_run and train, checking after every step that all ranks hold
 identical actor and critic weights.
 """
 import json
@@ -18,7 +18,7 @@ from trainer_utils import get_rank, init_distributed_mode, unwrap_model  # noqa:
 
 
 def fixed_rollout(actor, batch, prompt_len, response_len, seed=0):
-    """A deterministic rollout of `batch` rows (same on every process)."""
+    """A deterministic rollout of `batch` rows (same on every process), as the tensors of an Experience."""
     g = torch.Generator().manual_seed(seed)
     T = prompt_len + response_len
     input_ids = torch.randint(3, 6400, (batch, T), generator=g)
@@ -36,18 +36,16 @@ def fixed_rollout(actor, batch, prompt_len, response_len, seed=0):
 
 def one_update(actor, critic, rollout, args):
     """Advantages (globally whitened) and one PPO update; returns the updated state dicts."""
-    mask = rollout["response_mask"]
-    adv, ret = train_ppo.compute_advantages(rollout["token_rewards"], rollout["values"], mask, 1.0, 0.95)
-    adv = train_ppo.masked_whiten(adv, mask)
+    experience = train_ppo.Experience(**rollout)
+    train_ppo.add_advantages(experience, 1.0, 0.95)
     # plain SGD: the step is linear in the gradient, so the comparison measures the gradient
     # itself (Adam's first step is ~sign(g) and would blow up rounding noise on tiny gradients)
     actor_opt = torch.optim.SGD(actor.parameters(), lr=0.5)
     critic_opt = torch.optim.SGD(critic.parameters(), lr=0.5)
     sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in (actor_opt, critic_opt)]
-    B = mask.shape[0]
-    orders = [torch.arange(B)]
-    train_ppo.ppo_update(actor, critic, actor_opt, critic_opt, *sched, rollout, adv, ret, orders, 0.02, args,
-                         torch.autocast("cpu", enabled=False))
+    orders = [torch.arange(len(rollout["input_ids"]))]
+    learner = train_ppo.Learner(actor, critic, actor_opt, critic_opt, *sched)
+    train_ppo.ppo_update(learner, experience, orders, 0.02, args, torch.autocast("cpu", enabled=False))
     return unwrap_model(actor).state_dict(), unwrap_model(critic).state_dict()
 
 
@@ -86,19 +84,17 @@ def main():
         dist.destroy_process_group()
     else:  # train
         checks = []
-        original = train_ppo.ppo_update
 
-        def checked_update(actor, critic, *a, **kw):
-            result = original(actor, critic, *a, **kw)
+        def check_ranks(run):
+            actor, critic = run.learner.actor, run.learner.critic
             flat = torch.cat([p.detach().flatten() for m in (actor, critic) for p in m.parameters()])
             gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, flat)
             # identical weights on every rank, and no buffer broadcast per forward (RoPE tables are equal by construction)
             checks.append(all(torch.equal(gathered[0], g) for g in gathered)
                           and actor.broadcast_buffers is False and critic.broadcast_buffers is False)
-            return result
-        train_ppo.ppo_update = checked_update
-        train_ppo.main(train_ppo.parse_args(sys.argv[3:]))
+        run = train_ppo.build_run(train_ppo.parse_args(sys.argv[3:]))
+        train_ppo.finish(run, train_ppo.train(run, after_step=check_ranks))
         with open(os.path.join(out_dir, f"checks_rank{get_rank() if dist.is_initialized() else os.environ['RANK']}.json"), "w") as f:
             json.dump(checks, f)
 

@@ -1,4 +1,5 @@
-"""Child-process entry for tests/test_fault_tolerance.py: train_ppo.main with injected faults.
+"""Child-process entry for tests/test_fault_tolerance.py: train_ppo's build_run and train, with faults
+injected into the built run's objects (its reward, reward model and old actor) and into saving.
 
 The tests start `run` through a multiprocessing forkserver that has imported this module (and
 so torch, transformers and train_ppo) once: each child is a real process that can be killed
@@ -23,7 +24,6 @@ import time
 
 import torch
 
-import reward
 import train_ppo
 
 
@@ -33,7 +33,7 @@ def _hang(marker):
 
 
 def _install(faults):
-    rank = faults.get("rank", 0)
+    """Faults in the file system: a save that hangs halfway, waiting for the test's SIGKILL."""
     if "hang" in faults:
         kind, n = faults["hang"]
         counts = {"weights": 0, "resume": 0, "rotate": 0}
@@ -58,52 +58,68 @@ def _install(faults):
                     _hang(faults["marker"])
         torch.save, os.replace = save, replace
 
-    if "nan_reward" in faults:
-        real_score, calls = reward.RewardModel.score, [0]
 
-        def score_chats(*args, **kwargs):
-            scores = real_score(*args, **kwargs)
-            calls[0] += 1
-            if calls[0] in faults["nan_reward"]:
-                scores[0] = float("nan")
-            return scores
-        reward.RewardModel.score = score_chats
+class FaultyRewardModel:
+    """Stands in for run.reward.reward_model: NaN for sample 0 at the listed calls, or SIGTERM to this
+    process as it is called during the n-th rollout."""
 
+    def __init__(self, reward_model, nan_calls=(), signal_rollout=None, rollouts=None):
+        self.reward_model, self.nan_calls, self.signal_rollout, self.rollouts = \
+            reward_model, nan_calls, signal_rollout, rollouts
+        self.calls = 0
+
+    def score(self, *args, **kwargs):
+        if self.signal_rollout is not None and self.rollouts.count == self.signal_rollout:
+            os.kill(os.getpid(), signal.SIGTERM)
+        scores = self.reward_model.score(*args, **kwargs)
+        self.calls += 1
+        if self.calls in self.nan_calls:
+            scores[0] = float("nan")
+        return scores
+
+
+class SamplerForwards:
+    """A forward pre-hook on the old actor counting its sampling calls (a prefill: an empty cache) and their
+    forwards; SIGTERM to this process at forward k of call n (n = None: count only)."""
+
+    def __init__(self, n=None, k=None):
+        self.n, self.k, self.count, self.forwards = n, k, 0, 0
+
+    def __call__(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None:  # a scoring forward
+            return
+        if cache.length == 0:
+            self.count, self.forwards = self.count + 1, 0
+        self.forwards += 1
+        if (self.count, self.forwards) == (self.n, self.k):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class LoggedPrompts:
+    """Stands in for run.reward: appends each rollout's prompts to a file, then rewards as the real one."""
+
+    def __init__(self, reward, path):
+        self.reward, self.path = reward, path
+
+    def __call__(self, prompts, *args):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(prompts) + "\n")
+        return self.reward(prompts, *args)
+
+
+def _install_run_faults(run, faults):
+    """Faults put on the built run's objects: its reward, its reward model, its old actor."""
+    rank = faults.get("rank", 0)
+    rollouts = SamplerForwards(*(faults["self_signal"][1:] if faults.get("self_signal", [""])[0] == "generate"
+                                 else (None, None)))
+    run.old_actor.register_forward_pre_hook(rollouts, with_kwargs=True)
+    if "nan_reward" in faults or faults.get("self_signal", [""])[0] == "reward":
+        run.reward.reward_model = FaultyRewardModel(
+            run.reward.reward_model, faults.get("nan_reward", ()),
+            faults["self_signal"][1] if "self_signal" in faults else None, rollouts)
     if "log_prompts" in faults:
-        real_collect = train_ppo.collect_rollout
-
-        def collect_rollout(batch, *args, **kwargs):
-            with open(os.path.join(faults["log_prompts"], f"prompts_rank{rank}.jsonl"), "a") as f:
-                f.write(json.dumps(batch["prompts"]) + "\n")
-            return real_collect(batch, *args, **kwargs)
-        train_ppo.collect_rollout = collect_rollout
-
-
-    if "self_signal" in faults:
-        where, n, k = faults["self_signal"]
-        real_sample, real_score, rollouts = train_ppo.sample_responses, reward.RewardModel.score, [0]
-
-        def sample_responses(model, *args, **kwargs):
-            rollouts[0] += 1
-            if where != "generate" or rollouts[0] != n:
-                return real_sample(model, *args, **kwargs)
-            forwards = [0]
-
-            def signal_at_kth_forward(module, inputs):
-                forwards[0] += 1
-                if forwards[0] == k:
-                    os.kill(os.getpid(), signal.SIGTERM)
-            hook = model.register_forward_pre_hook(signal_at_kth_forward)
-            try:
-                return real_sample(model, *args, **kwargs)
-            finally:
-                hook.remove()
-
-        def score_chats(*args, **kwargs):
-            if where == "reward" and rollouts[0] == n:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real_score(*args, **kwargs)
-        train_ppo.sample_responses, reward.RewardModel.score = sample_responses, score_chats
+        run.reward = LoggedPrompts(run.reward, os.path.join(faults["log_prompts"], f"prompts_rank{rank}.jsonl"))
 
 
 def run(argv, log_path, faults=None):
@@ -116,4 +132,6 @@ def run(argv, log_path, faults=None):
         os.environ.update(RANK=str(faults["rank"]), LOCAL_RANK=str(faults["rank"]), WORLD_SIZE=str(faults["world"]),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(faults["port"]))
     _install(faults)
-    train_ppo.main(train_ppo.parse_args(argv))
+    run = train_ppo.build_run(train_ppo.parse_args(argv))
+    _install_run_faults(run, faults)
+    train_ppo.finish(run, train_ppo.train(run))

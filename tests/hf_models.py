@@ -4,7 +4,7 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from trainer_utils import load_tokenizer
+from model.loading import load_tokenizer
 
 ARCHITECTURES = ("gpt2", "qwen2", "llama")
 

@@ -24,9 +24,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
+import fault_runner
 import reward
 import train_ppo
 import trainer_utils
+from model import loading
 from children import assert_same_run, finish, free_port, read_metrics, run_ranks, start, wait_for
 from conftest import ROOT, tiny_run_args
 from hf_models import save_tiny_hf_model
@@ -284,43 +286,35 @@ def test_incompatible_resume_file_names_the_mismatch(tiny_kit, checkpoint_dir, t
 
 
 # ----------------------------------------------------------------------------- numerical faults
-def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, monkeypatch, capsys):
+def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, capsys):
     """Step 2: NaN reward; step 3: NaN critic value; step 4: NaN loss. None changes a weight."""
-    snapshots = []
-    real_collect, real_score, real_whiten = train_ppo.collect_rollout, reward.RewardModel.score, train_ppo.masked_whiten
-    real_critic = train_ppo.CriticModel.forward
+    run = train_ppo.build_run(train_ppo.parse_args(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "5",
+                                                                 "--max_bad_steps", "4")))
+    snapshots = []  # snapshots[k]: the weights after step k (the old actor is synced after every step)
 
-    def collect_rollout(batch, old_actor, ref, critic, *args):
-        snapshots.append([{k: v.clone() for k, v in m.state_dict().items()} for m in (old_actor, critic)])
-        return real_collect(batch, old_actor, ref, critic, *args)
+    def snapshot(run):
+        snapshots.append([{k: v.clone() for k, v in m.state_dict().items()} for m in (run.old_actor, run.learner.critic)])
 
-    def score_chats(*args):
-        scores = real_score(*args)
-        if len(snapshots) == 2:
-            scores[1] = float("nan")
-        return scores
+    snapshot(run)
+    run.reward.reward_model = fault_runner.FaultyRewardModel(run.reward.reward_model, nan_calls=[2])
+    run.learner.critic.register_forward_hook(  # the rollout's values (no grad) of step 3
+        lambda module, args, values: values * float("nan") if len(snapshots) == 3 and not torch.is_grad_enabled()
+        else None)
 
-    def critic_forward(self, *args):
-        values = real_critic(self, *args)
-        return values * float("nan") if len(snapshots) == 3 and not torch.is_grad_enabled() else values
-
-    def masked_whiten(x, mask):
-        return real_whiten(x, mask) * (float("nan") if len(snapshots) == 4 else 1.0)
-
-    monkeypatch.setattr(train_ppo, "collect_rollout", collect_rollout)
-    monkeypatch.setattr(reward.RewardModel, "score", score_chats)
-    monkeypatch.setattr(train_ppo.CriticModel, "forward", critic_forward)
-    monkeypatch.setattr(train_ppo, "masked_whiten", masked_whiten)
-    run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "5", "--max_bad_steps", "4"))
+    def nan_logits(module, args, out):  # the update's forwards (with grad) of step 4
+        if len(snapshots) == 4 and torch.is_grad_enabled():
+            out.logits = out.logits * float("nan")
+        return out
+    run.learner.actor.register_forward_hook(nan_logits)
+    train_ppo.finish(run, train_ppo.train(run, after_step=snapshot))
     out = capsys.readouterr().out
-    assert re.search(r"warning: step 2: reward model returned nan for sample 1 \(response '.*'\)", out)
+    assert re.search(r"warning: step 2: reward model returned nan for sample 0 \(response '.*'\)", out)
     assert "step 2: non-finite reward or value; no update for this rollout" in out
     assert re.search(r"warning: step 3: critic returned a non-finite value for sample 0 \(response '.*'\)", out)
     assert "step 4: 4 optimizer step(s) skipped (non-finite loss or gradient)" in out
 
     def same(a, b):
         return all(torch.equal(a[i][k], b[i][k]) for i in range(2) for k in a[i])
-    # snapshots[k] holds the weights after step k (the old actor is synced after every step)
     assert not same(snapshots[0], snapshots[1])  # step 1 trained
     assert same(snapshots[1], snapshots[2]) and same(snapshots[1], snapshots[3]) and same(snapshots[1], snapshots[4])
     metrics = read_metrics(tmp_path)
@@ -330,18 +324,14 @@ def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, mo
     assert global_step(tmp_path) == 5
 
 
-def test_consecutive_bad_steps_abort_and_keep_the_last_good_checkpoint(tiny_kit, tmp_path, monkeypatch):
-    real_score, calls = reward.RewardModel.score, []
-
-    def score_chats(*args):
-        calls.append(1)
-        return real_score(*args) * (float("nan") if len(calls) >= 3 else 1.0)
-
-    monkeypatch.setattr(reward.RewardModel, "score", score_chats)
+def test_consecutive_bad_steps_abort_and_keep_the_last_good_checkpoint(tiny_kit, tmp_path):
+    run = train_ppo.build_run(train_ppo.parse_args(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "6",
+                                                                 "--save_interval", "1", "--max_bad_steps", "2")))
+    run.reward.reward_model = fault_runner.FaultyRewardModel(run.reward.reward_model, nan_calls=range(3, 100))
     with pytest.raises(RuntimeError, match=r"aborting at step 4: 2 consecutive rollouts with non-finite rewards, "
                                            r"values, losses or gradients \(--max_bad_steps 2\); the last good "
                                            r"checkpoint is kept in "):
-        run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "6", "--save_interval", "1", "--max_bad_steps", "2"))
+        train_ppo.train(run)
     state, loaded_from = load_resume(str(tmp_path / RESUME))
     assert state["global_step"] == 2 and state["bad_streak"] == 0 and loaded_from == str(tmp_path / RESUME)
     load_state_dict_file(tmp_path / "ppo_actor_64.pth")
@@ -549,12 +539,12 @@ def test_remote_code_only_for_the_named_reward_folder_with_a_notice(tmp_path, ca
     assert f"note: trust_remote_code enabled for the reward model folder {tmp_path / 'rm'} only" in out
     # a transformers policy folder: the same rule; one without auto_map runs no remote code and says nothing
     policy = save_tiny_hf_model("llama", tmp_path / "policy", str(ROOT / "model"))
-    trainer_utils.load_hf_causal_lm(policy, trainer_utils.load_tokenizer(policy), policy)
+    loading.load_hf_causal_lm(policy, loading.load_tokenizer(policy), policy)
     assert "trust_remote_code" not in capsys.readouterr().out
     config = json.load(open(tmp_path / "policy" / "config.json"))
     json.dump(config | {"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, open(tmp_path / "policy" / "config.json", "w"))
     with pytest.raises(ValueError, match="policy"):
-        trainer_utils.load_hf_causal_lm(policy, trainer_utils.load_tokenizer(policy), policy)
+        loading.load_hf_causal_lm(policy, loading.load_tokenizer(policy), policy)
     assert f"note: trust_remote_code enabled for the policy folder {policy} only" in capsys.readouterr().out
     # nowhere else is remote code turned on: every trust_remote_code= is the value trusts_remote_code() gave
     loaders = {"load_reward_model", "load_causal_lm_config", "load_hf_causal_lm", "load_hf_backbone"}

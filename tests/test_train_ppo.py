@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_ppo
+from model import loading
 from conftest import tiny_run_args
 from trainer_utils import load_resume, load_state_dict_file
 
@@ -39,7 +40,7 @@ def test_end_to_end_writes_metrics_weights_and_resume(tiny_kit, tmp_path):
     state, _ = load_resume(str(tmp_path / "checkpoints" / "ppo_actor_64_resume.pth"))
     assert state["global_step"] == 3 and state["step"] == 3 and state["world_size"] == 1
     for key in ["model", "critic_model", "old_actor", "optimizer", "critic_optimizer", "scheduler",
-                "critic_scheduler", "rng_states", "kl_coef", "wandb_id", "epoch"]:
+                "critic_scheduler", "rng_states", "kl_coef", "swanlab_id", "epoch"]:
         assert key in state, key
     assert (tmp_path / "run_args.json").exists() and (tmp_path / "train_ppo.py").exists()
     from transformers import AutoModelForCausalLM
@@ -204,6 +205,6 @@ def test_pad_token_equal_to_eos_or_missing_trains_the_same(tmp_path):
              "--eval_data_path", "none", "--save_dir", str(tmp_path / name), "--device", "cpu"])
         runs[name] = [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
                       for m in read_metrics(tmp_path / name)]
-    assert train_ppo.load_tokenizer(str(tmp_path / "no_pad")).pad_token == "<|im_end|>"
+    assert loading.load_tokenizer(str(tmp_path / "no_pad")).pad_token == "<|im_end|>"
     assert runs["pad_eos"] == runs["own"] and runs["no_pad"] == runs["own"]
     assert all(m["eos_rate"] > 0.9 for m in runs["own"])  # the demo actor ends its responses with EOS

@@ -1,0 +1,193 @@
+"""Loading policies and tokenizers: MiniMind .pth files (by path or by name), any transformers causal LM
+folder, a critic's backbone, and the start-up check that the tokenizer is the one the weights read."""
+import json
+import math
+import os
+
+import torch
+
+from trainer_utils import first_line, load_state_dict_file, Logger, resolve_weight
+
+
+def is_hf_folder(path):
+    """A transformers checkpoint folder (save_pretrained's config.json), as opposed to a MiniMind .pth."""
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def default_tokenizer_path(weight, minimind_tokenizer):
+    """A transformers folder carries its own tokenizer; MiniMind weights use `minimind_tokenizer`."""
+    return weight if is_hf_folder(weight) else minimind_tokenizer
+
+
+def check_rope_base(folder, config, flag):
+    """transformers 5 saves RoPE's base only in rope_parameters; 4.x reads a top-level rope_theta and,
+    without one, silently uses its default base: refuse rather than run with the wrong positions."""
+    raw = json.load(open(os.path.join(folder, "config.json")))
+    rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta")
+    if rope_theta is not None and getattr(config, "rope_theta", rope_theta) != rope_theta:
+        raise ValueError(f"{flag} {folder!r}: its config.json names RoPE base {rope_theta} only in "
+                         f"rope_parameters, which this transformers version ignores (it would use "
+                         f"{config.rope_theta}); add \"rope_theta\": {rope_theta} to config.json")
+
+
+def trusts_remote_code(folder, what):
+    """A model's own Python files run only for a folder whose config.json asks for them (auto_map), and the
+    run says so."""
+    remote = "auto_map" in json.load(open(os.path.join(folder, "config.json")))
+    if remote:
+        Logger(f"note: trust_remote_code enabled for the {what} folder {folder} only")
+    return remote
+
+
+def load_causal_lm_config(folder, flag, remote):
+    """The folder's config, checked to describe a causal LM (AutoModelForCausalLM), not a classifier."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
+    except Exception as e:
+        raise ValueError(f"{flag} {folder!r}: cannot read its config.json ({first_line(e)})") from e
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in ([names] if isinstance(names, str) else names)}
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        ok = any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    else:
+        ok = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in \
+            (getattr(config, "auto_map", None) or {})
+    if not ok:
+        raise ValueError(f"{flag} {folder!r}: its config.json describes {', '.join(architectures) or config.model_type}"
+                         f", not a causal language model (AutoModelForCausalLM); the policy must generate text")
+    check_rope_base(folder, config, flag)
+    return config
+
+
+def load_hf_causal_lm(folder, tokenizer, tokenizer_path, flag="--from_weight"):
+    """AutoModelForCausalLM from a transformers folder in float32, checked to work with the sampler and to
+    hold every id of `tokenizer`."""
+    import inspect
+    from transformers import AutoModelForCausalLM
+    remote = trusts_remote_code(folder, "policy")
+    config = load_causal_lm_config(folder, flag, remote)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
+                                                     trust_remote_code=remote)
+    except Exception as e:
+        raise ValueError(f"{flag} {folder!r}: cannot load it as AutoModelForCausalLM ({first_line(e)})") from e
+    takes = inspect.signature(model.forward).parameters
+    missing = [name for name in ("position_ids", "logits_to_keep") if name not in takes]
+    if missing and "kwargs" not in takes:
+        raise ValueError(f"{flag} {folder!r}: {type(model).__name__}.forward takes no {' or '.join(missing)}; "
+                         f"the sampler and the PPO log-probs need both (transformers' own models do)")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"{flag} {folder!r}: the tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but the "
+                         f"model's embedding holds {rows}: ids past {rows - 1} would index nothing; use the "
+                         f"tokenizer the model was trained with")
+    return model
+
+
+def load_hf_backbone(folder):
+    """A transformers folder's base model (AutoModel: a causal LM's or a classifier's heads dropped),
+    for a critic: its first output is the last hidden state, after the final norm."""
+    from transformers import AutoModel
+    try:
+        return AutoModel.from_pretrained(folder, dtype=torch.float32,
+                                         trust_remote_code=trusts_remote_code(folder, "critic"))
+    except Exception as e:
+        raise ValueError(f"--critic_weight {folder!r}: cannot load its backbone with AutoModel "
+                         f"({first_line(e)})") from e
+
+
+def model_signature(config):
+    """What a resume file must agree on with the model it is loaded into."""
+    return dict(model_type=config.model_type, hidden_size=config.hidden_size,
+                num_hidden_layers=config.num_hidden_layers, use_moe=getattr(config, "use_moe", False),
+                version=getattr(config, "version", None))
+
+
+def load_tokenizer(tokenizer_path):
+    """AutoTokenizer from the folder; one with no pad token pads with EOS (as TRL sets GPT-2's). That is
+    safe because every mask comes from lengths, never from comparing ids with the pad id."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except Exception as e:
+        raise ValueError(f"--tokenizer_path {tokenizer_path!r}: cannot load a tokenizer ({first_line(e)})") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@torch.no_grad()
+def tokenizer_fit(model, prompts_ids, pad_token_id, seed=0):
+    """(mean negative log-likelihood per token of `prompts_ids` under `model`, the same with each
+    prompt's tokens shuffled), in nats. A model reading the tokenizer it was trained with predicts
+    text far better in its real order than shuffled; fed another tokenizer's ids, it reads both as
+    noise. One left-padded forward each."""
+    from dataset.lm_dataset import PromptCollator
+    from model.sampling import position_ids_from_mask
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    result = []
+    for shuffle in (False, True):
+        rows = [torch.tensor(ids)[torch.randperm(len(ids), generator=generator)].tolist() if shuffle else ids
+                for ids in prompts_ids]
+        batch = PromptCollator(pad_token_id)([{"prompt": "", "prompt_ids": ids, "answer": ""} for ids in rows])
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, :-1].float()
+        nll = logits.logsumexp(-1) - logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        scored = mask[:, :-1] * mask[:, 1:]  # predictions of real tokens from real tokens
+        result.append(((nll * scored).sum() / scored.sum()).item())
+    return tuple(result)
+
+
+def check_tokenizer_fit(model, prompts_ids, pad_token_id, tokenizer_path, weight):
+    """Stop with an error naming --tokenizer_path when the actor does not read this tokenizer's ids:
+    it must predict the rendered prompts at least 1 nat/token better than the same tokens shuffled,
+    and better than a uniform guess over its vocabulary. Returns the message of a passed check."""
+    nll, shuffled = tokenizer_fit(model, prompts_ids, pad_token_id)
+    uniform = math.log(model.config.vocab_size)
+    numbers = (f"{nll:.2f} nats/token on {len(prompts_ids)} rendered prompts ({shuffled:.2f} with their tokens "
+               f"shuffled, {uniform:.2f} for a uniform guess)")
+    if nll < min(shuffled - 1.0, uniform):
+        return f"tokenizer check: the actor reads --tokenizer_path: {numbers}"
+    raise ValueError(f"--tokenizer_path {tokenizer_path!r} does not fit the actor {weight}: it scores {numbers}; "
+                     f"a model reading its own tokenizer scores far below both. Weights only work with the exact "
+                     f"tokenizer they were trained with: real MiniMind weights need the tokenizer folder of your "
+                     f"MiniMind checkout (minimind/model). --check_tokenizer 0 skips this check")
+
+
+def init_model(weight, save_dir, tokenizer_path, device, hidden_size=None, num_hidden_layers=None, use_moe=None):
+    """Tokenizer + policy in float32 on `device`: MiniMindForCausalLM from a .pth, or any
+    AutoModelForCausalLM from a transformers folder (one with config.json).
+
+    The config is read off the weights (sizes given here are only checked against them);
+    `weight="none"` builds a random MiniMind from the given sizes (benchmarks, tests).
+    """
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
+    tokenizer = load_tokenizer(tokenizer_path)
+    if is_hf_folder(weight):
+        model = load_hf_causal_lm(weight, tokenizer, tokenizer_path)
+        for flag, value in [("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers)]:
+            if value is not None and value != getattr(model.config, flag):
+                raise ValueError(f"--{flag} {value}: {weight} has {flag} {getattr(model.config, flag)}")
+        return model.to(device), tokenizer
+    if weight == "none":
+        config = MiniMindConfig(hidden_size=hidden_size or 512, num_hidden_layers=num_hidden_layers or 8,
+                                use_moe=bool(use_moe))
+        model, state_dict = MiniMindForCausalLM(config), None
+    else:
+        path = resolve_weight(weight, save_dir, hidden_size, use_moe)
+        state_dict = load_state_dict_file(path)
+        try:
+            config = config_from_state_dict(state_dict, hidden_size=hidden_size,
+                                            num_hidden_layers=num_hidden_layers, use_moe=use_moe)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        model = MiniMindForCausalLM(config)
+        model.load_state_dict(state_dict, strict=True)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but the model's vocabulary "
+                         f"holds {model.config.vocab_size}")
+    return model.float().to(device), tokenizer
