@@ -1,10 +1,10 @@
 """PPO for language models: actor, old actor, frozen reference, critic and a reward, token-level PPO.
 
-The policy is MiniMind or any transformers causal LM. Read top to bottom: flags -> models (the
-critic) -> PPO maths -> rollout (an Experience) -> update -> the run and its checkpoints ->
-building the run -> one training step -> the loop -> main. The reward lives in reward.py, the
-held-out evaluation in evaluation.py, model loading and the sampler in model/, distributed,
-logging and file helpers in trainer_utils.py. Run with `python train_ppo.py` (one process) or
+The policy is MiniMind or any transformers causal LM. Read top to bottom: flags -> PPO maths ->
+rollout (an Experience) -> update -> building the run -> one training step -> the loop -> main.
+The reward lives in reward.py, the held-out evaluation in evaluation.py, the critic, model
+loading and the sampler in model/, the run's state and checkpoints in checkpoint.py,
+distributed, logging and file helpers in trainer_utils.py. Run with `python train_ppo.py` (one process) or
 `torchrun --nproc_per_node N train_ppo.py` (DDP; NCCL on GPUs, gloo on CPU).
 Formulas follow "The N Implementation Details of RLHF with PPO" (Huang et al.), TRL, verl and OpenRLHF.
 """
@@ -18,28 +18,26 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from checkpoint import Learner, policy_path, Progress, resume_if_asked, Run, save_checkpoint
 from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, decode_responses, thinking_flag
 from evaluation import evaluate_on_ranks, eval_table, log_eval
-from model.loading import (check_tokenizer_fit, default_tokenizer_path, init_model, is_hf_folder, load_hf_backbone,
-                           load_tokenizer, model_signature)
+from model.critic import build_critic
+from model.loading import check_tokenizer_fit, default_tokenizer_path, init_model, is_hf_folder, load_tokenizer
 from model.sampling import position_ids_from_mask, sample_responses
 from reward import (REWARD_INPUTS, REWARD_RULES, default_reward_rules, NonFiniteRolloutError, Reward, RewardFunction,
                     load_reward_model)
-from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, gather_rng_states, get_rank,
-                           get_rng_state, get_world_size, hf_folder_path, init_distributed_mode, is_main_process,
-                           load_resume, load_state_dict_file, log_samples, log_step, Logger, no_sync, resolve_weight,
-                           resume_file_pattern, resume_path, save_hf_folder, save_resume, save_weights, set_rng_state,
-                           setup_seed, SkipBatchSampler, StopSignal, synced_time, truncate_metrics, unwrap_model,
-                           weight_path)
+from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
+                           get_world_size, init_distributed_mode, is_main_process, log_samples, log_step, Logger,
+                           no_sync, resolve_weight, setup_seed, SkipBatchSampler, StopSignal, synced_time,
+                           unwrap_model)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "dataset", "rlaif-mini.jsonl")
@@ -223,56 +221,6 @@ def parse_args(argv=None):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     return args
-
-
-# ----------------------------------------------------------------------------- models
-class CriticModel(nn.Module):
-    """A causal LM's backbone (its final norm included) + a zero-initialised scalar value head.
-
-    The backbone is `getattr(lm, lm.base_model_prefix)`: MiniMindModel, or a transformers model's
-    base (GPT2Model, LlamaModel, ...), whose first output is the last hidden state.
-    """
-
-    def __init__(self, backbone, hidden_size):
-        super().__init__()
-        self.model = backbone
-        backbone.config.use_cache = False  # training forwards: no key/value cache to build
-        self.value_head = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
-        return self.value_head(hidden).squeeze(-1)  # [B, T]
-
-
-def build_critic(actor, critic_weight=None):
-    """The actor's backbone + a fresh value head; or, with `critic_weight`, a saved critic / actor .pth
-    (MiniMind) or a transformers folder, whose backbone (AutoModel: the heads dropped) is used."""
-    if critic_weight and is_hf_folder(critic_weight):
-        backbone = load_hf_backbone(critic_weight)
-        return CriticModel(backbone, backbone.config.hidden_size)
-    critic = CriticModel(copy.deepcopy(getattr(actor, actor.base_model_prefix)), actor.config.hidden_size)
-    if not critic_weight:
-        return critic
-    state = load_state_dict_file(critic_weight)
-    try:
-        if "value_head.weight" in state:  # a saved critic
-            critic.load_state_dict(state, strict=True)
-        else:  # an actor file: its backbone, with a fresh value head
-            critic.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
-                                         strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"--critic_weight {critic_weight}: does not fit the actor "
-                         f"(hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers): "
-                         f"{str(e).splitlines()[0]}") from e
-    return critic
-
-
-def frozen_copy(model):
-    copy_ = copy.deepcopy(model).eval()
-    copy_.requires_grad_(False)
-    return copy_
 
 
 # ----------------------------------------------------------------------------- PPO maths
@@ -478,19 +426,6 @@ def add_advantages(experience, gamma, lam):
 
 # ----------------------------------------------------------------------------- update
 @dataclass
-class Learner:
-    """What the PPO update trains: actor and critic (DDP wrappers under torchrun), their optimizers and LR
-    schedules, and the float16 loss scaler (None otherwise)."""
-    actor: nn.Module
-    critic: nn.Module
-    actor_opt: torch.optim.Optimizer
-    critic_opt: torch.optim.Optimizer
-    actor_sched: torch.optim.lr_scheduler.LRScheduler
-    critic_sched: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler = None
-
-
-@dataclass
 class UpdateResult:
     stats: dict  # token means over every minibatch evaluated, by name (value_loss, policy_loss, approx_kl, ...)
     optimizer_steps: int
@@ -617,169 +552,6 @@ def rollout_metrics(experience):
     return dict(zip(local, (values_ / get_world_size()).tolist()))
 
 
-# ----------------------------------------------------------------------------- the run and its checkpoints
-@dataclass
-class Progress:
-    """Where the run is: with the models, optimizers, schedulers and RNG, what a resume file records."""
-    epoch: int = 0
-    step: int = 0  # the next batch of `epoch` to run
-    global_step: int = 0  # rollouts done
-    bad_streak: int = 0  # consecutive rollouts without a usable update
-    swanlab_id: str = None  # a resumed run logs to the same swanlab run
-
-
-@dataclass
-class Run:
-    """Everything the training loop needs, built by build_run. Tests and scripts change a part
-    (wrap the reward, hook a model) between build_run and train."""
-    args: argparse.Namespace
-    tokenizer: object
-    dataset: RLAIFDataset
-    sampler: DistributedSampler
-    eval_samples: list
-    learner: Learner
-    old_actor: nn.Module  # the behaviour policy: samples, gives pi_old
-    ref_model: nn.Module  # frozen reference: the KL anchor
-    reward: Reward
-    autocast: object  # torch.autocast, or a null context for float32
-    kl_ctl: AdaptiveKLController
-    progress: Progress
-    steps_per_epoch: int
-    total_rollouts: int
-    resumed: bool = False
-    swanlab_run: object = None
-    started: float = None  # time.time() when train() started, and the global step then (for the ETA)
-    first_step: int = 0
-
-    @property
-    def metrics_path(self):
-        return os.path.join(self.args.save_dir, "metrics.jsonl")
-
-    @property
-    def samples_path(self):
-        return os.path.join(self.args.save_dir, "samples.jsonl")
-
-
-def policy_path(args, config):
-    """Where the trained policy is saved: a transformers policy as a save_pretrained folder
-    ({save_weight}_hf), MiniMind as its fp16 .pth ({save_weight}_{hidden}[_moe].pth)."""
-    if is_hf_folder(args.from_weight):
-        return hf_folder_path(args.save_dir, args.save_weight)
-    return weight_path(args.save_dir, args.save_weight, config.hidden_size, config.use_moe)
-
-
-def checkpoint_record(run):
-    """The resume file's contents (rank 0's view; every rank's RNG is added by save_checkpoint)."""
-    learner = run.learner
-    return dict(model=unwrap_model(learner.actor).state_dict(), critic_model=unwrap_model(learner.critic).state_dict(),
-                old_actor=run.old_actor.state_dict(), optimizer=learner.actor_opt.state_dict(),
-                critic_optimizer=learner.critic_opt.state_dict(), scheduler=learner.actor_sched.state_dict(),
-                critic_scheduler=learner.critic_sched.state_dict(),
-                grad_scaler=learner.scaler.state_dict() if learner.scaler else None, kl_coef=run.kl_ctl.value,
-                model_config=model_signature(unwrap_model(learner.actor).config), world_size=get_world_size(),
-                batch_size=run.args.batch_size, **asdict(run.progress))
-
-
-def load_checkpoint_record(run, state):
-    """checkpoint_record read back into the run: what save wrote, load reads, field for field."""
-    have = model_signature(unwrap_model(run.learner.actor).config)
-    for key, value in state["model_config"].items():
-        if have[key] != value:
-            raise ValueError(f"resume file was written with {key}={value}, but this run has {key}={have[key]}")
-    if state["batch_size"] != run.args.batch_size:
-        raise ValueError(f"resume file was written with --batch_size {state['batch_size']}, "
-                         f"this run has --batch_size {run.args.batch_size}")
-    learner = run.learner
-    for obj, key in [(learner.actor, "model"), (learner.critic, "critic_model"), (run.old_actor, "old_actor"),
-                     (learner.actor_opt, "optimizer"), (learner.critic_opt, "critic_optimizer"),
-                     (learner.actor_sched, "scheduler"), (learner.critic_sched, "critic_scheduler")]:
-        obj.load_state_dict(state[key])
-    if learner.scaler is not None and state["grad_scaler"]:
-        learner.scaler.load_state_dict(state["grad_scaler"])
-    run.kl_ctl.value = state["kl_coef"]
-    state.setdefault("swanlab_id", state.get("wandb_id"))  # the name in resume files written before 2026-11-21
-    run.progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
-
-
-def save_checkpoint(run, rng_state):
-    """The actor (policy_path) + a resume file with everything needed to continue from run.progress.
-    `rng_state` is this rank's RNG state at the start of the next step to run."""
-    args, actor = run.args, run.learner.actor
-    rng_states = gather_rng_states(rng_state)  # collective: every rank calls it
-    if is_main_process():
-        config = unwrap_model(actor).config
-        hidden, moe = config.hidden_size, getattr(config, "use_moe", False)
-        if is_hf_folder(args.from_weight):
-            save_hf_folder(actor, run.tokenizer, policy_path(args, config))
-        else:
-            save_weights(actor, policy_path(args, config))
-            if args.save_hf:
-                save_hf_folder(actor, run.tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe))
-        save_resume(dict(checkpoint_record(run), rng_states=rng_states),
-                    resume_path(args.checkpoint_dir, args.save_weight, hidden, moe), keep=args.keep_checkpoints)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def restore_checkpoint(run, state):
-    """Load a resume file into the run.
-
-    Under another world size every counter is re-derived from the prompts consumed: the data
-    position, the global step (so the run still trains every remaining prompt) and the
-    schedulers' step counts (so the LR continues where a fresh run at that world size would be).
-    """
-    load_checkpoint_record(run, state)
-    args, p, steps_per_epoch = run.args, run.progress, run.steps_per_epoch
-    world, saved_world = get_world_size(), state["world_size"]
-    if saved_world != world:
-        # the global data order does not depend on the world size: keep the number of prompts consumed
-        consumed = p.step * args.batch_size * saved_world
-        p.step = min(consumed // (args.batch_size * world), steps_per_epoch)
-        p.global_step = p.epoch * steps_per_epoch + p.step
-        for sched in (run.learner.actor_sched, run.learner.critic_sched):  # the same share of optimizer steps
-            sched.last_epoch = round(sched.last_epoch * p.global_step / state["global_step"]) - 1 \
-                if state["global_step"] else -1
-            sched.step()
-        Logger(f"resume: world size {saved_world} -> {world}; data position {consumed} prompts -> step {p.step}, "
-               f"global step {state['global_step']} -> {p.global_step}"
-               + ("" if consumed % (args.batch_size * world) == 0 else
-                  f" ({consumed % (args.batch_size * world)} prompts of this epoch are revisited)"))
-    if p.step >= steps_per_epoch:
-        p.epoch, p.step = p.epoch + 1, 0
-    rng = state["rng_states"]
-    if get_rank() < len(rng) and saved_world == world:
-        set_rng_state(rng[get_rank()])
-    else:
-        setup_seed(args.seed + get_rank() + 1000 * p.global_step)
-        Logger("resume: RNG states reseeded (world size changed)")
-    run.resumed = True
-
-
-def resume_if_asked(run):
-    """--from_resume 1: continue from the newest readable resume file of this actor, or start fresh when
-    there is none (but not when the only ones are another model size's)."""
-    args = run.args
-    config = unwrap_model(run.learner.actor).config
-    path = resume_path(args.checkpoint_dir, args.save_weight, config.hidden_size, getattr(config, "use_moe", False))
-    state, loaded_from = load_resume(path)
-    if state is None:
-        # the file name holds the model size: a resume file for another size must not mean "start fresh"
-        names = os.listdir(args.checkpoint_dir) if os.path.isdir(args.checkpoint_dir) else []
-        others = sorted(n for n in names if resume_file_pattern(args.save_weight).fullmatch(n))
-        if others:
-            raise ValueError(f"--from_resume 1: no resume file for this actor ({os.path.basename(path)}), but "
-                             f"{args.checkpoint_dir} holds {', '.join(others)} from another model size; "
-                             f"resume with the actor they were written for, or use another --checkpoint_dir")
-        Logger(f"--from_resume 1: no checkpoint at {path}; starting fresh")
-        return
-    restore_checkpoint(run, state)
-    p = run.progress
-    Logger(f"resumed from {loaded_from}: epoch {p.epoch + 1}, step {p.step}, global step {p.global_step}")
-    if is_main_process():
-        truncate_metrics(run.metrics_path, p.global_step)
-        truncate_metrics(run.samples_path, p.global_step)
-
-
 # ----------------------------------------------------------------------------- building the run
 def load_data(args, tokenizer):
     """The training prompts and the held-out ones: what does not fit stops here, before any model is built."""
@@ -799,6 +571,12 @@ def load_data(args, tokenizer):
     if args.correctness_reward and not any(dataset.answers):
         raise ValueError(f"--correctness_reward {args.correctness_reward}: {args.data_path} has no `answer` field")
     return dataset, eval_samples
+
+
+def frozen_copy(model):
+    copy_ = copy.deepcopy(model).eval()
+    copy_.requires_grad_(False)
+    return copy_
 
 
 def build_models(args, reward_functions):
@@ -828,6 +606,22 @@ def build_models(args, reward_functions):
     return actor, old_actor, ref_model, critic, reward, tokenizer
 
 
+def plan_steps(args, dataset, rank, world):
+    """This rank's shard of one global shuffled order, the rollouts per epoch and in all."""
+    if len(dataset) < args.batch_size * world:
+        raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
+                         f"prompts, but {args.data_path} has {len(dataset)}")
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    steps_per_epoch = len(sampler) // args.batch_size  # a last partial batch is left out (like drop_last)
+    total_rollouts = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_rollouts = min(total_rollouts, args.max_steps)
+    if args.critic_warmup_steps >= total_rollouts:
+        raise ValueError(f"--critic_warmup_steps {args.critic_warmup_steps} leaves none of the {total_rollouts} "
+                         f"rollouts to train the actor")
+    return sampler, steps_per_epoch, total_rollouts
+
+
 def build_run(args):
     """Models, optimizers, LR schedules, data and the resume state: a Run ready for train()."""
     local_rank = init_distributed_mode(args.device)
@@ -852,20 +646,9 @@ def build_run(args):
     if args.check_tokenizer and args.from_weight != "none":
         Logger(check_tokenizer_fit(actor, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
                                    tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
-    if len(dataset) < args.batch_size * world:
-        raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
-                         f"prompts, but {args.data_path} has {len(dataset)}")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    steps_per_epoch = len(sampler) // args.batch_size  # a last partial batch is left out (like drop_last)
-    total_rollouts = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_rollouts = min(total_rollouts, args.max_steps)
+    sampler, steps_per_epoch, total_rollouts = plan_steps(args, dataset, rank, world)
     opt_steps_per_rollout = args.ppo_epochs * (args.batch_size // args.mini_batch_size)
     total_opt_steps = total_rollouts * opt_steps_per_rollout
-    if args.critic_warmup_steps >= total_rollouts:
-        raise ValueError(f"--critic_warmup_steps {args.critic_warmup_steps} leaves none of the {total_rollouts} "
-                         f"rollouts to train the actor")
-
     # fused: one pass over each parameter instead of ~10 elementwise kernels; the step is
     # memory-bound, so on CPU this cuts it ~4x (hidden 512: 110 -> 24 ms per optimizer step)
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate, fused=True)
@@ -894,20 +677,25 @@ def build_run(args):
         # construction; broadcasting them costs ~17 MB per forward at hidden 512
         ddp_kw = dict(device_ids=[local_rank] if device_type == "cuda" else None,
                       find_unused_parameters=getattr(actor.config, "use_moe", False), broadcast_buffers=False)
-        learner.actor, learner.critic = DistributedDataParallel(actor, **ddp_kw), DistributedDataParallel(critic,
-                                                                                                          **ddp_kw)
+        learner.actor, learner.critic = (DistributedDataParallel(m, **ddp_kw) for m in (actor, critic))
     if is_main_process():
-        with open(os.path.join(args.save_dir, "run_args.json"), "w") as f:
-            json.dump(vars(args) | {"world_size": world}, f, indent=2)
-        shutil.copy(os.path.abspath(__file__), os.path.join(args.save_dir, "train_ppo.py"))
-    if args.use_swanlab and is_main_process():  # a resumed run continues the same swanlab run (its id)
+        start_logging(run)
+    return run
+
+
+def start_logging(run):
+    """The run's flags and this script beside its weights; swanlab (a resumed run continues its swanlab run)."""
+    args = run.args
+    with open(os.path.join(args.save_dir, "run_args.json"), "w") as f:
+        json.dump(vars(args) | {"world_size": get_world_size()}, f, indent=2)
+    shutil.copy(os.path.abspath(__file__), os.path.join(args.save_dir, "train_ppo.py"))
+    if args.use_swanlab:
         import swanlab
         run_id = run.progress.swanlab_id
         run.swanlab_run = swanlab.init(project=args.swanlab_project, mode={"cloud": "online"}.get(
             args.swanlab_mode, args.swanlab_mode), id=run_id, resume="allow" if run_id else None,
             log_dir=os.path.join(args.save_dir, "swanlog"), config=vars(args))
         run.progress.swanlab_id = run.swanlab_run.id
-    return run
 
 
 # ----------------------------------------------------------------------------- one training step

@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ppo  # noqa: E402
+from checkpoint import Learner  # noqa: E402
+from model.critic import build_critic  # noqa: E402
 from trainer_utils import get_rank, init_distributed_mode, unwrap_model  # noqa: E402
 
 
@@ -44,7 +46,7 @@ def one_update(actor, critic, rollout, args):
     critic_opt = torch.optim.SGD(critic.parameters(), lr=0.5)
     sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in (actor_opt, critic_opt)]
     orders = [torch.arange(len(rollout["input_ids"]))]
-    learner = train_ppo.Learner(actor, critic, actor_opt, critic_opt, *sched)
+    learner = Learner(actor, critic, actor_opt, critic_opt, *sched)
     train_ppo.ppo_update(learner, experience, orders, 0.02, args, torch.autocast("cpu", enabled=False))
     return unwrap_model(actor).state_dict(), unwrap_model(critic).state_dict()
 
@@ -63,7 +65,7 @@ def tiny_models(arch="minimind"):
     actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)) if arch == "minimind" \
         else tiny_hf_model(arch)
     actor.eval()  # dropout off, as the trainer runs it
-    critic = train_ppo.build_critic(actor).eval()
+    critic = build_critic(actor).eval()
     torch.nn.init.normal_(critic.value_head.weight, std=0.1)  # non-zero so the critic's gradient is non-trivial
     return actor, critic
 

@@ -89,7 +89,7 @@ class SamplerForwards:
         cache = kwargs.get("past_key_values")
         if cache is None:  # a scoring forward
             return
-        if cache.length == 0:
+        if (cache.length if hasattr(cache, "length") else cache.get_seq_length()) == 0:  # MiniMind's or HF's
             self.count, self.forwards = self.count + 1, 0
         self.forwards += 1
         if (self.count, self.forwards) == (self.n, self.k):
@@ -111,9 +111,11 @@ class LoggedPrompts:
 def _install_run_faults(run, faults):
     """Faults put on the built run's objects: its reward, its reward model, its old actor."""
     rank = faults.get("rank", 0)
-    rollouts = SamplerForwards(*(faults["self_signal"][1:] if faults.get("self_signal", [""])[0] == "generate"
-                                 else (None, None)))
-    run.old_actor.register_forward_pre_hook(rollouts, with_kwargs=True)
+    rollouts = None
+    if "self_signal" in faults:
+        rollouts = SamplerForwards(*(faults["self_signal"][1:] if faults["self_signal"][0] == "generate"
+                                     else (None, None)))
+        run.old_actor.register_forward_pre_hook(rollouts, with_kwargs=True)
     if "nan_reward" in faults or faults.get("self_signal", [""])[0] == "reward":
         run.reward.reward_model = FaultyRewardModel(
             run.reward.reward_model, faults.get("nan_reward", ()),

@@ -14,6 +14,7 @@ import train_ppo
 from children import assert_same_run, finish, read_metrics, start, wait_for
 from conftest import ROOT
 from hf_models import ARCHITECTURES, save_tiny_hf_model, tiny_hf_model
+from model.critic import build_critic
 from model.sampling import position_ids_from_mask, sample_responses
 from trainer_utils import load_resume
 from transformers import LlamaModel
@@ -151,7 +152,7 @@ def test_sigkill_then_resume_is_bit_exact(forkserver, tmp_path):
 
 def test_critic_is_the_backbone_with_a_zero_value_head_or_another_folder(tmp_path):
     actor = tiny_hf_model("gpt2")
-    critic = train_ppo.build_critic(actor)
+    critic = build_critic(actor)
     assert type(critic.model).__name__ == "GPT2Model"  # base_model_prefix "transformer"
     assert all(torch.equal(p, q) and p is not q for p, q in zip(critic.model.parameters(),
                                                                 actor.transformer.parameters()))
@@ -159,7 +160,7 @@ def test_critic_is_the_backbone_with_a_zero_value_head_or_another_folder(tmp_pat
     values = train_ppo.critic_values(critic, ids, mask, 3)
     assert values.shape == (4, 3) and torch.equal(values, torch.zeros(4, 3))
     folder = save_tiny_hf_model("llama", tmp_path / "llama_critic", TOKENIZER, seed=3)
-    critic = train_ppo.build_critic(actor, folder)
+    critic = build_critic(actor, folder)
     want = tiny_hf_model("llama", seed=3).model
     assert isinstance(critic.model, LlamaModel)
     assert all(torch.equal(a, b) for a, b in zip(critic.model.state_dict().values(), want.state_dict().values()))

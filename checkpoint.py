@@ -1,0 +1,194 @@
+"""The state of a PPO run (Learner, Progress, Run) and its checkpoints: the trained policy where users
+look for it, and a resume file that is one record, written by checkpoint_record and read back field for
+field by load_checkpoint_record, so that a resumed run is the run that would have happened."""
+import argparse
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from dataset.lm_dataset import RLAIFDataset
+from model.loading import is_hf_folder, model_signature
+from reward import Reward
+from trainer_utils import (gather_rng_states, get_rank, get_world_size, hf_folder_path, is_main_process, load_resume,
+                           Logger, resume_file_pattern, resume_path, save_hf_folder, save_resume, save_weights,
+                           set_rng_state, setup_seed, truncate_metrics, unwrap_model, weight_path)
+
+
+@dataclass
+class Learner:
+    """What the PPO update trains: actor and critic (DDP wrappers under torchrun), their optimizers and LR
+    schedules, and the float16 loss scaler (None otherwise)."""
+    actor: nn.Module
+    critic: nn.Module
+    actor_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    actor_sched: torch.optim.lr_scheduler.LRScheduler
+    critic_sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler = None
+
+
+
+@dataclass
+class Progress:
+    """Where the run is: with the models, optimizers, schedulers and RNG, what a resume file records."""
+    epoch: int = 0
+    step: int = 0  # the next batch of `epoch` to run
+    global_step: int = 0  # rollouts done
+    bad_streak: int = 0  # consecutive rollouts without a usable update
+    swanlab_id: str = None  # a resumed run logs to the same swanlab run
+
+
+@dataclass
+class Run:
+    """Everything the training loop needs, built by build_run. Tests and scripts change a part
+    (wrap the reward, hook a model) between build_run and train."""
+    args: argparse.Namespace
+    tokenizer: object
+    dataset: RLAIFDataset
+    sampler: DistributedSampler
+    eval_samples: list
+    learner: Learner
+    old_actor: nn.Module  # the behaviour policy: samples, gives pi_old
+    ref_model: nn.Module  # frozen reference: the KL anchor
+    reward: Reward
+    autocast: object  # torch.autocast, or a null context for float32
+    kl_ctl: object  # train_ppo.AdaptiveKLController
+    progress: Progress
+    steps_per_epoch: int
+    total_rollouts: int
+    resumed: bool = False
+    swanlab_run: object = None
+    started: float = None  # time.time() when train() started, and the global step then (for the ETA)
+    first_step: int = 0
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.args.save_dir, "metrics.jsonl")
+
+    @property
+    def samples_path(self):
+        return os.path.join(self.args.save_dir, "samples.jsonl")
+
+
+def policy_path(args, config):
+    """Where the trained policy is saved: a transformers policy as a save_pretrained folder
+    ({save_weight}_hf), MiniMind as its fp16 .pth ({save_weight}_{hidden}[_moe].pth)."""
+    if is_hf_folder(args.from_weight):
+        return hf_folder_path(args.save_dir, args.save_weight)
+    return weight_path(args.save_dir, args.save_weight, config.hidden_size, config.use_moe)
+
+
+def checkpoint_record(run):
+    """The resume file's contents (rank 0's view; every rank's RNG is added by save_checkpoint)."""
+    learner = run.learner
+    return dict(model=unwrap_model(learner.actor).state_dict(), critic_model=unwrap_model(learner.critic).state_dict(),
+                old_actor=run.old_actor.state_dict(), optimizer=learner.actor_opt.state_dict(),
+                critic_optimizer=learner.critic_opt.state_dict(), scheduler=learner.actor_sched.state_dict(),
+                critic_scheduler=learner.critic_sched.state_dict(),
+                grad_scaler=learner.scaler.state_dict() if learner.scaler else None, kl_coef=run.kl_ctl.value,
+                model_config=model_signature(unwrap_model(learner.actor).config), world_size=get_world_size(),
+                batch_size=run.args.batch_size, **asdict(run.progress))
+
+
+def load_checkpoint_record(run, state):
+    """checkpoint_record read back into the run: what save wrote, load reads, field for field."""
+    have = model_signature(unwrap_model(run.learner.actor).config)
+    for key, value in state["model_config"].items():
+        if have[key] != value:
+            raise ValueError(f"resume file was written with {key}={value}, but this run has {key}={have[key]}")
+    if state["batch_size"] != run.args.batch_size:
+        raise ValueError(f"resume file was written with --batch_size {state['batch_size']}, "
+                         f"this run has --batch_size {run.args.batch_size}")
+    learner = run.learner
+    for obj, key in [(learner.actor, "model"), (learner.critic, "critic_model"), (run.old_actor, "old_actor"),
+                     (learner.actor_opt, "optimizer"), (learner.critic_opt, "critic_optimizer"),
+                     (learner.actor_sched, "scheduler"), (learner.critic_sched, "critic_scheduler")]:
+        obj.load_state_dict(state[key])
+    if learner.scaler is not None and state["grad_scaler"]:
+        learner.scaler.load_state_dict(state["grad_scaler"])
+    run.kl_ctl.value = state["kl_coef"]
+    state.setdefault("swanlab_id", state.get("wandb_id"))  # the name in resume files written before 2026-11-21
+    run.progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
+
+
+def save_checkpoint(run, rng_state):
+    """The actor (policy_path) + a resume file with everything needed to continue from run.progress.
+    `rng_state` is this rank's RNG state at the start of the next step to run."""
+    args, actor = run.args, run.learner.actor
+    rng_states = gather_rng_states(rng_state)  # collective: every rank calls it
+    if is_main_process():
+        config = unwrap_model(actor).config
+        hidden, moe = config.hidden_size, getattr(config, "use_moe", False)
+        if is_hf_folder(args.from_weight):
+            save_hf_folder(actor, run.tokenizer, policy_path(args, config))
+        else:
+            save_weights(actor, policy_path(args, config))
+            if args.save_hf:
+                save_hf_folder(actor, run.tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe))
+        save_resume(dict(checkpoint_record(run), rng_states=rng_states),
+                    resume_path(args.checkpoint_dir, args.save_weight, hidden, moe), keep=args.keep_checkpoints)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def restore_checkpoint(run, state):
+    """Load a resume file into the run.
+
+    Under another world size every counter is re-derived from the prompts consumed: the data
+    position, the global step (so the run still trains every remaining prompt) and the
+    schedulers' step counts (so the LR continues where a fresh run at that world size would be).
+    """
+    load_checkpoint_record(run, state)
+    args, p, steps_per_epoch = run.args, run.progress, run.steps_per_epoch
+    world, saved_world = get_world_size(), state["world_size"]
+    if saved_world != world:
+        # the global data order does not depend on the world size: keep the number of prompts consumed
+        consumed = p.step * args.batch_size * saved_world
+        p.step = min(consumed // (args.batch_size * world), steps_per_epoch)
+        p.global_step = p.epoch * steps_per_epoch + p.step
+        for sched in (run.learner.actor_sched, run.learner.critic_sched):  # the same share of optimizer steps
+            sched.last_epoch = round(sched.last_epoch * p.global_step / state["global_step"]) - 1 \
+                if state["global_step"] else -1
+            sched.step()
+        Logger(f"resume: world size {saved_world} -> {world}; data position {consumed} prompts -> step {p.step}, "
+               f"global step {state['global_step']} -> {p.global_step}"
+               + ("" if consumed % (args.batch_size * world) == 0 else
+                  f" ({consumed % (args.batch_size * world)} prompts of this epoch are revisited)"))
+    if p.step >= steps_per_epoch:
+        p.epoch, p.step = p.epoch + 1, 0
+    rng = state["rng_states"]
+    if get_rank() < len(rng) and saved_world == world:
+        set_rng_state(rng[get_rank()])
+    else:
+        setup_seed(args.seed + get_rank() + 1000 * p.global_step)
+        Logger("resume: RNG states reseeded (world size changed)")
+    run.resumed = True
+
+
+def resume_if_asked(run):
+    """--from_resume 1: continue from the newest readable resume file of this actor, or start fresh when
+    there is none (but not when the only ones are another model size's)."""
+    args = run.args
+    config = unwrap_model(run.learner.actor).config
+    path = resume_path(args.checkpoint_dir, args.save_weight, config.hidden_size, getattr(config, "use_moe", False))
+    state, loaded_from = load_resume(path)
+    if state is None:
+        # the file name holds the model size: a resume file for another size must not mean "start fresh"
+        names = os.listdir(args.checkpoint_dir) if os.path.isdir(args.checkpoint_dir) else []
+        others = sorted(n for n in names if resume_file_pattern(args.save_weight).fullmatch(n))
+        if others:
+            raise ValueError(f"--from_resume 1: no resume file for this actor ({os.path.basename(path)}), but "
+                             f"{args.checkpoint_dir} holds {', '.join(others)} from another model size; "
+                             f"resume with the actor they were written for, or use another --checkpoint_dir")
+        Logger(f"--from_resume 1: no checkpoint at {path}; starting fresh")
+        return
+    restore_checkpoint(run, state)
+    p = run.progress
+    Logger(f"resumed from {loaded_from}: epoch {p.epoch + 1}, step {p.step}, global step {p.global_step}")
+    if is_main_process():
+        truncate_metrics(run.metrics_path, p.global_step)
+        truncate_metrics(run.samples_path, p.global_step)

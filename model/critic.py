@@ -1,0 +1,50 @@
+"""PPO's critic: a causal LM's backbone (MiniMind's or any transformers model's) + a scalar value head."""
+import copy
+
+from torch import nn
+
+from model.loading import is_hf_folder, load_hf_backbone
+from trainer_utils import load_state_dict_file
+
+
+class CriticModel(nn.Module):
+    """A causal LM's backbone (its final norm included) + a zero-initialised scalar value head.
+
+    The backbone is `getattr(lm, lm.base_model_prefix)`: MiniMindModel, or a transformers model's
+    base (GPT2Model, LlamaModel, ...), whose first output is the last hidden state.
+    """
+
+    def __init__(self, backbone, hidden_size):
+        super().__init__()
+        self.model = backbone
+        backbone.config.use_cache = False  # training forwards: no key/value cache to build
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
+        return self.value_head(hidden).squeeze(-1)  # [B, T]
+
+
+def build_critic(actor, critic_weight=None):
+    """The actor's backbone + a fresh value head; or, with `critic_weight`, a saved critic / actor .pth
+    (MiniMind) or a transformers folder, whose backbone (AutoModel: the heads dropped) is used."""
+    if critic_weight and is_hf_folder(critic_weight):
+        backbone = load_hf_backbone(critic_weight)
+        return CriticModel(backbone, backbone.config.hidden_size)
+    critic = CriticModel(copy.deepcopy(getattr(actor, actor.base_model_prefix)), actor.config.hidden_size)
+    if not critic_weight:
+        return critic
+    state = load_state_dict_file(critic_weight)
+    try:
+        if "value_head.weight" in state:  # a saved critic
+            critic.load_state_dict(state, strict=True)
+        else:  # an actor file: its backbone, with a fresh value head
+            critic.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
+                                         strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"--critic_weight {critic_weight}: does not fit the actor "
+                         f"(hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers): "
+                         f"{str(e).splitlines()[0]}") from e
+    return critic
