@@ -31,7 +31,6 @@ class Learner:
     scaler: torch.amp.GradScaler = None
 
 
-
 @dataclass
 class Progress:
     """Where the run is: with the models, optimizers, schedulers and RNG, what a resume file records."""
