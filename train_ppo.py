@@ -588,7 +588,7 @@ def build_models(args, reward_functions):
     # and dropout masks would make them differ (no first ratio of 1, noisy log-probs and KL)
     actor.eval()
     old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)
-    critic = build_critic(actor, args.critic_weight).to(args.critic_device or args.device).eval()
+    critic = build_critic(actor, args.critic_weight, tokenizer).to(args.critic_device or args.device).eval()
     reward_model = None if args.reward_model_path.lower() == "none" else load_reward_model(
         args.reward_model_path, args.reward_device or args.device, args.reward_dtype, args.reward_input,
         args.reward_label)
@@ -818,10 +818,7 @@ def train(run, after_step=None):
                     save_checkpoint(run, get_rng_state())
                 if stopped:
                     break
-            else:
-                p.epoch, p.step = p.epoch + 1, 0
-                continue
-            if p.step >= run.steps_per_epoch:
+            if not stopped:
                 p.epoch, p.step = p.epoch + 1, 0
     return stopped
 

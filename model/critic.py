@@ -27,11 +27,12 @@ class CriticModel(nn.Module):
         return self.value_head(hidden).squeeze(-1)  # [B, T]
 
 
-def build_critic(actor, critic_weight=None):
+def build_critic(actor, critic_weight=None, tokenizer=None):
     """The actor's backbone + a fresh value head; or, with `critic_weight`, a saved critic / actor .pth
-    (MiniMind) or a transformers folder, whose backbone (AutoModel: the heads dropped) is used."""
+    (MiniMind) or a transformers folder, whose backbone (AutoModel: the heads dropped) is used; it must
+    read the policy's `tokenizer`."""
     if critic_weight and is_hf_folder(critic_weight):
-        backbone = load_hf_backbone(critic_weight)
+        backbone = load_hf_backbone(critic_weight, tokenizer)
         return CriticModel(backbone, backbone.config.hidden_size)
     critic = CriticModel(copy.deepcopy(getattr(actor, actor.base_model_prefix)), actor.config.hidden_size)
     if not critic_weight:

@@ -87,16 +87,30 @@ def load_hf_causal_lm(folder, tokenizer, tokenizer_path, flag="--from_weight"):
     return model
 
 
-def load_hf_backbone(folder):
+def load_hf_backbone(folder, tokenizer):
     """A transformers folder's base model (AutoModel: a causal LM's or a classifier's heads dropped),
-    for a critic: its first output is the last hidden state, after the final norm."""
-    from transformers import AutoModel
+    for a critic: its first output is the last hidden state, after the final norm. It reads the policy's
+    token ids, so its embedding must hold them all and its own tokenizer, if it ships one, must be the
+    policy's."""
+    from transformers import AutoModel, AutoTokenizer
     try:
-        return AutoModel.from_pretrained(folder, dtype=torch.float32,
-                                         trust_remote_code=trusts_remote_code(folder, "critic"))
+        backbone = AutoModel.from_pretrained(folder, dtype=torch.float32,
+                                             trust_remote_code=trusts_remote_code(folder, "critic"))
     except Exception as e:
         raise ValueError(f"--critic_weight {folder!r}: cannot load its backbone with AutoModel "
                          f"({first_line(e)})") from e
+    rows = backbone.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"--critic_weight {folder!r}: the policy's tokenizer has {len(tokenizer)} tokens but the "
+                         f"critic's embedding holds {rows}")
+    try:
+        own = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # a folder with weights only: nothing more to compare
+        return backbone
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--critic_weight {folder!r}: its tokenizer is not the policy's, so it would read the "
+                         f"policy's token ids as other words; start the critic from a model of the same family")
+    return backbone
 
 
 def model_signature(config):

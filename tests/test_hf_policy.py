@@ -150,7 +150,7 @@ def test_sigkill_then_resume_is_bit_exact(forkserver, tmp_path):
             open(tmp_path / "ref" / "ppo_actor_hf" / name, "rb").read(), name
 
 
-def test_critic_is_the_backbone_with_a_zero_value_head_or_another_folder(tmp_path):
+def test_critic_is_the_backbone_with_a_zero_value_head_or_another_folder(encoder_rms, tmp_path):
     actor = tiny_hf_model("gpt2")
     critic = build_critic(actor)
     assert type(critic.model).__name__ == "GPT2Model"  # base_model_prefix "transformer"
@@ -160,10 +160,18 @@ def test_critic_is_the_backbone_with_a_zero_value_head_or_another_folder(tmp_pat
     values = train_ppo.critic_values(critic, ids, mask, 3)
     assert values.shape == (4, 3) and torch.equal(values, torch.zeros(4, 3))
     folder = save_tiny_hf_model("llama", tmp_path / "llama_critic", TOKENIZER, seed=3)
-    critic = build_critic(actor, folder)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    critic = build_critic(actor, folder, tokenizer)
     want = tiny_hf_model("llama", seed=3).model
     assert isinstance(critic.model, LlamaModel)
     assert all(torch.equal(a, b) for a, b in zip(critic.model.state_dict().values(), want.state_dict().values()))
+    # a critic of another family reads the policy's ids as other words: refused, naming the folder
+    with pytest.raises(ValueError, match=re.escape(repr(encoder_rms["bert"])) + ".*has 6400 tokens but the critic's"):
+        build_critic(actor, encoder_rms["bert"], tokenizer)
+    other = save_tiny_hf_model("llama", tmp_path / "other_family", TOKENIZER)
+    AutoTokenizer.from_pretrained(encoder_rms["bert"]).save_pretrained(other)  # 6400 rows, another vocabulary
+    with pytest.raises(ValueError, match=re.escape(repr(other)) + ".*its tokenizer is not the policy's"):
+        build_critic(actor, other, tokenizer)
 
 
 def test_a_classifier_folder_or_a_too_large_tokenizer_stops_the_run(tiny_kit, tmp_path):
@@ -205,6 +213,12 @@ def test_readme_gpt2_sentiment_command_runs_on_stand_ins(encoder_rms, tmp_path, 
     (step,) = read_metrics(tmp_path / "out")
     assert step["first_minibatch_ratio_dev"] == 0.0 and "reward_rm" in step and "reward_format" not in step
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ppo_actor_hf").config.model_type == "gpt2"
+    # the README's comparison of the two with scripts/eval_policy.py, verbatim
+    text = " ".join(open(ROOT / "README.md", encoding="utf-8").read().split())
+    (evaluation,) = re.findall(r"`python scripts/eval_policy.py (--base gpt2 [^`]*)`", text)
+    from scripts import eval_policy
+    results = eval_policy.main(evaluation.split() + ["--device", "cpu", "--max_gen_len", "8", "--limit", "8"])
+    assert set(results) == {"base", "trained"} and all("reward_rm" in r for r in results.values())
 
 
 def test_readme_two_gpu_qwen_command_places_the_models_as_documented(tmp_path, monkeypatch):
