@@ -225,7 +225,9 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- PPO maths
 def masked_mean(x, mask, dim=None):
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (x * mask).sum() / mask.sum().clamp(min=1)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def masked_whiten(x, mask, eps=1e-8):
@@ -413,7 +415,8 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
     return Experience(input_ids=input_ids, attention_mask=attention_mask, response_mask=mask,
                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values * mask, kl=kl,
                       token_rewards=token_rewards, scores=scores, reward_parts=parts, has_eos=has_eos,
-                      responses=responses, sampler_gap=((sampler_logprobs - old_logprobs).abs() * mask).sum() / mask.sum(),
+                      responses=responses,
+                      sampler_gap=((sampler_logprobs - old_logprobs).abs() * mask).sum() / mask.sum(),
                       seconds=dict(generate=t1 - t0, forward=t2 - t1, reward=t3 - t2))
 
 

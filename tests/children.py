@@ -1,15 +1,18 @@
-"""Training runs as child processes of a forkserver that imported tests/fault_runner.py (and so torch,
-transformers and train_ppo) once: real processes that can be killed with SIGKILL, SIGTERM or SIGINT,
-started in milliseconds. The `forkserver` fixture is in conftest.py."""
+"""Training runs as child processes: of a forkserver that imported tests/fault_runner.py (and so torch,
+transformers and train_ppo) once, real processes that can be killed with SIGKILL, SIGTERM or SIGINT,
+started in milliseconds (the `forkserver` fixture is in conftest.py); or ranks under torchrun."""
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import fault_runner
+from conftest import ROOT
 from trainer_utils import load_resume
 
 
@@ -70,3 +73,13 @@ def assert_same_run(save_dir, reference_dir, steps, resume):
     assert a["global_step"] == b["global_step"] == steps
     for key in ["model", "critic_model", "old_actor"]:
         assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key
+
+
+def torchrun(*args, nproc=2):
+    """tests/ddp_worker.py under `torchrun --nproc_per_node nproc` (gloo); fails the test on a non-zero exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "ddp_worker.py"), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

@@ -1,23 +1,13 @@
 """Two gloo ranks under torchrun: gradients really averaged, ranks stay identical."""
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from children import torchrun
 from conftest import ROOT, tiny_run_args
 from ddp_worker import fixed_rollout, one_update, tiny_models, update_args
-
-
-def torchrun(*args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "tests" / "ddp_worker.py"), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.parametrize("arch", ["minimind", "gpt2", "llama"])

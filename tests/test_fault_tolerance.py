@@ -293,7 +293,8 @@ def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, ca
     snapshots = []  # snapshots[k]: the weights after step k (the old actor is synced after every step)
 
     def snapshot(run):
-        snapshots.append([{k: v.clone() for k, v in m.state_dict().items()} for m in (run.old_actor, run.learner.critic)])
+        models = (run.old_actor, run.learner.critic)
+        snapshots.append([{k: v.clone() for k, v in m.state_dict().items()} for m in models])
 
     snapshot(run)
     run.reward.reward_model = fault_runner.FaultyRewardModel(run.reward.reward_model, nan_calls=[2])
@@ -542,7 +543,8 @@ def test_remote_code_only_for_the_named_reward_folder_with_a_notice(tmp_path, ca
     loading.load_hf_causal_lm(policy, loading.load_tokenizer(policy), policy)
     assert "trust_remote_code" not in capsys.readouterr().out
     config = json.load(open(tmp_path / "policy" / "config.json"))
-    json.dump(config | {"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, open(tmp_path / "policy" / "config.json", "w"))
+    with open(tmp_path / "policy" / "config.json", "w") as f:
+        json.dump(config | {"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, f)
     with pytest.raises(ValueError, match="policy"):
         loading.load_hf_causal_lm(policy, loading.load_tokenizer(policy), policy)
     assert f"note: trust_remote_code enabled for the policy folder {policy} only" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 
 import train_ppo
-from children import assert_same_run, finish, read_metrics, start, wait_for
+from children import assert_same_run, finish, read_metrics, start, torchrun, wait_for
 from conftest import ROOT
 from hf_models import ARCHITECTURES, save_tiny_hf_model, tiny_hf_model
 from model.critic import build_critic
@@ -262,3 +262,28 @@ def test_the_reward_model_reads_the_datas_chat_whatever_the_template(tmp_path):
         assert seen[0][:2] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
         assert seen[0][2:] == [{"role": "assistant", "content": "Hello."}]
         assert seen[1][-2:] == [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_and_own_devices_with_a_transformers_policy(tiny_kit, tmp_path, dtype):
+    """CPU autocast (float16 with its loss scaler), the critic and the reward model on devices of their own:
+    the first ratio is still exactly 1 and the sampler's log-probs are the scoring forward's to autocast's
+    precision."""
+    folder = save_tiny_hf_model("llama", tmp_path / "llama", TOKENIZER)
+    save_dir = tmp_path / "run"
+    train_ppo.main(train_ppo.parse_args(hf_run_args(
+        folder, save_dir, tiny_kit["data"], "--max_steps", "2", "--dtype", dtype, "--critic_device", "cpu",
+        "--reward_device", "cpu", "--reward_model_path", tiny_kit["reward_model"])))
+    steps = [m for m in read_metrics(save_dir) if "reward" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all(m["first_minibatch_ratio_dev"] == 0.0 for m in steps)
+    assert all(0 < m["sampler_logprob_gap"] < 0.05 for m in steps)  # autocast rounding, not another distribution
+    assert ("loss_scale" in steps[0]) == (dtype == "float16") and all(m["skipped_steps"] == 0 for m in steps)
+
+
+def test_two_ranks_train_a_transformers_policy_identically(tmp_path):
+    """GPT-2 under torchrun (gloo): identical actor and critic weights on both ranks after every step."""
+    folder, data, reward = gpt2_kit(tmp_path)
+    torchrun("train", tmp_path, *hf_run_args(folder, tmp_path / "run", data, "--max_steps", "2", *reward))
+    for rank in range(2):
+        assert json.load(open(tmp_path / f"checks_rank{rank}.json")) == [True, True]
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
