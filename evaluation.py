@@ -1,7 +1,8 @@
 """Held-out evaluation of a policy: greedy responses to a prompt file, and what they score.
 
-One implementation for the trainer's periodic evaluation (train_ppo.py, where each rank takes
-its share of the prompts and the sums are reduced) and for scripts/eval_policy.py. Metrics:
+One implementation for the trainer's periodic evaluation (evaluate_on_ranks: each rank takes
+its share of the prompts and the sums are reduced; log_eval, eval_table) and for
+scripts/eval_policy.py. Metrics:
 format compliance, all four reasoning tags exactly once, answer accuracy (when every prompt
 has an `answer`), mean reward (total and reward-model part, computed exactly as in training),
 mean response length in tokens (EOS included) and the share of responses that end with EOS.

@@ -1,5 +1,6 @@
-"""Training helpers shared by the trainers: distributed setup, seeding, batching,
-LR schedule, crash-safe checkpoint I/O and RNG state capture for exact resume."""
+"""What a trainer needs that is not its algorithm: distributed set-up and reductions, seeding,
+batching, the LR schedule, file names, crash-safe checkpoint I/O, RNG state capture for exact
+resume, the metrics and samples files, and stop signals."""
 import contextlib
 import glob
 import json
