@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from dataset.lm_dataset import RLAIFDataset
-from model.loading import is_hf_folder, model_signature
+from model.loading import model_signature
 from reward import Reward
-from trainer_utils import (gather_rng_states, get_rank, get_world_size, hf_folder_path, is_main_process, load_resume,
-                           Logger, resume_file_pattern, resume_path, save_hf_folder, save_resume, save_weights,
-                           set_rng_state, setup_seed, truncate_metrics, unwrap_model, weight_path)
+from trainer_utils import (gather_rng_states, get_rank, get_world_size, hf_folder_path, is_hf_folder, is_main_process,
+                           load_resume, Logger, resume_file_pattern, resume_path, save_hf_folder, save_resume,
+                           save_weights, set_rng_state, setup_seed, truncate_metrics, unwrap_model, weight_path)
 
 
 @dataclass

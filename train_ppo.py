@@ -30,7 +30,7 @@ from checkpoint import Learner, policy_path, Progress, resume_if_asked, Run, sav
 from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, decode_responses, thinking_flag
 from evaluation import evaluate_on_ranks, eval_table, log_eval
 from model.critic import build_critic
-from model.loading import check_tokenizer_fit, default_tokenizer_path, init_model, is_hf_folder, load_tokenizer
+from model.loading import check_tokenizer_fit, default_tokenizer_path, init_model, load_tokenizer
 from model.sampling import position_ids_from_mask, sample_responses
 from reward import (REWARD_INPUTS, REWARD_RULES, default_reward_rules, NonFiniteRolloutError, Reward, RewardFunction,
                     load_reward_model)
@@ -838,8 +838,8 @@ def finish(run, stopped):
         table = eval_table(run.metrics_path) if run.eval_samples else None
         if table:
             Logger(f"held-out evaluation ({len(run.eval_samples)} prompts of {args.eval_data_path}, greedy):\n{table}")
-        base = "" if args.from_weight == "none" else f"--base {args.from_weight} " if is_hf_folder(args.from_weight) \
-            else f"--base {resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)} "
+        base = "" if args.from_weight == "none" else \
+            f"--base {resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)} "
         Logger(f"done in {(time.time() - run.started) / 60:.1f} min. actor weights: {out}; metrics: "
                f"{run.metrics_path}; samples: {run.samples_path}; resume: {args.checkpoint_dir}\nnext: python "
                f"scripts/eval_policy.py {base}--trained {out}\n      python scripts/plot_metrics.py {run.metrics_path}")

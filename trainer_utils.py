@@ -176,12 +176,17 @@ def resume_file_pattern(weight):
     return re.compile(re.escape(weight) + r"_\d+(_moe)?_resume(\.\d+)?\.pth")
 
 
+def is_hf_folder(path):
+    """A transformers checkpoint folder (save_pretrained's config.json), as opposed to a MiniMind .pth."""
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
 def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
     """A weight name becomes the one file {save_dir}/{name}_{hidden}{_moe}.pth, whatever its size:
     `--from_weight full_sft` finds full_sft_512.pth or full_sft_768_moe.pth alone in the folder.
-    hidden_size and use_moe (when given) pick among several; anything that looks like a path is
-    used as it is."""
-    if weight.endswith(".pth") or os.sep in weight or os.path.isfile(weight):
+    hidden_size and use_moe (when given) pick among several; anything that looks like a path (a
+    transformers folder too) is used as it is."""
+    if weight.endswith(".pth") or os.sep in weight or os.path.isfile(weight) or is_hf_folder(weight):
         return weight
     pattern = weight_file_pattern(weight)
     found = sorted(n for n in (os.listdir(save_dir) if os.path.isdir(save_dir) else []) if pattern.fullmatch(n))

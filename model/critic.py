@@ -3,8 +3,8 @@ import copy
 
 from torch import nn
 
-from model.loading import is_hf_folder, load_hf_backbone
-from trainer_utils import load_state_dict_file
+from model.loading import load_hf_backbone
+from trainer_utils import is_hf_folder, load_state_dict_file
 
 
 class CriticModel(nn.Module):

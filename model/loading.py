@@ -6,12 +6,7 @@ import os
 
 import torch
 
-from trainer_utils import first_line, load_state_dict_file, Logger, resolve_weight
-
-
-def is_hf_folder(path):
-    """A transformers checkpoint folder (save_pretrained's config.json), as opposed to a MiniMind .pth."""
-    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+from trainer_utils import first_line, is_hf_folder, load_state_dict_file, Logger, resolve_weight
 
 
 def default_tokenizer_path(weight, minimind_tokenizer):
