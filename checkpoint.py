@@ -3,6 +3,7 @@ look for it, and a resume file that is one record, written by checkpoint_record 
 field by load_checkpoint_record, so that a resumed run is the run that would have happened."""
 import argparse
 import os
+import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -14,8 +15,9 @@ from dataset.lm_dataset import RLAIFDataset
 from model.loading import model_signature
 from reward import Reward
 from trainer_utils import (gather_rng_states, get_rank, get_world_size, hf_folder_path, is_hf_folder, is_main_process,
-                           load_resume, Logger, resume_file_pattern, resume_path, save_hf_folder, save_resume,
-                           save_weights, set_rng_state, setup_seed, truncate_metrics, unwrap_model, weight_path)
+                           load_resume, Logger, resolve_weight, resume_file_pattern, resume_path, save_hf_folder,
+                           save_resume, save_weights, set_rng_state, setup_seed, truncate_metrics, unwrap_model,
+                           weight_file_pattern, weight_path)
 
 
 @dataclass
@@ -81,6 +83,41 @@ def policy_path(args, config):
     return weight_path(args.save_dir, args.save_weight, config.hidden_size, config.use_moe)
 
 
+@torch.no_grad()
+def weights_fingerprint(model):
+    """[tensors, 2] float64: each floating tensor's sum and sum of absolute values, to tell one set of weights
+    from another (a resume checks that its reference is the one the run started from)."""
+    return torch.stack([torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)])
+                        for t in model.state_dict().values() if t.is_floating_point()]).cpu()
+
+
+def check_outputs(args):
+    """Before any model is built: the output folders can be written, and the trained policy would not be
+    saved over the weights the run starts from (the first save would destroy them, and a resume would
+    rebuild the KL reference from the overwritten file)."""
+    if args.from_weight != "none":
+        start = os.path.realpath(resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe))
+        if is_hf_folder(start):
+            output = os.path.realpath(hf_folder_path(args.save_dir, args.save_weight))
+            clash = start == output
+        else:  # {save_dir}/{save_weight}_{hidden}[_moe].pth, the size read off the weights
+            output = os.path.join(os.path.realpath(args.save_dir), f"{args.save_weight}_<hidden>[_moe].pth")
+            clash = (os.path.dirname(start) == os.path.realpath(args.save_dir)
+                     and weight_file_pattern(args.save_weight).fullmatch(os.path.basename(start)) is not None)
+        if clash:
+            raise ValueError(f"--from_weight {args.from_weight} is {start}, the very {'folder' if is_hf_folder(start) else 'file'} "
+                             f"this run saves its policy to ({output}: --save_dir {args.save_dir}, --save_weight "
+                             f"{args.save_weight}); the first save would overwrite the starting weights and the "
+                             f"reference. Give another --save_weight or --save_dir")
+    if is_main_process():  # fail now rather than at the first save, after the training it was meant to keep
+        for flag, folder in [("--save_dir", args.save_dir), ("--checkpoint_dir", args.checkpoint_dir)]:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise OSError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
+
+
 def checkpoint_record(run):
     """The resume file's contents (rank 0's view; every rank's RNG is added by save_checkpoint)."""
     learner = run.learner
@@ -89,6 +126,7 @@ def checkpoint_record(run):
                 critic_optimizer=learner.critic_opt.state_dict(), scheduler=learner.actor_sched.state_dict(),
                 critic_scheduler=learner.critic_sched.state_dict(),
                 grad_scaler=learner.scaler.state_dict() if learner.scaler else None, kl_coef=run.kl_ctl.value,
+                reference=weights_fingerprint(run.ref_model),
                 model_config=model_signature(unwrap_model(learner.actor).config), world_size=get_world_size(),
                 batch_size=run.args.batch_size, **asdict(run.progress))
 
@@ -102,6 +140,11 @@ def load_checkpoint_record(run, state):
     if state["batch_size"] != run.args.batch_size:
         raise ValueError(f"resume file was written with --batch_size {state['batch_size']}, "
                          f"this run has --batch_size {run.args.batch_size}")
+    if "reference" in state and not torch.allclose(state["reference"], weights_fingerprint(run.ref_model),
+                                                   rtol=1e-4, atol=1e-6):
+        raise ValueError(f"--from_resume 1: the reference rebuilt from --from_weight {run.args.from_weight} is not "
+                         f"the one this run started from (its weights changed since: overwritten?); the KL anchor "
+                         f"would silently move. Resume with the weights the run started from")
     learner = run.learner
     for obj, key in [(learner.actor, "model"), (learner.critic, "critic_model"), (run.old_actor, "old_actor"),
                      (learner.actor_opt, "optimizer"), (learner.critic_opt, "critic_optimizer"),

@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.lm_dataset import PromptCollator, decode_responses
-from model.sampling import sample_responses
-from reward import answer_correct, format_ok, tags_complete
+from model.sampling import ends_with_stop, sample_responses, stop_token_ids
+from reward import format_ok, is_correct, tags_complete
 from trainer_utils import all_reduce_dict, append_jsonl, get_rank, get_world_size, Logger, unwrap_model
 
 # metric -> (table label, shown as a percentage?, decimals), in table order; logged as eval_<metric>
@@ -39,14 +39,15 @@ def generate(model, tokenizer, samples, batch_size, max_gen_len, device, tempera
     loader = DataLoader(samples, batch_size=batch_size, collate_fn=PromptCollator(tokenizer.pad_token_id),
                         generator=torch.Generator())  # its seed draw must not touch the global RNG
     responses, has_eos, lengths = [], [], []
+    stop_ids = stop_token_ids(model, tokenizer)
     for batch in loader:
         with autocast:
             ids, mask, _ = sample_responses(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                            max_gen_len, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                            max_gen_len, stop_ids, tokenizer.pad_token_id,
                                             temperature=temperature or 1.0, greedy=temperature == 0,
                                             generator=generator)
         responses += decode_responses(tokenizer, ids, mask)
-        has_eos.append(((ids == tokenizer.eos_token_id) & mask.bool()).any(1).cpu())
+        has_eos.append(ends_with_stop(ids, mask, stop_ids).cpu())
         lengths.append(mask.sum(1).cpu())
     return responses, torch.cat(has_eos), torch.cat(lengths).float()
 
@@ -65,13 +66,14 @@ def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, 
     sums = dict(n=len(samples), format=sum(map(format_ok, responses)), tags=sum(map(tags_complete, responses)),
                 eos_rate=has_eos.sum().item(), response_len=lengths.sum().item())
     if with_accuracy:
-        sums["accuracy"] = sum(answer_correct(r, s["answer"]) for r, s in zip(responses, samples))
+        sums["accuracy"] = sum(is_correct(r, s["answer"]) for r, s in zip(responses, samples))
     if reward:
         sums["reward"] = sums["reward_rm"] = 0.0
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
             total, parts = reward([s["prompt"] for s in chunk], responses[i:i + batch_size],
-                                  [s["answer"] for s in chunk], [s.get("messages") for s in chunk])
+                                  [s["answer"] for s in chunk], [s.get("messages") for s in chunk],
+                                  has_eos[i:i + batch_size])
             sums["reward"] += total.sum().item()
             sums["reward_rm"] += parts["rm"].sum().item() if "rm" in parts else 0.0
     return {k: float(sums[k]) for k in keys}, responses

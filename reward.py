@@ -172,19 +172,36 @@ def tags_complete(response):
 
 
 def extract_answer(response):
-    """Stripped content of the first <answer>...</answer> span, or None."""
+    """Stripped content of the first <answer>...</answer> span, or None: what MiniMind2's answer-only reward-model
+    blend scores (MINIMIND_FACTS 6). "The answer" checked against ground truth is final_answer's."""
     match = ANSWER.search(response)
     return match.group(1).strip() if match else None
 
 
-def answer_correct(response, answer):
-    return extract_answer(response) == answer.strip()
+def final_answer(response):
+    """THE answer of a response, the one definition for --correctness_reward and the held-out accuracy: the
+    stripped content of the first <answer>...</answer> span; else the stripped text after the last </think>;
+    else the stripped response."""
+    answer = extract_answer(response)
+    if answer is not None:
+        return answer
+    return response.rpartition("</think>")[2].strip()  # no </think>: the whole response
 
 
-REWARD_RULES = ("minimind2", "minimind3", "none")
+def is_correct(response, truth):
+    """Whether final_answer(response) equals the ground truth (stripped); never with no ground truth."""
+    return truth is not None and final_answer(response) == truth.strip()
+
+
+REWARD_RULES = ("minimind2", "minimind3", "minimind3_cjk", "none")
 ASSISTANT_START = "<|im_start|>assistant\n"
-# repetition is counted over words, and over single characters in CJK text (no spaces there)
-TEXT_UNITS = re.compile(r"[\u4e00-\u9fff]|[A-Za-z0-9_]+|[^\sA-Za-z0-9_\u4e00-\u9fff]")
+# minimind-3's repetition tokens (MINIMIND_FACTS 7): Unicode words and single punctuation marks; a run of CJK
+# characters without spaces is one token
+WORD_TOKENS = re.compile(r"\w+|[^\w\s]")
+# minimind3_cjk (this project's variant, not MiniMind's): the same, except that every CJK ideograph or kana
+# is a token of its own, so that repetition inside Chinese or Japanese text without spaces is seen
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+CJK_TOKENS = re.compile(rf"[{CJK}]|[^\W{CJK}]+|[^\w\s]")
 
 
 def default_reward_rules(config):
@@ -193,18 +210,21 @@ def default_reward_rules(config):
 
 
 def scored_turn(prompt, response):
-    """The assistant turn the rules score. A response that continues a <think> block the prompt opened
-    (minimind-3's open_thinking) is scored with that opening, as the full turn; a prompt that closed an
-    empty think block (or has none) leaves the response as it is."""
+    """The assistant turn MiniMind2's rules (and the reward model under `none`) score. A response that continues
+    a <think> block the prompt opened (minimind-3's open_thinking) is scored with that opening, as the full
+    turn; a prompt that closed an empty think block (or has none) leaves the response as it is. minimind-3's
+    rules do not use it: they read the response as generated, as minimind-3 does."""
     opened = prompt[prompt.rfind(ASSISTANT_START) + len(ASSISTANT_START):] if ASSISTANT_START in prompt else ""
     return opened + response if "<think>" in opened and "</think>" not in opened else response
 
 
-def repetition(text, n=3):
-    """Share of repeated n-grams of words (CJK: characters) in `text`: 0 with none, towards 1 for a loop."""
-    units = TEXT_UNITS.findall(text)
+def repetition(text, tokens=WORD_TOKENS, n=3, cap=0.5):
+    """minimind-3's repetition penalty (MINIMIND_FACTS 7), >= 0: over the n-grams (trigrams) of the tokens of
+    the lower-cased text, min(cap, (n-grams - distinct n-grams) * cap * 2 / n-grams); 0 with no n-gram.
+    `tokens`: WORD_TOKENS (minimind-3's) or CJK_TOKENS (minimind3_cjk)."""
+    units = tokens.findall(text.lower())
     grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+    return min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams)) if grams else 0.0
 
 
 def minimind2_rules(turn):
@@ -213,33 +233,38 @@ def minimind2_rules(turn):
     return dict(format=0.5 * format_ok(turn), tags=0.25 * sum(turn.count(t) == 1 for t in TAGS)), extract_answer(turn)
 
 
-def minimind3_rules(turn):
-    """minimind-3's PPO (MINIMIND_FACTS 7): length, thinking and repetition. Returns (parts, the answer:
-    the text after the first </think>, or the whole turn). The thinking part is measured without its
-    opening <think> tag, which minimind-3's open_thinking prompts put in the prompt."""
-    parts = dict(length=0.5 if 20 <= len(turn.strip()) <= 800 else -0.5, think=0.0)
-    answer = turn.strip()
-    if "</think>" in turn:
-        thinking, _, rest = turn.partition("</think>")
-        thinking = thinking.strip().removeprefix("<think>").strip()
-        parts["think"] = ((1.0 if 20 <= len(thinking) <= 300 else -0.5)
-                          + (0.25 if turn.count("</think>") == 1 else -0.25))
-        answer = rest.strip()
-    parts["repetition"] = -repetition(answer)
+def minimind3_rules(response, tokens=WORD_TOKENS):
+    """minimind-3's PPO (MINIMIND_FACTS 7). Returns (parts, the answer the reward model scores).
+
+    The text measured is the response exactly as generated (decoded), as minimind-3 measures it: NOT
+    scored_turn. With open_thinking the prompt ends with `<think>\n`, so the response starts inside the think
+    block and its thinking part is the text before its first </think>; with the think block closed by the
+    prompt the response is the answer alone (no </think>: no think part). An opening <think> the model writes
+    itself stays in the measured text, as it does in minimind-3's.
+    - length: +0.5 if the stripped response is 20..800 characters, else -0.5;
+    - think (0 without </think>): split at the first </think>; +1.0 if the stripped thinking part is 20..300
+      characters, else -0.5; plus +0.25 if </think> occurs exactly once, else -0.25;
+    - the answer: the stripped text after the first </think>, or the whole response as it is;
+    - repetition: minus repetition(answer, tokens), at most 0.5.
+    """
+    parts = dict(length=0.5 if 20 <= len(response.strip()) <= 800 else -0.5, think=0.0)
+    answer = response
+    if "</think>" in response:
+        thinking, answer = response.split("</think>", 1)
+        parts["think"] = ((1.0 if 20 <= len(thinking.strip()) <= 300 else -0.5)
+                          + (0.25 if response.count("</think>") == 1 else -0.25))
+        answer = answer.strip()
+    parts["repetition"] = -repetition(answer, tokens)
     return parts, answer
 
 
 def collapse_history(messages):
-    """minimind-3 scores (history as one user message, answer): a multi-turn chat becomes one user message."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages
-    return [{"role": "user", "content": "\n".join(f"{m['role']}: {m['content']}" for m in messages)}]
-
-
-def answer_of(turn):
-    """The answer checked against the data's: the <answer> content, or the stripped turn without tags."""
-    answer = extract_answer(turn)
-    return turn.strip() if answer is None else answer
+    """minimind-3 scores (history as one user message, answer) (MINIMIND_FACTS 7): every message but the last as
+    `{role}: {content}` lines joined by newlines, then `{history}\n以上是对话历史。我的新问题是：\n{last content}`;
+    just the last message's content when there is no history. Returns [that user message]."""
+    history = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])
+    last = messages[-1]["content"] if messages else ""
+    return [{"role": "user", "content": f"{history}\n以上是对话历史。我的新问题是：\n{last}" if history else last}]
 
 
 class RewardFunction:
@@ -297,41 +322,50 @@ class RewardFunction:
 class Reward:
     """What a rollout's responses earn: (total [B], parts {name: [B]}), the total the sum of the parts.
 
-    The rules read the full assistant turn (scored_turn); with reasoning off there are none.
-    - minimind2 (MiniMind2's PPO): `format` and `tags`; `rm` is the reward model's clipped score
-      of the whole chat, blended 0.4 * whole + 0.6 * answer-only when an <answer> span exists.
-    - minimind3 (minimind-3's PPO): `length`, `think` and `repetition`; `rm` is the clipped score
-      of (the history collapsed into one user message, the answer).
+    With reasoning off there are no rules.
+    - minimind2 (MiniMind2's PPO): `format` and `tags` of the full assistant turn (scored_turn); `rm` is the
+      reward model's clipped score of the whole chat, blended 0.4 * whole + 0.6 * answer-only when an
+      <answer> span exists.
+    - minimind3 (minimind-3's PPO, minimind3_rules): `length`, `think` and `repetition` of the response as
+      generated; `rm` is the clipped score of (the history collapsed into one user message, the answer).
+    - minimind3_cjk: minimind3 with repetition counted over CJK characters (this project's variant).
     - none (transformers policies' default), or reasoning off: no rules; `rm` of the whole chat.
-    With no reward model there is no `rm`. `correctness` (W > 0): W when the answer (answer_of) equals
-    the data row's `answer`. Each function from a file adds `custom` (several: `custom_<function>`).
+    `missing_eos` (--missing_eos_penalty P > 0): -P for a response that hit the length limit without ending its
+    turn. With no reward model there is no `rm`. rm_clip: scores are clipped to [-rm_clip, rm_clip]; 0 = no
+    clipping. `correctness` (W > 0): W when the response is_correct against the data row's `answer` (its
+    final_answer, the held-out accuracy's definition). Each function from a file adds `custom` (several:
+    `custom_<function>`).
     """
 
     def __init__(self, reward_model=None, rules="minimind2", reasoning=True, rm_clip=3.0, batch_size=32,
-                 correctness=0.0, functions=()):
+                 correctness=0.0, functions=(), missing_eos_penalty=0.0):
         if rules not in REWARD_RULES:
             raise ValueError(f"--reward_rules {rules!r}: expected one of {', '.join(REWARD_RULES)}")
+        if not rm_clip >= 0:  # NaN too
+            raise ValueError(f"--rm_clip {rm_clip}: expected 0 (no clipping) or a positive bound")
         self.reward_model, self.rules, self.reasoning, self.rm_clip = reward_model, rules, reasoning, rm_clip
         self.batch_size, self.correctness, self.functions = batch_size, correctness, list(functions)
+        self.missing_eos_penalty = missing_eos_penalty
 
-    def __call__(self, prompts, responses, answers=None, messages=None):
+    def __call__(self, prompts, responses, answers=None, messages=None, has_eos=None):
         """prompts: the rendered prompt texts; messages: each row's chat as the data gave it (None for
-        plain-text rows). The reward model's query is read back from a ChatML prompt (MiniMind's, Qwen's),
-        keeping a system turn the template added, as MiniMind's PPO does; a prompt in another template is
-        taken from its messages, and plain text is the user's query itself."""
+        plain-text rows); has_eos [B] bool: the response ended its turn (for `missing_eos`). The reward model's
+        query is read back from a ChatML prompt (MiniMind's, Qwen's), keeping a system turn the template added,
+        as MiniMind's PPO does; a prompt in another template is taken from its messages, and plain text is the
+        user's query itself."""
         B = len(responses)
         answers = [a or None for a in answers] if answers is not None else [None] * B
         given = messages or [None] * B
-        chats, answer_chats, answer_rows, turns, rule_parts = [], [], [], [], []
+        chats, answer_chats, answer_rows, rule_parts = [], [], [], []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)] or \
                 given[i] or [{"role": "user", "content": prompt}]
             turn = scored_turn(prompt, response)
-            turns.append(turn)
             if not self.reasoning or self.rules == "none":
                 chats.append(messages + [{"role": "assistant", "content": turn}])
-            elif self.rules == "minimind3":
-                parts, answer = minimind3_rules(turn)
+            elif self.rules in ("minimind3", "minimind3_cjk"):
+                tokens = CJK_TOKENS if self.rules == "minimind3_cjk" else WORD_TOKENS
+                parts, answer = minimind3_rules(response, tokens)  # the response as generated, as minimind-3
                 chats.append(collapse_history(messages) + [{"role": "assistant", "content": answer}])
                 rule_parts.append(parts)
             else:
@@ -346,13 +380,15 @@ class Reward:
         if self.reward_model is not None:
             parts["rm"] = self.reward_model_part(chats, answer_chats, answer_rows, responses)
         if self.correctness:
-            parts["correctness"] = torch.tensor([self.correctness * (a is not None and answer_of(t) == a.strip())
-                                                 for t, a in zip(turns, answers)], dtype=torch.float32)
+            parts["correctness"] = torch.tensor([self.correctness * is_correct(r, a)
+                                                 for r, a in zip(responses, answers)], dtype=torch.float32)
         for fn in self.functions:
             parts["custom" if len(self.functions) == 1 else f"custom_{fn.name}"] = fn(prompts, responses, answers)
         if not parts:
             raise ValueError("no reward: --reward_model_path none with --reasoning 0, no --correctness_reward "
                              "and no --reward_fn")
+        if self.missing_eos_penalty and has_eos is not None:  # TRL's missing_eos_penalty, a part of its own
+            parts["missing_eos"] = -self.missing_eos_penalty * (~has_eos.cpu()).float()
         return sum(parts.values()), parts
 
     def reward_model_part(self, chats, answer_chats, answer_rows, responses):
@@ -364,7 +400,8 @@ class Reward:
             row = j if j < B else answer_rows[j - B]
             raise NonFiniteRolloutError(f"reward model returned {scores[j].item()} for sample {row} "
                                         f"(response {responses[row][:80]!r})")
-        rm = scores[:B].clamp(-self.rm_clip, self.rm_clip)
+        clip = self.rm_clip or math.inf  # 0: no clipping
+        rm = scores[:B].clamp(-clip, clip)
         if answer_rows:
-            rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-self.rm_clip, self.rm_clip)
+            rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-clip, clip)
         return rm

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -26,12 +25,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from checkpoint import Learner, policy_path, Progress, resume_if_asked, Run, save_checkpoint
-from dataset.lm_dataset import THINKING_FLAGS, PromptCollator, RLAIFDataset, decode_responses, thinking_flag
+from checkpoint import check_outputs, Learner, policy_path, Progress, resume_if_asked, Run, save_checkpoint
+from dataset.lm_dataset import PromptCollator, RLAIFDataset, decode_responses, thinking_flag
 from evaluation import evaluate_on_ranks, eval_table, log_eval
 from model.critic import build_critic
-from model.loading import check_tokenizer_fit, default_tokenizer_path, init_model, load_tokenizer
-from model.sampling import position_ids_from_mask, sample_responses
+from model.loading import (balance_loss_coef, check_position_limit, check_tokenizer_fit, default_tokenizer_path,
+                           init_model, is_moe, load_tokenizer)
+from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
 from reward import (REWARD_INPUTS, REWARD_RULES, default_reward_rules, NonFiniteRolloutError, Reward, RewardFunction,
                     load_reward_model)
 from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
@@ -128,7 +128,8 @@ def parse_args(argv=None):
     schedule.add_argument("--learning_rate", type=float, default=5e-5)
     schedule.add_argument("--critic_learning_rate", type=float, default=2e-4)
     schedule.add_argument("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
-    schedule.add_argument("--grad_clip", type=float, default=1.0)
+    schedule.add_argument("--grad_clip", type=float, default=1.0,
+                          help="max gradient norm per model (actor, critic); 0 = no clipping")
     rollout = p.add_argument_group("rollout")
     rollout.add_argument("--temperature", type=float, default=1.0)
     rollout.add_argument("--top_k", type=int, default=0,
@@ -145,11 +146,14 @@ def parse_args(argv=None):
                          help="1: the rules of --reward_rules + RM; 0: RM only")
     rewards.add_argument("--reward_rules", default=None, choices=list(REWARD_RULES),
                          help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking "
-                              "+ repetition, RM of (history as one user message, answer); none: no rules, RM of the "
+                              "+ repetition, RM of (history as one user message, answer); minimind3_cjk: minimind3 "
+                              "with repetition counted per CJK character (this project's); none: no rules, RM of the "
                               "whole chat. Default: the generation of MiniMind weights, none for other models")
-    rewards.add_argument("--rm_clip", type=float, default=3.0)
+    rewards.add_argument("--rm_clip", type=float, default=3.0,
+                         help="reward-model scores are clipped to [-rm_clip, rm_clip]; 0 = no clipping")
     rewards.add_argument("--missing_eos_penalty", type=float, default=0.0,
-                         help="subtracted when a response hits --max_gen_len")
+                         help="subtracted when a response hits --max_gen_len without ending its turn (logged as the "
+                              "part reward_missing_eos)")
     ppo = p.add_argument_group("PPO")
     ppo.add_argument("--clip_epsilon", type=float, default=0.2)
     ppo.add_argument("--dual_clip_c", type=float, default=0.0,
@@ -210,6 +214,11 @@ def parse_args(argv=None):
                 f"of every negative-advantage token at ratio ~1 and zero its gradient")
     if args.temperature <= 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
+    if not args.grad_clip >= 0:
+        p.error(f"--grad_clip must be 0 (no clipping) or a positive norm, got {args.grad_clip}")
+    if args.kl_mode == "loss" and args.kl_estimator == "k1":
+        p.error(f"--kl_mode loss --kl_estimator k1: k1 = log pi - log ref has zero expected gradient in the loss "
+                f"(E_pi[grad log pi] = 0), so it does not pull the policy towards the reference. {SOUND_KL_PAIRS}")
     for flag in ("batch_size", "mini_batch_size", "accumulation_steps", "ppo_epochs", "log_interval",
                  "save_interval", "keep_checkpoints", "max_bad_steps", "update_old_actor_freq", "max_gen_len",
                  "reward_batch_size", "eval_interval"):
@@ -241,6 +250,24 @@ def masked_whiten(x, mask, eps=1e-8):
     squares = all_reduce_sum(((x64 - mean) ** 2 * mask64).sum()).item()
     var = squares / max(n - 1, 1)
     return ((x - mean) / math.sqrt(var + eps)) * mask
+
+
+# What each placement of the KL penalty optimises, with tokens sampled from pi (PPO_FACTS "KL estimators"):
+# in the reward PPO keeps only the score-function term E[k * grad log pi], which is grad KL(pi||ref) for k1
+# alone; in the loss autograd differentiates k itself: k2 gives grad KL(pi||ref), k3 grad KL(ref||pi)
+# (close near the reference), k1 nothing (E_pi[grad log pi] = 0).
+SOUND_KL_PAIRS = ("Sound pairs: k1 in the reward (--kl_mode reward --kl_estimator k1), or k2 / k3 in the loss "
+                  "(--kl_mode loss --kl_estimator k2|k3)")
+
+
+def kl_placement_warning(kl_mode, kl_estimator, kl_coef):
+    """The start-up warning for a biased placement (k2 or k3 in the reward), or None."""
+    if kl_mode != "reward" or kl_estimator == "k1" or kl_coef == 0:
+        return None
+    return (f"warning: --kl_estimator {kl_estimator} in the reward is biased: PPO treats a token reward as a "
+            f"constant, so only E[{kl_estimator} * grad log pi] survives, and that is not grad KL(pi||ref) (the "
+            f"dropped term E_pi[grad {kl_estimator}] is not zero): the penalty can push the policy away from the "
+            f"reference. {SOUND_KL_PAIRS}")
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator):
@@ -337,13 +364,15 @@ def response_logprobs(model, input_ids, attention_mask, response_len, temperatur
     """
     T = input_ids.shape[1]
     predicting = torch.arange(T - response_len - 1, T - 1, device=input_ids.device)  # before each response token
+    router_coef = balance_loss_coef(unwrap_model(model))  # a transformers MoE: its balance loss, at its weight
     out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False, logits_to_keep=predicting)
+                use_cache=False, logits_to_keep=predicting, **({"output_router_logits": True} if router_coef else {}))
     logits = out.logits.float()  # [B, R, V]
     if temperature != 1.0:  # x / 1 == x: skip a full-vocab pass and its backward
         logits = logits / temperature
     logprobs = logits.gather(-1, input_ids[:, -response_len:, None]).squeeze(-1) - logits.logsumexp(-1)
-    return logprobs, logits, getattr(out, "aux_loss", None)  # MoE balance loss: MiniMind's; None elsewhere
+    aux_loss = getattr(out, "aux_loss", None)  # MiniMind's MoE loss comes weighted; None for dense transformers
+    return logprobs, logits, aux_loss * router_coef if router_coef and aux_loss is not None else aux_loss
 
 
 def critic_values(critic, input_ids, attention_mask, response_len):
@@ -378,10 +407,11 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
     """
     device = args.device
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    stop_ids = stop_token_ids(old_actor, tokenizer)
     t0 = synced_time(device)
     with autocast:
         response_ids, response_mask, sampler_logprobs = sample_responses(
-            old_actor, prompt_ids, prompt_mask, args.max_gen_len, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            old_actor, prompt_ids, prompt_mask, args.max_gen_len, stop_ids, tokenizer.pad_token_id,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     t1 = synced_time(device)
     B, R = response_ids.shape
@@ -403,9 +433,8 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
         row = int(bad[0])
         raise NonFiniteRolloutError(f"critic returned a non-finite value for sample {row} "
                                     f"(response {responses[row][:80]!r})")
-    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"])
-    has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask.bool()).any(1)
-    scores = scores - args.missing_eos_penalty * (~has_eos).float().cpu()
+    has_eos = ends_with_stop(response_ids, response_mask, stop_ids)
+    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"], has_eos)
     t3 = synced_time(device)
     # token-level reward: -beta * KL at every token (reward mode), plus the score at the last real token
     kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
@@ -506,7 +535,8 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
             if scaler:
                 for opt in optimizers:
                     scaler.unscale_(opt)
-            norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip) for m in models]
+            # the norm is computed either way (a non-finite one skips the step); max_norm inf clips nothing
+            norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip or math.inf) for m in models]
             finite_loss = sums["non_finite_loss"] == 0
             if finite_loss and all(bool(torch.isfinite(n)) for n in norms):
                 for opt in optimizers:
@@ -558,11 +588,6 @@ def rollout_metrics(experience):
 # ----------------------------------------------------------------------------- building the run
 def load_data(args, tokenizer):
     """The training prompts and the held-out ones: what does not fit stops here, before any model is built."""
-    if args.thinking_ratio is not None and thinking_flag(tokenizer) is None:
-        raise ValueError(f"--thinking_ratio {args.thinking_ratio}: the chat template of --tokenizer_path "
-                         f"{args.tokenizer_path!r} has no thinking switch ({' or '.join(THINKING_FLAGS)})")
-    if args.thinking_ratio is None:
-        args.thinking_ratio = 0.9 if thinking_flag(tokenizer) else 0.0
     # every rank sees its own shard of one global shuffled order (build_run); bad lines stop the run here
     dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, thinking_ratio=args.thinking_ratio,
                            seed=args.seed)
@@ -573,6 +598,7 @@ def load_data(args, tokenizer):
         eval_samples = eval_samples[:args.eval_limit or None]
     if args.correctness_reward and not any(dataset.answers):
         raise ValueError(f"--correctness_reward {args.correctness_reward}: {args.data_path} has no `answer` field")
+    args.thinking_ratio = dataset.thinking_ratio  # the share drawn (the template's default when not given)
     return dataset, eval_samples
 
 
@@ -587,6 +613,9 @@ def build_models(args, reward_functions):
     actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
                                   hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                                   use_moe=None if args.use_moe is None else bool(args.use_moe))
+    warning = check_position_limit(actor, args.max_seq_len, args.max_gen_len)  # a too-short table is refused
+    if warning:
+        Logger(warning)
     # dropout off (eval mode) everywhere, as TRL disables it: PPO's ratio compares two forwards of one policy,
     # and dropout masks would make them differ (no first ratio of 1, noisy log-probs and KL)
     actor.eval()
@@ -597,7 +626,7 @@ def build_models(args, reward_functions):
         args.reward_label)
     args.reward_rules = args.reward_rules or default_reward_rules(actor.config)  # MiniMind: the weights' generation
     reward = Reward(reward_model, args.reward_rules, bool(args.reasoning), args.rm_clip, args.reward_batch_size,
-                    args.correctness_reward, reward_functions)
+                    args.correctness_reward, reward_functions, args.missing_eos_penalty)
     config = actor.config
     kind = f"MiniMind v{config.version}" if config.model_type == "minimind" else type(actor).__name__
     Logger(f"actor: {sum(p.numel() for p in actor.parameters()) / 1e6:.2f}M params "
@@ -641,15 +670,20 @@ def build_run(args):
     if device_type == "cpu" and dtype != torch.float32:
         Logger(f"note: --dtype {args.dtype} on CPU runs under torch.autocast('cpu') to check the mixed-precision "
                f"path; it is slow on CPUs without {args.dtype} instructions")
+    warning = kl_placement_warning(args.kl_mode, args.kl_estimator, args.kl_coef)
+    if warning:
+        Logger(warning)
 
+    # everything that needs no model is checked first: a bad flag, file or folder stops the run in seconds
     tokenizer = load_tokenizer(args.tokenizer_path)
     reward_functions = [RewardFunction(spec) for spec in args.reward_fn]  # loading errors name file and function
     dataset, eval_samples = load_data(args, tokenizer)
+    sampler, steps_per_epoch, total_rollouts = plan_steps(args, dataset, rank, world)
+    check_outputs(args)
     actor, old_actor, ref_model, critic, reward, tokenizer = build_models(args, reward_functions)
     if args.check_tokenizer and args.from_weight != "none":
         Logger(check_tokenizer_fit(actor, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
                                    tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
-    sampler, steps_per_epoch, total_rollouts = plan_steps(args, dataset, rank, world)
     opt_steps_per_rollout = args.ppo_epochs * (args.batch_size // args.mini_batch_size)
     total_opt_steps = total_rollouts * opt_steps_per_rollout
     # fused: one pass over each parameter instead of ~10 elementwise kernels; the step is
@@ -665,22 +699,15 @@ def build_run(args):
     run = Run(args, tokenizer, dataset, sampler, eval_samples, learner, old_actor, ref_model, reward, autocast,
               AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon), Progress(), steps_per_epoch,
               total_rollouts)
-
-    if is_main_process():  # fail now rather than at the first save, after the training it was meant to keep
-        for flag, folder in [("--save_dir", args.save_dir), ("--checkpoint_dir", args.checkpoint_dir)]:
-            try:
-                os.makedirs(folder, exist_ok=True)
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as e:
-                raise OSError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
     if args.from_resume:
         resume_if_asked(run)
     if dist.is_initialized():  # every loss-bearing forward goes through these wrappers
         # broadcast_buffers=False: the only buffers are RoPE tables (or the like), identical on every rank by
         # construction; broadcasting them costs ~17 MB per forward at hidden 512
-        ddp_kw = dict(device_ids=[local_rank] if device_type == "cuda" else None,
-                      find_unused_parameters=getattr(actor.config, "use_moe", False), broadcast_buffers=False)
-        learner.actor, learner.critic = (DistributedDataParallel(m, **ddp_kw) for m in (actor, critic))
+        # find_unused_parameters for MoE models: an expert that received no token has no gradient
+        learner.actor, learner.critic = (DistributedDataParallel(
+            m, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=is_moe(m),
+            broadcast_buffers=False) for m in (actor, critic))
     if is_main_process():
         start_logging(run)
     return run
@@ -793,6 +820,7 @@ def train(run, after_step=None):
     with StopSignal() as stop:
         if run.eval_samples and not run.resumed:
             evaluate_and_log(run)  # the policy before any update
+        saved_step = None  # the global step whose state the newest resume file holds
         while p.epoch < args.epochs and p.global_step < run.total_rollouts and not stopped:
             run.sampler.set_epoch(p.epoch)
             run.dataset.set_epoch(p.epoch)
@@ -802,10 +830,18 @@ def train(run, after_step=None):
             for batch in loader:
                 if p.step >= run.steps_per_epoch or p.global_step >= run.total_rollouts:
                     break
+                # a signal that came between rollouts (during a save, an evaluation, the data fetch) stops the
+                # run here, before a rollout that would only be dropped
+                if stop.agreed(args.device):
+                    if saved_step != p.global_step:
+                        save_checkpoint(run, get_rng_state())
+                    stopped = True
+                    break
                 rng_before_step = get_rng_state()  # what a stop during the rollout saves: the step never ran
                 if not train_step(run, batch, stop):  # nothing changed: save the last finished step
                     Logger(f"stop signal during the rollout of step {p.global_step + 1}: rollout dropped")
-                    save_checkpoint(run, rng_before_step)
+                    if saved_step != p.global_step:
+                        save_checkpoint(run, rng_before_step)
                     stopped = True
                     break
                 p.step += 1
@@ -815,10 +851,11 @@ def train(run, after_step=None):
                 if run.eval_samples and (p.global_step % args.eval_interval == 0 or done):
                     evaluate_and_log(run)
                 # checkpoints; a signal during the update stops here, after the step, agreed by every rank
-                stopped = all_reduce_sum(torch.tensor(float(stop.signum is not None), device=args.device)).item() > 0
+                stopped = stop.agreed(args.device)
                 # no periodic save inside a bad streak: it would rotate the last good checkpoint out
                 if (p.global_step % args.save_interval == 0 and not p.bad_streak) or done or stopped:
                     save_checkpoint(run, get_rng_state())
+                    saved_step = p.global_step
                 if stopped:
                     break
             if not stopped:

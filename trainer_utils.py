@@ -533,6 +533,10 @@ class StopSignal:
         if self.in_rollout:
             raise RolloutInterrupted(signum)
 
+    def agreed(self, device):
+        """Whether any rank has had a stop signal (a collective: every rank calls it at the same point)."""
+        return all_reduce_sum(torch.tensor(float(self.signum is not None), device=device)).item() > 0
+
     def interruptible(self, fn, *args):
         """fn(*args), or None when a stop signal comes in meanwhile (fn must change no state and run
         no collective). Other exceptions pass through."""

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 ROLES = ("system", "user", "assistant")
 # switches that MiniMind's chat templates take: minimind-3 (2026-03) and the 2025-10 Qwen3-style one
 THINKING_FLAGS = ("open_thinking", "enable_thinking")
+DEFAULT_THINKING_RATIO = 0.9  # the share of prompts served with the think block open, as minimind-3's PPO
 
 
 def thinking_flag(tokenizer):
@@ -69,13 +70,13 @@ class RLAIFDataset(Dataset):
 
     Prompts longer than `max_length` tokens keep their last `max_length` ids: the end holds
     the user's latest turn and the generation prompt, which the policy must see.
-    With `thinking_ratio` > 0 (a template with a thinking switch, see `thinking_flag`), each prompt
-    is rendered both ways and a share `thinking_ratio` of them is served with the think block open,
-    drawn per prompt and epoch from `seed` (`set_epoch`), as minimind-3's PPO draws it; resumed
-    and distributed runs draw the same."""
+    With a template that has a thinking switch (see `thinking_flag`), each prompt is rendered both ways
+    and a share `thinking_ratio` (default 0.9) of them is served with the think block open, drawn per
+    prompt and epoch from `seed` (`set_epoch`), as minimind-3's PPO draws it; resumed and distributed
+    runs draw the same. Plain-text rows take no thinking ratio."""
 
     def __init__(self, path, tokenizer, max_length=512, system_prompt=None, skip_bad_lines=False,
-                 thinking_ratio=0.0, seed=0):
+                 thinking_ratio=None, seed=0):
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
         self.path = os.fspath(path)
@@ -92,9 +93,14 @@ class RLAIFDataset(Dataset):
                              f"template; use plain-text rows {{\"prompt\": ...}} or a tokenizer with a template")
         records = [record for _, record in numbered]
         self.flag = thinking_flag(tokenizer) if self.chat else None
+        if thinking_ratio is not None and not self.chat:
+            raise ValueError(f"--thinking_ratio {thinking_ratio}: {self.path} has plain-text prompt rows, which no "
+                             f"chat template renders, so there is no think block to open")
         if thinking_ratio and self.flag is None:
-            raise ValueError(f"thinking_ratio {thinking_ratio}: the tokenizer's chat template has no thinking switch "
-                             f"({' or '.join(THINKING_FLAGS)})")
+            raise ValueError(f"--thinking_ratio {thinking_ratio}: the chat template of --tokenizer_path "
+                             f"{tokenizer.name_or_path!r} has no thinking switch ({' or '.join(THINKING_FLAGS)})")
+        if thinking_ratio is None:  # minimind-3's PPO default where the template has the switch
+            thinking_ratio = DEFAULT_THINKING_RATIO if self.flag else 0.0
         self.thinking_ratio, self.seed, self.epoch = thinking_ratio, seed, 0
 
         self.answers = [answer for _, answer in records]

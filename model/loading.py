@@ -108,6 +108,41 @@ def load_hf_backbone(folder, tokenizer):
     return backbone
 
 
+def is_moe(model):
+    """A mixture-of-experts model of any kind (MiniMind's, Mixtral, Qwen-MoE, ...): it has an `experts` module."""
+    return any(name.rsplit(".", 1)[-1] == "experts" for name, _ in model.named_modules())
+
+
+def balance_loss_coef(model):
+    """A transformers MoE policy returns its raw load-balancing loss only when asked (output_router_logits) and
+    weighs it by config.router_aux_loss_coef in its own loss: that weight, or None for other models (MiniMind
+    returns its loss already weighted by its generation's alpha)."""
+    import inspect
+    coef = getattr(model.config, "router_aux_loss_coef", None)
+    return coef if coef is not None and "output_router_logits" in inspect.signature(model.forward).parameters \
+        else None
+
+
+def check_position_limit(model, max_seq_len, max_gen_len, flag="--from_weight"):
+    """Prompts of up to --max_seq_len tokens and --max_gen_len new ones reach position max_seq_len + max_gen_len - 1.
+    A learned position table (GPT-2's wpe, OPT's embed_positions) shorter than that would be indexed past its end
+    mid-run (an IndexError on CPU, a device-side assert on CUDA): refused. A RoPE model past its
+    max_position_embeddings only extrapolates: a warning."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is None or max_seq_len + max_gen_len <= limit:
+        return None
+    embeddings = model.get_input_embeddings()
+    learned = [m.num_embeddings for m in model.modules()
+               if isinstance(m, torch.nn.Embedding) and m is not embeddings and limit <= m.num_embeddings <= limit + 2]
+    message = (f"--max_seq_len {max_seq_len} + --max_gen_len {max_gen_len} = {max_seq_len + max_gen_len} positions, "
+               f"but the policy ({type(model).__name__}) was trained on {limit}")
+    if learned:
+        raise ValueError(f"{message}, and its position table ends there: lower the two flags so that their sum "
+                         f"is at most {limit}")
+    return f"warning: {message} (max_position_embeddings); it extrapolates beyond them"
+
+
 def model_signature(config):
     """What a resume file must agree on with the model it is loaded into."""
     return dict(model_type=config.model_type, hidden_size=config.hidden_size,

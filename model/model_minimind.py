@@ -14,6 +14,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+# the output field that holds the cache: `cache` in newer transformers 5.x (`past_key_values` deprecated), else
+# `past_key_values`
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 # What differs between the two generations of MiniMind checkpoints (MoE loss: MoEFeedForward.balance_loss).
 VERSIONS = {
     2: dict(num_key_value_heads=2, rms_norm_eps=1e-5, qk_norm=False, mlp_ratio=8 / 3,
@@ -376,7 +380,7 @@ class MiniMindForCausalLM(PreTrainedModel):
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        return MoeCausalLMOutputWithPast(logits=logits, past_key_values=past_key_values, aux_loss=aux_loss)
+        return MoeCausalLMOutputWithPast(logits=logits, aux_loss=aux_loss, **{CACHE_FIELD: past_key_values})
 
     def new_cache(self, batch_size, max_len, dtype=None):
         return KVCache(self.config, batch_size, max_len, self.device, dtype or self.model.embed_tokens.weight.dtype)

@@ -17,6 +17,35 @@ def position_ids_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
 
 
+def stop_token_ids(model, tokenizer):
+    """Every id that ends a turn: the tokenizer's EOS and the model's generation_config.eos_token_id (an id or
+    a list: Llama 3's <|eot_id|>, Qwen's <|im_end|> beside <|endoftext|>, Gemma's <end_of_turn>), as
+    transformers' own generate stops. A [K] long tensor on the model's device."""
+    ids = {tokenizer.eos_token_id}
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(listed if isinstance(listed, (list, tuple)) else [listed])
+    ids.discard(None)
+    return torch.tensor(sorted(ids), dtype=torch.long, device=next(model.parameters()).device)
+
+
+def ends_with_stop(response_ids, response_mask, stop_ids):
+    """[B] bool: the row's last real token is a stop token (it ended its turn rather than hitting the limit)."""
+    last = (response_mask.sum(1) - 1).clamp(min=0)
+    return torch.isin(response_ids.gather(1, last[:, None]).squeeze(1), stop_ids) & (response_mask.sum(1) > 0)
+
+
+def cache_argument(model):
+    """The name under which model.forward takes its key/value cache: `cache` in transformers >= 5.2x
+    (`past_key_values` is deprecated there), `past_key_values` in 4.x and MiniMind."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The cache a forward returned, under either name (see cache_argument)."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def new_cache(model, batch_size, max_len, dtype):
     """A key/value cache for `max_len` positions of `batch_size` rows.
 
@@ -49,15 +78,15 @@ def sample_categorical(probs, generator=None):
 
 
 @torch.no_grad()
-def sample_responses(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+def sample_responses(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id,
                      temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None):
     """Sample up to `max_new_tokens` per row from left-padded prompts.
 
     One prefill, then one cached forward per token; only the last position reaches the vocabulary
     projection (logits_to_keep=1). Position ids are generate's (position_ids_from_mask for the
-    prompt, then each row's last + 1). Each row stops at its first EOS (kept as a real token);
-    rows already stopped get `pad_token_id` and mask 0, and the loop exits as soon as every row
-    has stopped.
+    prompt, then each row's last + 1). Each row stops at its first stop token (`stop_ids`: an id or
+    a list, see stop_token_ids; kept as a real token); rows already stopped get `pad_token_id` and
+    mask 0, and the loop exits as soon as every row has stopped.
     Returns response_ids [B, R], response_mask [B, R] (1 up to and including EOS) and
     logprobs [B, R]: log-probabilities of the sampled tokens under exactly the distribution
     they were drawn from (logits / temperature, then top-k / top-p truncation). With
@@ -65,9 +94,11 @@ def sample_responses(model, input_ids, attention_mask, max_new_tokens, eos_token
     """
     B, P = input_ids.shape
     device = input_ids.device
+    stop_ids = torch.as_tensor(stop_ids, dtype=torch.long, device=device).reshape(-1)
     autocast = torch.is_autocast_enabled(device.type)
     cache = new_cache(model, B, P + max_new_tokens, torch.get_autocast_dtype(device.type) if autocast else None)
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters  # transformers 4.x
+    cache_name = cache_argument(model)
     full_mask = torch.ones(B, P + max_new_tokens, dtype=attention_mask.dtype, device=device)
     full_mask[:, :P] = attention_mask
     positions = position_ids_from_mask(attention_mask)  # [B, P]
@@ -79,9 +110,9 @@ def sample_responses(model, input_ids, attention_mask, max_new_tokens, eos_token
     for t in range(max_new_tokens):
         past = 0 if t == 0 else P + t - 1
         extra = {"cache_position": torch.arange(past, P + t, device=device)} if takes_cache_position else {}
-        out = model(next_input, attention_mask=full_mask[:, :P + t], position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, **extra)
-        cache = out.past_key_values
+        out = model(next_input, attention_mask=full_mask[:, :P + t], position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{cache_name: cache}, **extra)
+        cache = output_cache(out)
         logits = out.logits[:, -1].float() / temperature  # [B, V]
         if top_k > 0:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -97,7 +128,7 @@ def sample_responses(model, input_ids, attention_mask, max_new_tokens, eos_token
         response_ids[:, t] = token
         logprobs[:, t] = logp.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0)
         steps = t + 1
-        finished |= token == eos_token_id
+        finished |= torch.isin(token, stop_ids)
         if bool(finished.all()):
             break
         next_input, positions = token[:, None], positions[:, -1:] + 1
@@ -105,7 +136,7 @@ def sample_responses(model, input_ids, attention_mask, max_new_tokens, eos_token
     if not bool(torch.isfinite(logprobs).all()):
         row = int((~torch.isfinite(logprobs)).any(1).nonzero()[0])
         raise FloatingPointError(f"the model produced non-finite logits while sampling (row {row})")
-    # real tokens: everything up to and including the first EOS
-    after_eos = torch.cumsum((response_ids == eos_token_id).long(), dim=1) - (response_ids == eos_token_id).long()
-    response_mask = (after_eos == 0).long()
+    # real tokens: everything up to and including the first stop token
+    is_stop = torch.isin(response_ids, stop_ids).long()
+    response_mask = (torch.cumsum(is_stop, dim=1) - is_stop == 0).long()
     return response_ids, response_mask, logprobs * response_mask

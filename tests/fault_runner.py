@@ -14,6 +14,7 @@ with SIGKILL, SIGTERM or SIGINT, but starts in milliseconds instead of seconds.
   log_prompts: dir   append each rollout's prompts to dir/prompts_rank{rank}.jsonl
   self_signal: (where, n, k)  the process sends itself SIGTERM during its n-th rollout: "generate" at
                      the k-th forward of the sampling model, "reward" as the reward model is called
+  signal_save: n     the process sends itself SIGTERM during its n-th weights save (between rollouts)
   rank, world, port: join a gloo group of `world` processes on localhost as `rank`
 """
 import io
@@ -33,7 +34,18 @@ def _hang(marker):
 
 
 def _install(faults):
-    """Faults in the file system: a save that hangs halfway, waiting for the test's SIGKILL."""
+    """Faults in the file system: a save that hangs halfway, waiting for the test's SIGKILL; a signal
+    that arrives during a save."""
+    if "signal_save" in faults:
+        calls, real = [0], torch.save
+
+        def signalled_save(obj, f, *args, **kwargs):
+            if "_resume.pth" not in getattr(f, "name", ""):
+                calls[0] += 1
+                if calls[0] == faults["signal_save"]:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return real(obj, f, *args, **kwargs)
+        torch.save = signalled_save
     if "hang" in faults:
         kind, n = faults["hang"]
         counts = {"weights": 0, "resume": 0, "rotate": 0}
@@ -86,7 +98,7 @@ class SamplerForwards:
         self.n, self.k, self.count, self.forwards = n, k, 0, 0
 
     def __call__(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # MiniMind's or transformers' argument
         if cache is None:  # a scoring forward
             return
         if (cache.length if hasattr(cache, "length") else cache.get_seq_length()) == 0:  # MiniMind's or HF's

@@ -17,7 +17,7 @@ import eval_policy  # noqa: E402
 from dataset.lm_dataset import RLAIFDataset  # noqa: E402
 from evaluation import markdown_table  # noqa: E402
 from model.model_minimind import MiniMindForCausalLM, config_from_state_dict  # noqa: E402
-from reward import answer_correct, extract_answer, format_ok, load_reward_model, tags_complete  # noqa: E402
+from reward import extract_answer, final_answer, format_ok, is_correct, load_reward_model, tags_complete  # noqa: E402
 from trainer_utils import load_state_dict_file  # noqa: E402
 
 GOOD = "<think>\n7 + 5 = 12\n</think>\n<answer>\n12\n</answer>"
@@ -180,8 +180,8 @@ def test_metric_functions(text, fmt, tags, answer):
     assert format_ok(text) is fmt
     assert tags_complete(text) is tags
     assert extract_answer(text) == answer
-    assert answer_correct(text, "12") is (answer == "12")
-    assert answer_correct(text, " 12\n") is (answer == "12")
+    assert is_correct(text, "12") is (final_answer(text) == "12")  # the <answer> content, else the text itself
+    assert is_correct(text, " 12\n") is (final_answer(text) == "12")
 
 
 def test_markdown_table_has_deltas():

@@ -159,6 +159,20 @@ def test_signal_inside_a_rollout_drops_it_and_resume_is_bit_exact(tiny_kit, fork
     assert_same_run(save_dir, reference, STEPS, RESUME)
 
 
+def test_signal_between_rollouts_stops_before_the_next_one(tiny_kit, forkserver, reference, tmp_path):
+    """SIGTERM during the save after step 2 (as during an evaluation or the data fetch): the run stops before
+    rollout 3 instead of running it only to drop it, keeps the state after step 2, and resumes bit-exact."""
+    save_dir, log = tmp_path / "run", tmp_path / "log"
+    argv = flags(tiny_kit, save_dir, "--save_interval", "2")
+    assert finish(start(forkserver, argv, log, signal_save=1), log) == 0
+    out = open(log).read()
+    assert "rollout dropped" not in out and "stopped by signal at step 2; resume file written" in out
+    assert global_step(save_dir) == 2 and [m["step"] for m in read_metrics(save_dir)] == [1, 2]
+    log = tmp_path / "log2"
+    assert finish(start(forkserver, argv + ["--from_resume", "1"], log), log) == 0
+    assert_same_run(save_dir, reference, STEPS, RESUME)
+
+
 def test_sigterm_to_one_rank_stops_both_and_resume_matches(tiny_kit, forkserver, tmp_path):
     """torchrun is not the only sender: a signal that reaches one rank must stop every rank (the others
     agree through a collective) with exit 0, not leave them waiting in the next epoch's collectives."""

@@ -179,7 +179,7 @@ def test_minimind3_rules_hand_computed():
     assert answer == "ok ok ok ok ok ok</think>".strip()
     parts, answer = minimind3_rules("12")  # no </think>: the whole turn is the answer
     assert parts == {"length": -0.5, "think": 0.0, "repetition": -0.0} and answer == "12"
-    assert repetition("一二三一二三一二三") == pytest.approx(1 - 3 / 7)  # CJK: per character
+    assert repetition("一二三一二三一二三") == 0.0  # minimind-3's tokens: one run of CJK characters is one token
     assert repetition("the cat sat on the mat") == 0.0
 
 
@@ -190,8 +190,8 @@ def test_minimind3_reward_collapses_the_history_and_scores_the_answer():
     response = "Seven plus five is twelve, I am sure.\n</think>\n\n12"
     rm = ChatRecorder()
     total, parts = reward_of(rm, rules="minimind3", rm_clip=3.0)([prompt], [response])
-    assert rm.seen == [[{"role": "user", "content": "system: Be brief.\nuser: Hi\nassistant: Hello\nuser: "
-                                                    "What is 7 + 5?"}, {"role": "assistant", "content": "12"}]]
+    assert rm.seen == [[{"role": "user", "content": "system: Be brief.\nuser: Hi\nassistant: Hello\n以上是对话历史。"
+                                                    "我的新问题是：\nWhat is 7 + 5?"}, {"role": "assistant", "content": "12"}]]
     assert set(parts) == {"length", "think", "repetition", "rm"}
     assert parts["think"].item() == 1.25 and parts["rm"].item() == 1.0
     assert total.item() == pytest.approx(0.5 + 1.25 + 0.0 + 1.0)
@@ -252,3 +252,16 @@ def test_readme_minimind_commands_parse_as_documented():
     own = AutoTokenizer.from_pretrained(ROOT / "model")("What is 3 + 4?").input_ids
     assert own == [395, 310, 227, 25, 314, 227, 26, 37]
     assert "[395, 310, 227, 25, 314, 227, 26, 37]" in open(ROOT / "README.md", encoding="utf-8").read()
+
+
+def test_plain_prompts_with_a_thinking_template_take_no_thinking_ratio(tiny_kit, tokenizers, tmp_path):
+    """Plain-text rows are not rendered by the template, so its switch's 0.9 default does not apply to them
+    (they train with no flag given); an explicit --thinking_ratio with plain rows is a clear error."""
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"{a} plus {a} is"}) + "\n" for a in range(8)))
+    flags = tiny_run_args(tiny_kit, tmp_path / "out", "--max_steps", "1", "--tokenizer_path", tokenizers["minimind3"],
+                          "--data_path", str(plain))
+    run(flags)
+    assert json.load(open(tmp_path / "out" / "run_args.json"))["thinking_ratio"] == 0.0
+    with pytest.raises(ValueError, match=r"--thinking_ratio 0\.5: \S+plain\.jsonl has plain-text prompt rows"):
+        run([*flags, "--thinking_ratio", "0.5"])

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, config_from_state_dict
-from model.sampling import sample_categorical, sample_responses
+from model.sampling import output_cache, sample_categorical, sample_responses
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -114,7 +114,7 @@ def left_padded_batch(vocab=300):
 def test_greedy_with_cache_equals_full_reforward(version, use_moe):
     model = tiny(version, use_moe=use_moe)
     ids, mask = left_padded_batch()
-    resp, resp_mask, _ = sample_responses(model, ids, mask, 12, eos_token_id=-1, pad_token_id=0, greedy=True)
+    resp, resp_mask, _ = sample_responses(model, ids, mask, 12, stop_ids=-1, pad_token_id=0, greedy=True)
     assert torch.equal(resp, greedy_by_full_reforward(model, ids, mask, 12, eos=-1))
     assert resp_mask.all()
 
@@ -131,7 +131,7 @@ def test_sampled_logprobs_equal_a_separate_full_forward():
     model = tiny(2)
     ids, mask = left_padded_batch()
     g = torch.Generator().manual_seed(0)
-    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 16, eos_token_id=2, pad_token_id=0,
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 16, stop_ids=2, pad_token_id=0,
                                                  temperature=0.7, generator=g)
     ref = full_forward_logprobs(model, ids, mask, resp, 0.7)
     assert torch.allclose(logprobs, ref * resp_mask, atol=1e-5)
@@ -144,7 +144,7 @@ def test_eos_stops_row_and_pads_after_it():
     bias[5] = 100.0
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
     ids, mask = left_padded_batch()
-    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 10, eos_token_id=5, pad_token_id=0,
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 10, stop_ids=5, pad_token_id=0,
                                                  generator=torch.Generator().manual_seed(0))
     assert resp.shape == (3, 1), "loop must exit once every row has stopped"
     assert (resp == 5).all() and resp_mask.all()
@@ -153,11 +153,11 @@ def test_eos_stops_row_and_pads_after_it():
 def test_rows_stop_independently():
     model = tiny(2)
     ids, mask = left_padded_batch()
-    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 20, eos_token_id=-1, pad_token_id=0,
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 20, stop_ids=-1, pad_token_id=0,
                                                  greedy=True)
     eos = int(resp[0, 3])  # declare row 0's 4th greedy token the EOS, and decode again
     row0_len = int((resp[0] == eos).nonzero()[0]) + 1
-    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 20, eos_token_id=eos, pad_token_id=0,
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 20, stop_ids=eos, pad_token_id=0,
                                                  greedy=True)
     for row in range(3):
         hits = (resp[row] == eos).nonzero()
@@ -170,7 +170,7 @@ def test_rows_stop_independently():
 def test_top_k_and_top_p_logprobs_are_of_the_truncated_distribution():
     model = tiny(2)
     ids, mask = left_padded_batch()
-    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 8, eos_token_id=-1, pad_token_id=0,
+    resp, resp_mask, logprobs = sample_responses(model, ids, mask, 8, stop_ids=-1, pad_token_id=0,
                                                  top_k=5, generator=torch.Generator().manual_seed(0))
     seq_logits = model(torch.cat([ids, resp], 1), attention_mask=torch.cat([mask, resp_mask], 1)).logits
     logits = seq_logits[:, ids.shape[1] - 1:-1].detach()
@@ -178,7 +178,7 @@ def test_top_k_and_top_p_logprobs_are_of_the_truncated_distribution():
     assert (top5.indices == resp[..., None]).any(-1).all(), "every sampled token is in the top 5"
     ref = top5.values.log_softmax(-1).gather(-1, (top5.indices == resp[..., None]).float().argmax(-1, keepdim=True))
     assert torch.allclose(logprobs, ref.squeeze(-1), atol=1e-5)
-    _, _, lp_p = sample_responses(model, ids, mask, 8, eos_token_id=-1, pad_token_id=0, top_p=0.3,
+    _, _, lp_p = sample_responses(model, ids, mask, 8, stop_ids=-1, pad_token_id=0, top_p=0.3,
                                   generator=torch.Generator().manual_seed(0))
     assert (lp_p <= 0).all() and (lp_p > -torch.log(torch.tensor(300.0))).any()
 
@@ -220,7 +220,7 @@ def test_non_finite_logits_while_sampling_raise():
     model.lm_head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
     ids, mask = left_padded_batch()
     with pytest.raises(FloatingPointError, match="non-finite logits while sampling"):
-        sample_responses(model, ids, mask, 4, eos_token_id=-1, pad_token_id=0, generator=torch.Generator())
+        sample_responses(model, ids, mask, 4, stop_ids=-1, pad_token_id=0, generator=torch.Generator())
 
 
 @pytest.mark.parametrize("version", [2, 3])
@@ -325,7 +325,7 @@ def test_logits_to_keep_and_cache_object():
     picked = model(ids, attention_mask=mask, logits_to_keep=torch.tensor([0, 4, 5])).logits
     assert torch.allclose(full[:, [0, 4, 5]], picked, atol=1e-6)
     out = model(ids, attention_mask=mask, use_cache=True)
-    assert out.past_key_values.length == ids.shape[1]
+    assert output_cache(out).length == ids.shape[1]
 
 
 def test_save_pretrained_round_trip(tmp_path):

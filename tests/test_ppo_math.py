@@ -229,3 +229,87 @@ def test_entropy_from_logits():
     assert torch.allclose(entropy_from_logits(p.log()), -(p * p.log()).sum(), atol=1e-6)
     masked = torch.tensor([0.0, 0.0, float("-inf")])  # a banned token contributes nothing, not NaN
     assert torch.allclose(entropy_from_logits(masked), torch.tensor(math.log(2)))
+
+
+# ----------------------------------------------------------------------------- where the KL penalty goes
+def expected_kl_gradient(logits, ref_logprobs, kl_mode, estimator, beta=0.1):
+    """The expected gradient of the trainer's KL penalty over one token drawn from pi = softmax(logits), by exact
+    enumeration of the vocabulary: the PPO loss at ratio 1 (pi_old = pi), each token weighted by pi(a).
+
+    reward mode: token reward -beta * k(old, ref), turned into an advantage by GAE (no critic, gamma = lam = 1)
+    and trained through the clipped surrogate, where it is a constant; loss mode: beta * k(logp, ref)
+    differentiated by autograd, as ppo_update adds it."""
+    theta = logits.clone().requires_grad_(True)
+    logp = theta.log_softmax(-1)  # [V]: log pi(a) for every token a
+    weights = logp.detach().exp()  # pi(a), the sampling probabilities
+    old = logp.detach()
+    if kl_mode == "reward":
+        token_rewards = -beta * kl_penalty(old, ref_logprobs, estimator)[:, None]  # [V, 1]: one response per token
+        advantages, _ = compute_advantages(token_rewards, torch.zeros_like(token_rewards), torch.ones_like(token_rewards),
+                                           1.0, 1.0)
+        loss, _ = policy_loss_per_token(logp[:, None], old[:, None], advantages, 0.2)
+    else:
+        loss = beta * kl_penalty(logp, ref_logprobs, estimator)[:, None]
+    (weights[:, None] * loss).sum().backward()
+    return theta.grad
+
+
+def kl_gradient(logits, ref_logprobs, reverse=False):
+    """grad KL(pi||ref) (or KL(ref||pi)) with respect to the logits, by autograd of the exact sum."""
+    theta = logits.clone().requires_grad_(True)
+    logp = theta.log_softmax(-1)
+    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum() if reverse else (logp.exp() * (logp - ref_logprobs)).sum()
+    kl.backward()
+    return theta.grad
+
+
+def cosine(a, b):
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+@pytest.mark.parametrize("kl_mode,estimator", [("reward", "k1"), ("loss", "k2"), ("loss", "k3")])
+def test_sound_kl_placements_follow_the_gradient_of_a_kl(kl_mode, estimator):
+    """By exact enumeration over an 8-token vocabulary: k1 in the reward and k2 in the loss give exactly
+    beta * grad KL(pi||ref); k3 in the loss gives beta * grad KL(ref||pi), a divergence too, parallel to
+    grad KL(pi||ref) to first order near the reference."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        ref = torch.randn(8, generator=g, dtype=torch.float64).log_softmax(-1)
+        # near the reference, and farther (within k3's clamp of 10, where its gradient is cut)
+        logits = ref + torch.randn(8, generator=g, dtype=torch.float64) * (0.05 if trial < 10 else 0.7)
+        got = expected_kl_gradient(logits, ref, kl_mode, estimator)
+        forward = kl_gradient(logits, ref)
+        if estimator == "k3":
+            assert torch.allclose(got, 0.1 * kl_gradient(logits, ref, reverse=True), atol=1e-12)
+            if trial < 10:  # near the reference the two KLs' gradients agree
+                assert cosine(got, forward) > 0.99
+            assert cosine(got, forward) > 0  # always a descent direction of KL(pi||ref) here
+        else:
+            assert torch.allclose(got, 0.1 * forward, atol=1e-12), (got, forward)
+
+
+def test_k3_in_the_reward_does_not_follow_a_kl():
+    """Why k2 / k3 in the reward get a warning: the expected gradient is not grad KL(pi||ref), and for some
+    distributions it points away from the reference (the score-function term alone survives)."""
+    g = torch.Generator().manual_seed(1)
+    cosines = []
+    for _ in range(200):
+        ref = (torch.randn(8, generator=g, dtype=torch.float64) * 2).log_softmax(-1)
+        logits = ref + torch.randn(8, generator=g, dtype=torch.float64)
+        cosines.append(cosine(expected_kl_gradient(logits, ref, "reward", "k3"), kl_gradient(logits, ref)))
+    assert min(cosines) < 0 and max(cosines) < 0.9999  # neither parallel nor even always a descent direction
+
+
+def test_unsound_kl_placements_are_refused_or_warned(capsys):
+    from train_ppo import kl_placement_warning
+    with pytest.raises(SystemExit):
+        parse_args(["--kl_mode", "loss", "--kl_estimator", "k1"])
+    err = capsys.readouterr().err
+    assert "zero expected gradient" in err and "Sound pairs: k1 in the reward" in err and "k2 / k3 in the loss" in err
+    for estimator in ("k2", "k3"):
+        warning = kl_placement_warning("reward", estimator, 0.02)
+        assert warning.startswith("warning:") and f"--kl_estimator {estimator} in the reward is biased" in warning
+        assert "Sound pairs" in warning
+    assert kl_placement_warning("reward", "k1", 0.02) is None
+    assert kl_placement_warning("loss", "k3", 0.02) is None
+    assert kl_placement_warning("reward", "k3", 0.0) is None  # no penalty, no bias

@@ -178,3 +178,19 @@ def test_critic_and_reward_model_on_their_own_devices(tiny_kit, tmp_path):
                 for m in metrics]
     assert strip(read_lines(tmp_path / "split" / "metrics.jsonl")) == strip(read_lines(tmp_path / "default" /
                                                                                    "metrics.jsonl"))
+
+
+def test_missing_eos_penalty_is_a_logged_part_and_the_parts_sum_to_the_reward(tiny_kit, tmp_path):
+    """--missing_eos_penalty is its own part (reward_missing_eos): every step's reward_<part> fields add up to
+    its reward, and a sample's parts to its reward."""
+    save_dir = tmp_path / "run"
+    train_ppo.main(train_ppo.parse_args(tiny_run_args(tiny_kit, save_dir, "--max_steps", "2",
+                                                      "--missing_eos_penalty", "0.7", "--max_gen_len", "4")))
+    steps = [json.loads(line) for line in open(save_dir / "metrics.jsonl")]
+    for m in steps:
+        parts = {k: v for k, v in m.items() if k in ("reward_format", "reward_tags", "reward_rm", "reward_missing_eos")}
+        assert "reward_missing_eos" in parts and parts["reward_missing_eos"] == pytest.approx(-0.7 * (1 - m["eos_rate"]))
+        assert sum(parts.values()) == pytest.approx(m["reward"], abs=1e-5)
+    for sample in map(json.loads, open(save_dir / "samples.jsonl")):
+        parts = [v for k, v in sample.items() if k.startswith("reward_")]
+        assert sum(parts) == pytest.approx(sample["reward"], abs=1e-5) and sample["reward_missing_eos"] in (0.0, pytest.approx(-0.7))

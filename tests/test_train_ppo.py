@@ -208,3 +208,48 @@ def test_pad_token_equal_to_eos_or_missing_trains_the_same(tmp_path):
     assert loading.load_tokenizer(str(tmp_path / "no_pad")).pad_token == "<|im_end|>"
     assert runs["pad_eos"] == runs["own"] and runs["no_pad"] == runs["own"]
     assert all(m["eos_rate"] > 0.9 for m in runs["own"])  # the demo actor ends its responses with EOS
+
+
+def test_grad_clip_zero_means_no_clipping_and_negative_is_refused(tiny_kit, tmp_path, capsys):
+    """--grad_clip 0 trains exactly as a bound no gradient reaches (not with every gradient zeroed)."""
+    run(tiny_run_args(tiny_kit, tmp_path / "off", "--max_steps", "1", "--grad_clip", "0"))
+    run(tiny_run_args(tiny_kit, tmp_path / "huge", "--max_steps", "1", "--grad_clip", "1e12"))
+    run(tiny_run_args(tiny_kit, tmp_path / "tight", "--max_steps", "1", "--grad_clip", "1e-4"))
+    off, huge, tight = (load_state_dict_file(tmp_path / name / "ppo_actor_64.pth") for name in ("off", "huge", "tight"))
+    assert all(torch.equal(off[k], huge[k]) for k in off)
+    assert any(not torch.equal(off[k], tight[k]) for k in off)  # clipping does change the step
+    with pytest.raises(SystemExit):
+        train_ppo.parse_args(["--grad_clip", "-1"])
+    assert "--grad_clip must be 0 (no clipping) or a positive norm, got -1.0" in capsys.readouterr().err
+
+
+def test_a_run_whose_output_is_its_input_is_refused_before_any_model(tiny_kit, tmp_path, capsys):
+    """--from_weight ppo_actor (the default --save_weight) or the run's own transformers output folder would be
+    overwritten by the first save: refused, naming both, before any model is built."""
+    shutil.copy(tiny_kit["actor"], tmp_path / "ppo_actor_64.pth")
+    for start in ("ppo_actor", str(tmp_path / "ppo_actor_64.pth")):
+        with pytest.raises(ValueError, match=r"--from_weight \S+ is \S+ppo_actor_64\.pth, the very file this run saves "
+                                             r"its policy to .*--save_weight ppo_actor"):
+            run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1", "--from_weight", start))
+    from hf_models import save_tiny_hf_model
+    folder = save_tiny_hf_model("llama", tmp_path / "ppo_actor_hf", os.path.join(os.path.dirname(train_ppo.__file__),
+                                                                                "model"))
+    with pytest.raises(ValueError, match=r"the very folder this run saves its policy to"):
+        run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1", "--from_weight", folder))
+    assert "actor: " not in capsys.readouterr().out  # build_models logs the actor it built: none was
+    run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1", "--from_weight", "ppo_actor", "--save_weight", "ppo2"))
+
+
+def test_a_resume_whose_reference_changed_stops(tiny_kit, tmp_path):
+    """The starting weights were replaced after the run began: the resumed run would rebuild another reference
+    (another KL anchor) from them, so it stops instead."""
+    start = tmp_path / "start_64.pth"
+    shutil.copy(tiny_kit["actor"], start)
+    args = tiny_run_args(tiny_kit, tmp_path / "out", "--max_steps", "4", "--from_weight", str(start))
+    run([*args, "--max_steps", "2"])  # stopped after 2 of 4 steps
+    shutil.copy(tmp_path / "out" / "ppo_actor_64.pth", start)  # the trained actor where the start was
+    with pytest.raises(ValueError, match="the reference rebuilt from --from_weight .* is not the one this run started"):
+        run([*args, "--from_resume", "1"])
+    shutil.copy(tiny_kit["actor"], start)  # the true start back: the resume goes on
+    run([*args, "--from_resume", "1"])
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3, 4]
