@@ -73,7 +73,7 @@ def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, 
             chunk = samples[i:i + batch_size]
             total, parts = reward([s["prompt"] for s in chunk], responses[i:i + batch_size],
                                   [s["answer"] for s in chunk], [s.get("messages") for s in chunk],
-                                  has_eos[i:i + batch_size])
+                                  has_eos[i:i + batch_size], [s.get("row") for s in chunk])
             sums["reward"] += total.sum().item()
             sums["reward_rm"] += parts["rm"].sum().item() if "rm" in parts else 0.0
     return {k: float(sums[k]) for k in keys}, responses

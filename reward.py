@@ -319,6 +319,12 @@ class RewardFunction:
         return f"on the batch of {len(responses)} responses; each alone passes"
 
 
+def check_labels(dataset, functions, correctness):
+    """Before any model is built: a reward that compares with the ground truth has one in the data."""
+    if correctness and not any(dataset.answers):
+        raise ValueError(f"--correctness_reward {correctness}: {dataset.path} has no `answer` field")
+
+
 class Reward:
     """What a rollout's responses earn: (total [B], parts {name: [B]}), the total the sum of the parts.
 
@@ -347,7 +353,7 @@ class Reward:
         self.batch_size, self.correctness, self.functions = batch_size, correctness, list(functions)
         self.missing_eos_penalty = missing_eos_penalty
 
-    def __call__(self, prompts, responses, answers=None, messages=None, has_eos=None):
+    def __call__(self, prompts, responses, answers=None, messages=None, has_eos=None, rows=None):
         """prompts: the rendered prompt texts; messages: each row's chat as the data gave it (None for
         plain-text rows); has_eos [B] bool: the response ended its turn (for `missing_eos`). The reward model's
         query is read back from a ChatML prompt (MiniMind's, Qwen's), keeping a system turn the template added,

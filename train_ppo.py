@@ -32,8 +32,8 @@ from model.critic import build_critic
 from model.loading import (balance_loss_coef, check_position_limit, check_tokenizer_fit, default_tokenizer_path,
                            init_model, is_moe, load_tokenizer)
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
-from reward import (REWARD_INPUTS, REWARD_RULES, default_reward_rules, NonFiniteRolloutError, Reward, RewardFunction,
-                    load_reward_model)
+from reward import (check_labels, REWARD_INPUTS, REWARD_RULES, default_reward_rules, NonFiniteRolloutError, Reward,
+                    RewardFunction, load_reward_model)
 from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, is_main_process, log_samples, log_step, Logger,
                            no_sync, resolve_weight, setup_seed, SkipBatchSampler, StopSignal, synced_time,
@@ -72,7 +72,15 @@ def parse_args(argv=None):
                        help="share of prompts rendered with the think block open, for templates with a thinking "
                             "switch (minimind-3's open_thinking, 2025-10's enable_thinking); default 0.9 with such a "
                             "template")
-    files.add_argument("--data_path", default=DEMO_DATA)
+    files.add_argument("--data_path", default=DEMO_DATA,
+                       help="training prompts: jsonl, json, parquet, or a folder written by datasets' save_to_disk")
+    files.add_argument("--prompt_key", default=None,
+                       help="the column holding the prompt: a string (a plain prompt) or a list of chat messages "
+                            "(rendered by the chat template); default: the first of conversations, messages, prompt")
+    files.add_argument("--label_key", default=None,
+                       help="the column holding the ground truth (a dotted path for nested fields, e.g. "
+                            "reward_model.ground_truth); default: the first of answer, ground_truth, solution, "
+                            "reward_model.ground_truth")
     files.add_argument("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
                        help="local folder: a get_score() model (internlm2-reward style) or a sequence classifier "
                             "(decoder or encoder); 'none': rules, --correctness_reward and --reward_fn only")
@@ -434,7 +442,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
         raise NonFiniteRolloutError(f"critic returned a non-finite value for sample {row} "
                                     f"(response {responses[row][:80]!r})")
     has_eos = ends_with_stop(response_ids, response_mask, stop_ids)
-    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"], has_eos)
+    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"], has_eos, batch["rows"])
     t3 = synced_time(device)
     # token-level reward: -beta * KL at every token (reward mode), plus the score at the last real token
     kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
@@ -586,18 +594,18 @@ def rollout_metrics(experience):
 
 
 # ----------------------------------------------------------------------------- building the run
-def load_data(args, tokenizer):
+def load_data(args, tokenizer, reward_functions):
     """The training prompts and the held-out ones: what does not fit stops here, before any model is built."""
     # every rank sees its own shard of one global shuffled order (build_run); bad lines stop the run here
+    keys = dict(prompt_key=args.prompt_key, label_key=args.label_key)
     dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, thinking_ratio=args.thinking_ratio,
-                           seed=args.seed)
+                           seed=args.seed, **keys)
     eval_samples = []
     if args.eval_data_path:
         eval_samples = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len,
-                                    thinking_ratio=args.thinking_ratio, seed=args.seed).samples  # epoch 0's draws
+                                    thinking_ratio=args.thinking_ratio, seed=args.seed, **keys).samples  # epoch 0's
         eval_samples = eval_samples[:args.eval_limit or None]
-    if args.correctness_reward and not any(dataset.answers):
-        raise ValueError(f"--correctness_reward {args.correctness_reward}: {args.data_path} has no `answer` field")
+    check_labels(dataset, reward_functions, args.correctness_reward)  # a reward that needs a label has one per row
     args.thinking_ratio = dataset.thinking_ratio  # the share drawn (the template's default when not given)
     return dataset, eval_samples
 
@@ -677,7 +685,7 @@ def build_run(args):
     # everything that needs no model is checked first: a bad flag, file or folder stops the run in seconds
     tokenizer = load_tokenizer(args.tokenizer_path)
     reward_functions = [RewardFunction(spec) for spec in args.reward_fn]  # loading errors name file and function
-    dataset, eval_samples = load_data(args, tokenizer)
+    dataset, eval_samples = load_data(args, tokenizer, reward_functions)
     sampler, steps_per_epoch, total_rollouts = plan_steps(args, dataset, rank, world)
     check_outputs(args)
     actor, old_actor, ref_model, critic, reward, tokenizer = build_models(args, reward_functions)

@@ -76,7 +76,7 @@ class RLAIFDataset(Dataset):
     runs draw the same. Plain-text rows take no thinking ratio."""
 
     def __init__(self, path, tokenizer, max_length=512, system_prompt=None, skip_bad_lines=False,
-                 thinking_ratio=None, seed=0):
+                 thinking_ratio=None, seed=0, prompt_key=None, label_key=None):
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
         self.path = os.fspath(path)
@@ -190,7 +190,8 @@ class RLAIFDataset(Dataset):
 
     def __getitem__(self, index):
         text, ids = self.variants[index][self.thinking_open(index)]
-        return {"prompt": text, "prompt_ids": ids, "answer": self.answers[index], "messages": self.messages[index]}
+        return {"prompt": text, "prompt_ids": ids, "answer": self.answers[index], "messages": self.messages[index],
+                "row": None}
 
 
 def decode_responses(tokenizer, response_ids, response_mask):
@@ -221,6 +222,7 @@ class PromptCollator:
             "prompts": [item["prompt"] for item in items],
             "answers": [item["answer"] for item in items],
             "messages": [item.get("messages") for item in items],
+            "rows": [item.get("row") for item in items],
             "input_ids": input_ids,
             "attention_mask": attention_mask,
         }
