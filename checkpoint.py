@@ -13,17 +13,19 @@ from torch.utils.data import DistributedSampler
 
 from dataset.lm_dataset import RLAIFDataset
 from model.loading import model_signature
+from model.lora import load_trainable_state_dict, merged_state_dict, trainable_state_dict
 from reward import Reward
-from trainer_utils import (gather_rng_states, get_rank, get_world_size, hf_folder_path, is_hf_folder, is_main_process,
-                           load_resume, Logger, resolve_weight, resume_file_pattern, resume_path, save_hf_folder,
-                           save_resume, save_weights, set_rng_state, setup_seed, truncate_metrics, unwrap_model,
-                           weight_file_pattern, weight_path)
+from trainer_utils import (atomic_folder, gather_rng_states, get_rank, get_world_size, hf_folder_path, InputError,
+                           is_hf_folder, is_main_process, load_resume, Logger, lora_folder_path, OutputError,
+                           resolve_weight, resume_file_pattern, resume_path, save_hf_folder, save_resume, save_weights,
+                           set_rng_state, setup_seed, truncate_metrics, unwrap_model, weight_file_pattern, weight_path)
 
 
 @dataclass
 class Learner:
-    """What the PPO update trains: actor and critic (DDP wrappers under torchrun), their optimizers and LR
-    schedules, and the float16 loss scaler (None otherwise)."""
+    """What the PPO update trains: actor (a model.policy.Policy) and critic (DDP wrappers under torchrun),
+    their optimizers and LR schedules, the float16 loss scaler (None otherwise) and, for a LoRA policy,
+    peft's model around the actor's LM (it saves the adapter)."""
     actor: nn.Module
     critic: nn.Module
     actor_opt: torch.optim.Optimizer
@@ -31,6 +33,7 @@ class Learner:
     actor_sched: torch.optim.lr_scheduler.LRScheduler
     critic_sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler = None
+    actor_peft: object = None
 
 
 @dataclass
@@ -75,6 +78,10 @@ class Run:
         return os.path.join(self.args.save_dir, "samples.jsonl")
 
 
+# flags a resume file must agree on with the run that loads it (with the value a file older than the flag had)
+RESUME_FLAGS = dict(batch_size=None, n_samples_per_prompt=1, adv_estimator="gae", lora_rank=0)
+
+
 def policy_path(args, config):
     """Where the trained policy is saved: a transformers policy as a save_pretrained folder
     ({save_weight}_hf), MiniMind as its fp16 .pth ({save_weight}_{hidden}[_moe].pth)."""
@@ -85,10 +92,11 @@ def policy_path(args, config):
 
 @torch.no_grad()
 def weights_fingerprint(model):
-    """[tensors, 2] float64: each floating tensor's sum and sum of absolute values, to tell one set of weights
-    from another (a resume checks that its reference is the one the run started from)."""
+    """[tensors, 2] float64: each frozen parameter's sum and sum of absolute values, to tell one set of weights
+    from another (a resume checks that its reference, a LoRA policy's base included, is the one the run
+    started from)."""
     return torch.stack([torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)])
-                        for t in model.state_dict().values() if t.is_floating_point()]).cpu()
+                        for t in model.parameters() if not t.requires_grad]).cpu()
 
 
 def check_outputs(args):
@@ -105,30 +113,48 @@ def check_outputs(args):
             clash = (os.path.dirname(start) == os.path.realpath(args.save_dir)
                      and weight_file_pattern(args.save_weight).fullmatch(os.path.basename(start)) is not None)
         if clash:
-            raise ValueError(f"--from_weight {args.from_weight} is {start}, the very {'folder' if is_hf_folder(start) else 'file'} "
+            raise InputError(f"--from_weight {args.from_weight} is {start}, the very {'folder' if is_hf_folder(start) else 'file'} "
                              f"this run saves its policy to ({output}: --save_dir {args.save_dir}, --save_weight "
                              f"{args.save_weight}); the first save would overwrite the starting weights and the "
                              f"reference. Give another --save_weight or --save_dir")
     if is_main_process():  # fail now rather than at the first save, after the training it was meant to keep
         for flag, folder in [("--save_dir", args.save_dir), ("--checkpoint_dir", args.checkpoint_dir)]:
-            try:
-                os.makedirs(folder, exist_ok=True)
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as e:
-                raise OSError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
+            check_writable(folder, flag)
+
+
+def check_writable(folder, flag):
+    """`folder` can be written, or made where it does not exist yet (nothing is created here)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(20, f"{existing} is a file")
+        if existing == os.path.abspath(folder):
+            tempfile.TemporaryFile(dir=folder).close()
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"{existing} is not writable")
+    except OSError as e:
+        raise OutputError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
 
 
 def checkpoint_record(run):
     """The resume file's contents (rank 0's view; every rank's RNG is added by save_checkpoint)."""
     learner = run.learner
-    return dict(model=unwrap_model(learner.actor).state_dict(), critic_model=unwrap_model(learner.critic).state_dict(),
-                old_actor=run.old_actor.state_dict(), optimizer=learner.actor_opt.state_dict(),
-                critic_optimizer=learner.critic_opt.state_dict(), scheduler=learner.actor_sched.state_dict(),
-                critic_scheduler=learner.critic_sched.state_dict(),
+    policy = unwrap_model(learner.actor)
+    critic = learner.critic is not None
+    # the trained weights only (a LoRA policy's adapters: its base is --from_weight, checked by `reference`); the
+    # old actor when it is a copy of its own (--update_old_actor_freq > 1); no critic for the critic-free estimators
+    return dict(model=trainable_state_dict(policy.lm),
+                critic_model=trainable_state_dict(unwrap_model(learner.critic)) if critic else None,
+                old_actor=None if run.old_actor is policy else run.old_actor.lm.state_dict(),
+                optimizer=learner.actor_opt.state_dict(), scheduler=learner.actor_sched.state_dict(),
+                critic_optimizer=learner.critic_opt.state_dict() if critic else None,
+                critic_scheduler=learner.critic_sched.state_dict() if critic else None,
                 grad_scaler=learner.scaler.state_dict() if learner.scaler else None, kl_coef=run.kl_ctl.value,
                 reference=weights_fingerprint(run.ref_model),
                 model_config=model_signature(unwrap_model(learner.actor).config), world_size=get_world_size(),
-                batch_size=run.args.batch_size, **asdict(run.progress))
+                **{flag: getattr(run.args, flag) for flag in RESUME_FLAGS}, **asdict(run.progress))
 
 
 def load_checkpoint_record(run, state):
@@ -136,19 +162,26 @@ def load_checkpoint_record(run, state):
     have = model_signature(unwrap_model(run.learner.actor).config)
     for key, value in state["model_config"].items():
         if have[key] != value:
-            raise ValueError(f"resume file was written with {key}={value}, but this run has {key}={have[key]}")
-    if state["batch_size"] != run.args.batch_size:
-        raise ValueError(f"resume file was written with --batch_size {state['batch_size']}, "
-                         f"this run has --batch_size {run.args.batch_size}")
+            raise InputError(f"resume file was written with {key}={value}, but this run has {key}={have[key]}")
+    for flag, default in RESUME_FLAGS.items():  # a resume file written before a flag existed had its default
+        if state.get(flag, default) != getattr(run.args, flag):
+            raise InputError(f"resume file was written with --{flag} {state.get(flag, default)}, this run has "
+                             f"--{flag} {getattr(run.args, flag)}")
     if "reference" in state and not torch.allclose(state["reference"], weights_fingerprint(run.ref_model),
                                                    rtol=1e-4, atol=1e-6):
-        raise ValueError(f"--from_resume 1: the reference rebuilt from --from_weight {run.args.from_weight} is not "
+        raise InputError(f"--from_resume 1: the reference rebuilt from --from_weight {run.args.from_weight} is not "
                          f"the one this run started from (its weights changed since: overwritten?); the KL anchor "
                          f"would silently move. Resume with the weights the run started from")
     learner = run.learner
-    for obj, key in [(learner.actor, "model"), (learner.critic, "critic_model"), (run.old_actor, "old_actor"),
-                     (learner.actor_opt, "optimizer"), (learner.critic_opt, "critic_optimizer"),
-                     (learner.actor_sched, "scheduler"), (learner.critic_sched, "critic_scheduler")]:
+    policy = unwrap_model(learner.actor)
+    load_trainable_state_dict(policy.lm, state["model"])
+    if run.old_actor is not policy:
+        run.old_actor.lm.load_state_dict(state["old_actor"] or policy.lm.state_dict())
+    pairs = [(learner.actor_opt, "optimizer"), (learner.actor_sched, "scheduler")]
+    if learner.critic is not None:
+        load_trainable_state_dict(unwrap_model(learner.critic), state["critic_model"])
+        pairs += [(learner.critic_opt, "critic_optimizer"), (learner.critic_sched, "critic_scheduler")]
+    for obj, key in pairs:
         obj.load_state_dict(state[key])
     if learner.scaler is not None and state["grad_scaler"]:
         learner.scaler.load_state_dict(state["grad_scaler"])
@@ -160,17 +193,23 @@ def load_checkpoint_record(run, state):
 def save_checkpoint(run, rng_state):
     """The actor (policy_path) + a resume file with everything needed to continue from run.progress.
     `rng_state` is this rank's RNG state at the start of the next step to run."""
-    args, actor = run.args, run.learner.actor
+    args, learner = run.args, run.learner
     rng_states = gather_rng_states(rng_state)  # collective: every rank calls it
     if is_main_process():
-        config = unwrap_model(actor).config
+        lm = unwrap_model(learner.actor).lm
+        config = lm.config
         hidden, moe = config.hidden_size, getattr(config, "use_moe", False)
+        if learner.actor_peft is not None:  # the adapter, and the merged policy where users look for the policy
+            with atomic_folder(lora_folder_path(args.save_dir, args.save_weight)) as folder:
+                learner.actor_peft.save_pretrained(folder)
+        weights = merged_state_dict(lm) if learner.actor_peft is not None else lm.state_dict()
         if is_hf_folder(args.from_weight):
-            save_hf_folder(actor, run.tokenizer, policy_path(args, config))
+            save_hf_folder(lm, run.tokenizer, policy_path(args, config), state_dict=weights)
         else:
-            save_weights(actor, policy_path(args, config))
+            save_weights(weights, policy_path(args, config))
             if args.save_hf:
-                save_hf_folder(actor, run.tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe))
+                save_hf_folder(lm, run.tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe),
+                               state_dict=weights)
         save_resume(dict(checkpoint_record(run), rng_states=rng_states),
                     resume_path(args.checkpoint_dir, args.save_weight, hidden, moe), keep=args.keep_checkpoints)
     if dist.is_initialized():
@@ -192,7 +231,7 @@ def restore_checkpoint(run, state):
         consumed = p.step * args.batch_size * saved_world
         p.step = min(consumed // (args.batch_size * world), steps_per_epoch)
         p.global_step = p.epoch * steps_per_epoch + p.step
-        for sched in (run.learner.actor_sched, run.learner.critic_sched):  # the same share of optimizer steps
+        for sched in filter(None, (run.learner.actor_sched, run.learner.critic_sched)):  # the same share of steps
             sched.last_epoch = round(sched.last_epoch * p.global_step / state["global_step"]) - 1 \
                 if state["global_step"] else -1
             sched.step()
@@ -223,7 +262,7 @@ def resume_if_asked(run):
         names = os.listdir(args.checkpoint_dir) if os.path.isdir(args.checkpoint_dir) else []
         others = sorted(n for n in names if resume_file_pattern(args.save_weight).fullmatch(n))
         if others:
-            raise ValueError(f"--from_resume 1: no resume file for this actor ({os.path.basename(path)}), but "
+            raise InputError(f"--from_resume 1: no resume file for this actor ({os.path.basename(path)}), but "
                              f"{args.checkpoint_dir} holds {', '.join(others)} from another model size; "
                              f"resume with the actor they were written for, or use another --checkpoint_dir")
         Logger(f"--from_resume 1: no checkpoint at {path}; starting fresh")

@@ -2,10 +2,10 @@
 
 One implementation for the trainer's periodic evaluation (evaluate_on_ranks: each rank takes
 its share of the prompts and the sums are reduced; log_eval, eval_table) and for
-scripts/eval_policy.py. Metrics:
-format compliance, all four reasoning tags exactly once, answer accuracy (when every prompt
-has an `answer`), mean reward (total and reward-model part, computed exactly as in training),
-mean response length in tokens (EOS included) and the share of responses that end with EOS.
+scripts/eval_policy.py. Metrics, where they apply: format compliance and all four reasoning tags
+exactly once (MiniMind2's rules), answer accuracy (when every prompt has an `answer`: reward.is_correct,
+the correctness reward's definition), mean reward (total and reward-model part, computed exactly as in
+training), mean response length in tokens (EOS included) and the share of responses that end their turn.
 """
 import contextlib
 import json
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from dataset.lm_dataset import PromptCollator, decode_responses
 from model.sampling import ends_with_stop, sample_responses, stop_token_ids
-from reward import format_ok, is_correct, tags_complete
+from reward import format_ok, is_correct, scored_turn, tags_complete
 from trainer_utils import all_reduce_dict, append_jsonl, get_rank, get_world_size, Logger, unwrap_model
 
 # metric -> (table label, shown as a percentage?, decimals), in table order; logged as eval_<metric>
@@ -57,14 +57,18 @@ def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, 
     """Sums of every metric over `samples`, plus their count `n`: what ranks add up before dividing
     (see `means`). `reward` is the trainer's Reward (or None). Returns (sums, responses).
     `with_accuracy` must be the same on every rank."""
-    keys = ["n", "format", "tags", *(["accuracy"] if with_accuracy else []), *(["reward"] if reward else []),
+    layout = reward is not None and reward.reasoning and reward.rules == "minimind2"  # MiniMind2's tag layout
+    keys = ["n", *(["format", "tags"] if layout else []), *(["accuracy"] if with_accuracy else []),
+            *(["reward"] if reward else []),
             *(["reward_rm"] if reward and reward.reward_model is not None else []), "eos_rate", "response_len"]
     if not samples:  # a rank with no share of a short eval file still joins the reduction
         return dict.fromkeys(keys, 0.0), []
     responses, has_eos, lengths = generate(model, tokenizer, samples, batch_size, max_gen_len, device,
                                            temperature, autocast=autocast)
-    sums = dict(n=len(samples), format=sum(map(format_ok, responses)), tags=sum(map(tags_complete, responses)),
-                eos_rate=has_eos.sum().item(), response_len=lengths.sum().item())
+    sums = dict(n=len(samples), eos_rate=has_eos.sum().item(), response_len=lengths.sum().item())
+    if layout:  # the rules score the full assistant turn (scored_turn), and so do these metrics
+        turns = [scored_turn(s["prompt"], r) for s, r in zip(samples, responses)]
+        sums.update(format=sum(map(format_ok, turns)), tags=sum(map(tags_complete, turns)))
     if with_accuracy:
         sums["accuracy"] = sum(is_correct(r, s["answer"]) for r, s in zip(responses, samples))
     if reward:
@@ -83,12 +87,13 @@ def means(sums):
     return {k: v / max(sums["n"], 1) for k, v in sums.items() if k != "n"}
 
 
-def evaluate(model, tokenizer, samples, reward=None, batch_size=64, max_gen_len=48, device="cpu", temperature=0.0):
+def evaluate(model, tokenizer, samples, reward=None, batch_size=64, max_gen_len=48, device="cpu", temperature=0.0,
+             autocast=contextlib.nullcontext()):
     """(metrics with their count `n`, responses) of one policy on a list of prompts, in one process."""
     samples = list(samples)
     with_accuracy = bool(samples) and all(s["answer"] for s in samples)
     sums, responses = evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, device,
-                                      with_accuracy, temperature)
+                                      with_accuracy, temperature, autocast)
     return dict(n=int(sums["n"]), **means(sums)), responses
 
 
@@ -124,13 +129,19 @@ def log_eval(record, metrics_path, swanlab_run):
     accuracy = f" accuracy {record['eval_accuracy']:.1%}" if "eval_accuracy" in record else ""
     rm = f" (rm {record['eval_reward_rm']:.3f})" if "eval_reward_rm" in record else ""
     reward = f" | reward {record['eval_reward']:.3f}{rm}" if "eval_reward" in record else ""
-    Logger(f"eval step {record['step']} | format {record['eval_format']:.1%} tags {record['eval_tags']:.1%}"
-           f"{accuracy}{reward} | len {record['eval_response_len']:.1f} eos {record['eval_eos_rate']:.1%}")
+    layout = f" | format {record['eval_format']:.1%} tags {record['eval_tags']:.1%}" if "eval_format" in record else ""
+    Logger(f"eval step {record['step']}{layout}{accuracy}{reward} | len {record['eval_response_len']:.1f} "
+           f"eos {record['eval_eos_rate']:.1%}")
+
+
+def is_eval_record(record):
+    """An evaluation line of metrics.jsonl (the others are PPO steps)."""
+    return "eval_eos_rate" in record
 
 
 def eval_table(metrics_path):
     """The first and the last evaluation of metrics.jsonl side by side (markdown), or None."""
-    evals = [r for r in map(json.loads, open(metrics_path, encoding="utf-8")) if "eval_format" in r]
+    evals = [r for r in map(json.loads, open(metrics_path, encoding="utf-8")) if is_eval_record(r)]
     if not evals:
         return None
     first, last = evals[0], evals[-1]

@@ -1,4 +1,5 @@
-"""Rewards for PPO: reward-model loading and scoring, and MiniMind's rule rewards.
+"""Rewards for PPO: reward-model loading and scoring, MiniMind's rule rewards, and the Reward that sums them
+with the reward functions from files (reward_functions.py).
 
 Used by train_ppo.py (rollouts), evaluation.py (held-out evaluation) and the scripts. A
 reward is (total [B], parts {name: [B]}); every part is logged on its own.
@@ -12,10 +13,8 @@ import re
 import torch
 
 from model.loading import check_rope_base, trusts_remote_code
-
-
-class NonFiniteRolloutError(ValueError):
-    """A NaN or infinite reward or value in a rollout: the trainer gives that rollout no update."""
+from reward_functions import NonFiniteRolloutError, reward_parts
+from trainer_utils import InputError, MissingFileError
 
 
 # ----------------------------------------------------------------------------- reward models
@@ -108,7 +107,7 @@ def reward_label_index(label, config, path):
         if index is None:
             index = next((i for i, name in labels.items() if name.lower() == str(label).lower()), None)
     if index is None or not 0 <= index < config.num_labels:
-        raise ValueError(f"--reward_label {label!r}: {path} has no such label; its labels are {label_list(config)}")
+        raise InputError(f"--reward_label {label!r}: {path} has no such label; its labels are {label_list(config)}")
     return index
 
 
@@ -119,9 +118,9 @@ def load_reward_model(path, device, dtype="auto", input_format="auto", label=Non
     with a chat template uses chat; otherwise a 1-label model uses pair, a chosen label text."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"--reward_model_path {path!r}: no such folder")
+        raise MissingFileError(f"--reward_model_path {path!r}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"--reward_model_path {path!r}: not a model folder (no config.json)")
+        raise InputError(f"--reward_model_path {path!r}: not a model folder (no config.json)")
     raw = json.load(open(os.path.join(path, "config.json")))
     if isinstance(dtype, str):
         dtype = resolve_reward_dtype(dtype, raw, device)
@@ -134,20 +133,20 @@ def load_reward_model(path, device, dtype="auto", input_format="auto", label=Non
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
     except Exception as e:
-        raise ValueError(f"--reward_model_path {path!r}: could not load a reward model ({e})") from e
+        raise InputError(f"--reward_model_path {path!r}: could not load a reward model ({e})") from e
     check_rope_base(path, config, "--reward_model_path")
     get_score = hasattr(model, "get_score")
     num_labels = getattr(config, "num_labels", 1)
     if label is not None and not get_score:
         label = reward_label_index(label, config, path)
     elif num_labels != 1 and not get_score:
-        raise ValueError(f"--reward_model_path {path!r} has {num_labels} labels; choose the one to score with "
+        raise InputError(f"--reward_model_path {path!r} has {num_labels} labels; choose the one to score with "
                          f"--reward_label NAME or INDEX ({label_list(config)})")
     if input_format == "auto":
         input_format = ("get_score" if get_score else "chat" if tokenizer.chat_template else
                         "pair" if label is None else "text")
     elif get_score:
-        raise ValueError(f"--reward_input {input_format}: {path} scores through its own get_score(); use auto")
+        raise InputError(f"--reward_input {input_format}: {path} scores through its own get_score(); use auto")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -267,66 +266,11 @@ def collapse_history(messages):
     return [{"role": "user", "content": f"{history}\n以上是对话历史。我的新问题是：\n{last}" if history else last}]
 
 
-class RewardFunction:
-    """`--reward_fn path/to/file.py:function`: called once per rollout as function(prompts, responses, answers),
-    three lists (answers: the data rows' `answer`, None where a row has none), returning one float per
-    response. Loading and calling errors name the file, the function and the sample."""
-
-    def __init__(self, spec):
-        import importlib.util
-        path, sep, name = spec.rpartition(":")
-        if not sep or not path or not name:
-            raise ValueError(f"--reward_fn {spec!r}: expected path/to/file.py:function")
-        self.where = f"--reward_fn {path}:{name}"
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{self.where}: no such file")
-        try:
-            module_spec = importlib.util.spec_from_file_location(f"reward_fn_{abs(hash(path))}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            raise ValueError(f"{self.where}: loading {path} failed ({type(e).__name__}: {e})") from e
-        self.fn, self.name = getattr(module, name, None), name
-        if not callable(self.fn):
-            raise ValueError(f"{self.where}: {path} defines no function {name!r}")
-
-    def __call__(self, prompts, responses, answers):
-        try:
-            values = list(self.fn(list(prompts), list(responses), list(answers)))
-        except Exception as e:
-            failing = self._failing_sample(prompts, responses, answers)
-            raise RuntimeError(f"{self.where} raised {type(e).__name__}: {e} ({failing})") from e
-        if len(values) != len(responses):
-            raise ValueError(f"{self.where} returned {len(values)} values for {len(responses)} responses")
-        scores = []
-        for i, value in enumerate(values):
-            try:
-                scores.append(float(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"{self.where} returned {value!r} for sample {i} "
-                                 f"(response {responses[i][:80]!r}): expected a number") from None
-            if not math.isfinite(scores[-1]):
-                raise NonFiniteRolloutError(f"{self.where} returned {value} for sample {i} "
-                                            f"(response {responses[i][:80]!r})")
-        return torch.tensor(scores, dtype=torch.float32)
-
-    def _failing_sample(self, prompts, responses, answers):
-        for i in range(len(responses)):  # one at a time, to name the sample
-            try:
-                self.fn([prompts[i]], [responses[i]], [answers[i]])
-            except Exception:
-                return f"sample {i}: response {responses[i][:80]!r}"
-        return f"on the batch of {len(responses)} responses; each alone passes"
-
-
-def check_labels(dataset, functions, correctness):
-    """Before any model is built: a reward that compares with the ground truth has one in the data."""
-    if correctness and not any(dataset.answers):
-        raise ValueError(f"--correctness_reward {correctness}: {dataset.path} has no `answer` field")
-
-
 class Reward:
-    """What a rollout's responses earn: (total [B], parts {name: [B]}), the total the sum of the parts.
+    """What a rollout's responses earn: (total [B], parts {name: [B]}). The total is the sum of the parts whose
+    name has no slash; a part named `<part>/<key>` (e.g. `custom/acc`: an entry a verl function's dict or an
+    OpenRLHF function's `extra_logs` returned beside its score) is a diagnostic, logged like every part
+    (`reward_custom/acc` in metrics.jsonl and samples.jsonl) but not added to the total.
 
     With reasoning off there are no rules.
     - minimind2 (MiniMind2's PPO): `format` and `tags` of the full assistant turn (scored_turn); `rm` is the
@@ -339,23 +283,26 @@ class Reward:
     `missing_eos` (--missing_eos_penalty P > 0): -P for a response that hit the length limit without ending its
     turn. With no reward model there is no `rm`. rm_clip: scores are clipped to [-rm_clip, rm_clip]; 0 = no
     clipping. `correctness` (W > 0): W when the response is_correct against the data row's `answer` (its
-    final_answer, the held-out accuracy's definition). Each function from a file adds `custom` (several:
-    `custom_<function>`).
+    final_answer, the held-out accuracy's definition). Each function from a file (RewardFunction: verl's, TRL's,
+    OpenRLHF's or this project's signature) adds `custom` (several: `custom_<function>`); functions routed by
+    data_source (RoutedRewards) form the one part `custom` together (reward_parts).
     """
 
     def __init__(self, reward_model=None, rules="minimind2", reasoning=True, rm_clip=3.0, batch_size=32,
                  correctness=0.0, functions=(), missing_eos_penalty=0.0):
         if rules not in REWARD_RULES:
-            raise ValueError(f"--reward_rules {rules!r}: expected one of {', '.join(REWARD_RULES)}")
+            raise InputError(f"--reward_rules {rules!r}: expected one of {', '.join(REWARD_RULES)}")
         if not rm_clip >= 0:  # NaN too
-            raise ValueError(f"--rm_clip {rm_clip}: expected 0 (no clipping) or a positive bound")
+            raise InputError(f"--rm_clip {rm_clip}: expected 0 (no clipping) or a positive bound")
         self.reward_model, self.rules, self.reasoning, self.rm_clip = reward_model, rules, reasoning, rm_clip
         self.batch_size, self.correctness, self.functions = batch_size, correctness, list(functions)
+        self.function_parts = reward_parts(self.functions)  # [(part name, scorer)]
         self.missing_eos_penalty = missing_eos_penalty
 
     def __call__(self, prompts, responses, answers=None, messages=None, has_eos=None, rows=None):
         """prompts: the rendered prompt texts; messages: each row's chat as the data gave it (None for
-        plain-text rows); has_eos [B] bool: the response ended its turn (for `missing_eos`). The reward model's
+        plain-text rows); has_eos [B] bool: the response ended its turn (for `missing_eos`); rows: each data row's
+        other columns (RLAIFDataset's `row`; None where unknown), for reward functions. The reward model's
         query is read back from a ChatML prompt (MiniMind's, Qwen's), keeping a system turn the template added,
         as MiniMind's PPO does; a prompt in another template is taken from its messages, and plain text is the
         user's query itself."""
@@ -388,14 +335,16 @@ class Reward:
         if self.correctness:
             parts["correctness"] = torch.tensor([self.correctness * is_correct(r, a)
                                                  for r, a in zip(responses, answers)], dtype=torch.float32)
-        for fn in self.functions:
-            parts["custom" if len(self.functions) == 1 else f"custom_{fn.name}"] = fn(prompts, responses, answers)
+        rows = list(rows) if rows is not None else [None] * B
+        for name, scorer in self.function_parts:
+            parts[name], diagnostics = scorer.score(prompts, responses, answers, given, rows)
+            parts.update((f"{name}/{key}", values) for key, values in sorted(diagnostics.items()))
         if not parts:
-            raise ValueError("no reward: --reward_model_path none with --reasoning 0, no --correctness_reward "
+            raise InputError("no reward: --reward_model_path none with --reasoning 0, no --correctness_reward "
                              "and no --reward_fn")
         if self.missing_eos_penalty and has_eos is not None:  # TRL's missing_eos_penalty, a part of its own
             parts["missing_eos"] = -self.missing_eos_penalty * (~has_eos.cpu()).float()
-        return sum(parts.values()), parts
+        return sum(values for name, values in parts.items() if "/" not in name), parts  # diagnostics: not added
 
     def reward_model_part(self, chats, answer_chats, answer_rows, responses):
         B = len(chats)
@@ -411,3 +360,68 @@ class Reward:
         if answer_rows:
             rm[answer_rows] = 0.4 * rm[answer_rows] + 0.6 * scores[B:].clamp(-clip, clip)
         return rm
+
+
+# ----------------------------------------------------------------------------- the reward's flags
+DEMO_REWARD_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "reward_model")
+
+
+def add_reward_flags(parser):
+    """The flags that describe a Reward, shared by train_ppo.py and scripts/eval_policy.py (same names, same
+    meaning): the reward model and how it reads, the rules, ground truth and functions from files."""
+    group = parser.add_argument_group("reward")
+    group.add_argument("--reward_model_path", default=DEMO_REWARD_MODEL,
+                       help="local folder: a get_score() model (internlm2-reward style) or a sequence classifier "
+                            "(decoder or encoder); 'none': rules, --correctness_reward and --reward_fn only")
+    group.add_argument("--reward_input", default="auto", choices=list(REWARD_INPUTS),
+                       help="how the reward model reads (query, response): chat = its tokenizer's chat template, "
+                            "pair = tokenizer(query, response), text = tokenizer(query + response), both with "
+                            "special tokens; auto: get_score models through their API, then chat if the tokenizer "
+                            "has a template, else pair (1 label) or text (--reward_label)")
+    group.add_argument("--reward_label", default=None,
+                       help="score with the raw logit of this label (name or index), as TRL's sentiment example "
+                            "takes POSITIVE; required for multi-label models (default: a 1-label model's logit)")
+    group.add_argument("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: float32 on CPU; on CUDA the model's own dtype when its config names one, else "
+                            "bfloat16 where the GPU supports it, else float32")
+    group.add_argument("--reward_batch_size", type=int, default=32,
+                       help="chats per reward-model forward (get_scores calls too)")
+    group.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
+                       help="1: the rules of --reward_rules + RM; 0: RM only")
+    group.add_argument("--reward_rules", default=None, choices=list(REWARD_RULES),
+                       help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking + "
+                            "repetition, RM of (history as one user message, answer); minimind3_cjk: minimind3 with "
+                            "repetition counted per CJK character (this project's); none: no rules, RM of the whole "
+                            "chat. Default: the generation of MiniMind weights, none for other models")
+    group.add_argument("--rm_clip", type=float, default=3.0,
+                       help="reward-model scores are clipped to [-rm_clip, rm_clip]; 0 = no clipping")
+    group.add_argument("--correctness_reward", type=float, default=0.0,
+                       help="W: add W when the answer (the <answer> content, else the text after the last </think>, "
+                            "else the stripped response: the held-out accuracy's rule) equals the row's ground truth "
+                            "(--label_key)")
+    group.add_argument("--reward_fn", action="append", default=[], metavar="[SOURCE=]FILE.py:FUNCTION",
+                       help="a reward function, recognised by its parameters: verl's compute_score(data_source, "
+                            "solution_str, ground_truth, extra_info=None), TRL's reward_func(prompts, completions, "
+                            "**kwargs), OpenRLHF's reward_func(queries, prompts, labels) or function(prompts, "
+                            "responses, answers); the part custom (several: custom_<function>); SOURCE= routes it to "
+                            "the rows whose data_source is SOURCE (a plain one beside routed ones is the default); "
+                            "may be repeated (default: none)")
+    group.add_argument("--missing_eos_penalty", type=float, default=0.0,
+                       help="subtracted when a response hits --max_gen_len without ending its turn (logged as the "
+                            "part reward_missing_eos)")
+    return group
+
+
+def reward_model_from_flags(args, device):
+    """The reward model --reward_model_path names (None for 'none'), loaded as --reward_* say."""
+    if args.reward_model_path.lower() == "none":
+        return None
+    return load_reward_model(args.reward_model_path, device, args.reward_dtype, args.reward_input, args.reward_label)
+
+
+def build_reward(args, policy_config, reward_model, functions):
+    """The Reward of add_reward_flags' flags for a policy with `policy_config` (--reward_rules defaults to its
+    generation's), around an already loaded reward model and functions from files."""
+    rules = args.reward_rules or default_reward_rules(policy_config)
+    return Reward(reward_model, rules, bool(args.reasoning), args.rm_clip, args.reward_batch_size,
+                  args.correctness_reward, functions, args.missing_eos_penalty)

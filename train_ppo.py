@@ -29,15 +29,16 @@ from checkpoint import check_outputs, Learner, policy_path, Progress, resume_if_
 from dataset.lm_dataset import PromptCollator, RLAIFDataset, decode_responses, thinking_flag
 from evaluation import evaluate_on_ranks, eval_table, log_eval
 from model.critic import build_critic
-from model.loading import (balance_loss_coef, check_position_limit, check_tokenizer_fit, default_tokenizer_path,
-                           init_model, is_moe, load_tokenizer)
+from model.loading import check_position_limit, check_tokenizer_fit, default_tokenizer_path, init_model, is_moe, load_tokenizer
+from model.lora import add_lora, enable_gradient_checkpointing, keep_frozen_in
+from model.policy import Policy
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
-from reward import (check_labels, REWARD_INPUTS, REWARD_RULES, default_reward_rules, NonFiniteRolloutError, Reward,
-                    RewardFunction, load_reward_model)
+from reward import add_reward_flags, build_reward, reward_model_from_flags
+from reward_functions import check_labels, NonFiniteRolloutError, RewardFunction
 from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
-                           get_world_size, init_distributed_mode, is_main_process, log_samples, log_step, Logger,
-                           no_sync, resolve_weight, setup_seed, SkipBatchSampler, StopSignal, synced_time,
-                           unwrap_model)
+                           get_world_size, init_distributed_mode, InputError, is_main_process, log_samples, log_step,
+                           Logger, no_sync, resolve_weight, setup_seed, SkipBatchSampler, StopSignal, synced_time,
+                           unwrap_model, user_errors)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "dataset", "rlaif-mini.jsonl")
@@ -45,8 +46,24 @@ DEMO_EVAL_DATA = os.path.join(ROOT, "dataset", "rlaif-eval.jsonl")
 
 
 # ----------------------------------------------------------------------------- flags
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is one `error: ...` line, not the usage of 80 flags (--help shows them)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="PPO (RLHF) for MiniMind. With no flags: the shipped demo kit on CPU.")
+    p = ArgumentParser(description="PPO (RLHF) for MiniMind and any transformers causal LM. With no flags: "
+                                            "the shipped demo kit on CPU.",
+                                formatter_class=HelpFormatter)
     files = p.add_argument_group("files and models")
     files.add_argument("--save_dir", default="out",
                        help="weights, metrics.jsonl, args and a copy of this script go here")
@@ -81,28 +98,6 @@ def parse_args(argv=None):
                        help="the column holding the ground truth (a dotted path for nested fields, e.g. "
                             "reward_model.ground_truth); default: the first of answer, ground_truth, solution, "
                             "reward_model.ground_truth")
-    files.add_argument("--reward_model_path", default=os.path.join(ROOT, "demo", "reward_model"),
-                       help="local folder: a get_score() model (internlm2-reward style) or a sequence classifier "
-                            "(decoder or encoder); 'none': rules, --correctness_reward and --reward_fn only")
-    files.add_argument("--reward_input", default="auto", choices=list(REWARD_INPUTS),
-                       help="how the reward model reads (query, response): chat = its tokenizer's chat template, "
-                            "pair = tokenizer(query, response), text = tokenizer(query + response), both with "
-                            "special tokens; auto: get_score models through their API, then chat if the tokenizer "
-                            "has a template, else pair (1 label) or text (--reward_label)")
-    files.add_argument("--reward_label", default=None,
-                       help="score with the raw logit of this label (name or index), as TRL's sentiment example "
-                            "takes POSITIVE; required for multi-label models")
-    files.add_argument("--correctness_reward", type=float, default=0.0,
-                       help="W: add W when the answer (the <answer> content, or the stripped response without tags) "
-                            "equals the data row's `answer`")
-    files.add_argument("--reward_fn", action="append", default=[], metavar="FILE.py:FUNCTION",
-                       help="a reward function function(prompts, responses, answers) -> one float per response, "
-                            "added as the part custom (several: custom_<function>); may be repeated")
-    files.add_argument("--reward_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto: float32 on CPU; on CUDA the model's own dtype when its config names one, else "
-                            "bfloat16 where the GPU supports it, else float32")
-    files.add_argument("--reward_batch_size", type=int, default=32,
-                       help="chats per reward-model forward (get_scores calls too)")
     files.add_argument("--reward_device", default=None, help="device for the reward model (default: --device)")
     files.add_argument("--critic_device", default=None,
                        help="device for the critic (default: --device); with --reward_device, the two-GPU layout: "
@@ -120,8 +115,10 @@ def parse_args(argv=None):
     size = p.add_argument_group("model size", "read off the weights; give it only to check them or to build a "
                                                  "random model")
     size.add_argument("--hidden_size", type=int, default=None, help="default: from the weights (512 to resolve a name)")
-    size.add_argument("--num_hidden_layers", type=int, default=None)
-    size.add_argument("--use_moe", type=int, default=None, choices=[0, 1])
+    size.add_argument("--num_hidden_layers", type=int, default=None,
+                      help="default: from the weights (8 for a random MiniMind)")
+    size.add_argument("--use_moe", type=int, default=None, choices=[0, 1],
+                      help="MiniMind's mixture of experts; default: from the weights (a name picks the one file)")
     size.add_argument("--max_seq_len", type=int, default=64,
                       help="max prompt tokens (longer prompts lose their left part)")
     size.add_argument("--max_gen_len", type=int, default=48, help="max new tokens per response")
@@ -132,14 +129,35 @@ def parse_args(argv=None):
     schedule.add_argument("--mini_batch_size", type=int, default=16,
                           help="rollout rows per optimizer step (per process)")
     schedule.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per minibatch")
-    schedule.add_argument("--ppo_epochs", type=int, default=2)
-    schedule.add_argument("--learning_rate", type=float, default=5e-5)
-    schedule.add_argument("--critic_learning_rate", type=float, default=2e-4)
+    schedule.add_argument("--max_tokens_per_micro_batch", type=int, default=0,
+                          help="instead of --accumulation_steps equal micro-batches, pack each minibatch's rows by "
+                               "length into micro-batches of at most this many tokens, padding included (verl's "
+                               "ppo_max_token_len_per_gpu); 0 = off. The loss is normalised as without it")
+    schedule.add_argument("--ppo_epochs", type=int, default=2, help="passes over each rollout")
+    schedule.add_argument("--learning_rate", type=float, default=5e-5,
+                          help="the actor's peak learning rate (AdamW, cosine decay to a tenth)")
+    schedule.add_argument("--critic_learning_rate", type=float, default=2e-4, help="the critic's peak learning rate")
     schedule.add_argument("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
     schedule.add_argument("--grad_clip", type=float, default=1.0,
                           help="max gradient norm per model (actor, critic); 0 = no clipping")
+    memory = p.add_argument_group("memory: what fits on one GPU")
+    memory.add_argument("--gradient_checkpointing", type=int, default=0, choices=[0, 1],
+                        help="actor and critic recompute each decoder block's activations in the backward pass "
+                             "(MiniMind per block, transformers models through their own gradient_checkpointing)")
+    memory.add_argument("--lora_rank", type=int, default=0,
+                        help="train a LoRA adapter of this rank (peft) instead of the whole policy; the reference is "
+                             "the same base with the adapter off (no copy); 0 = off")
+    memory.add_argument("--lora_alpha", type=float, default=16, help="LoRA scale alpha (the update is alpha / rank * BA)")
+    memory.add_argument("--lora_target_modules", default="all-linear",
+                        help="the modules that get adapters: all-linear (every linear layer of the decoder blocks; "
+                             "not the embedding, the LM head or the value head) or names, comma-separated "
+                             "(q_proj,v_proj)")
+    memory.add_argument("--lora_critic", type=int, default=1, choices=[0, 1],
+                        help="with --lora_rank: 1 = the critic trains its own adapter on its backbone and its value "
+                             "head in full; 0 = a full critic")
     rollout = p.add_argument_group("rollout")
-    rollout.add_argument("--temperature", type=float, default=1.0)
+    rollout.add_argument("--temperature", type=float, default=1.0,
+                         help="sampling temperature; the PPO log-probs divide the logits by it too")
     rollout.add_argument("--top_k", type=int, default=0,
                          help="0 = off. When on, the sampling distribution is truncated while pi_old is scored "
                               "untruncated: the ratio then is not exact")
@@ -149,59 +167,69 @@ def parse_args(argv=None):
     rollout.add_argument("--critic_warmup_steps", type=int, default=0,
                          help="the first N rollouts train only the critic: the actor, its optimizer and its schedule "
                               "are untouched")
-    rewards = p.add_argument_group("reward rules")
-    rewards.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
-                         help="1: the rules of --reward_rules + RM; 0: RM only")
-    rewards.add_argument("--reward_rules", default=None, choices=list(REWARD_RULES),
-                         help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking "
-                              "+ repetition, RM of (history as one user message, answer); minimind3_cjk: minimind3 "
-                              "with repetition counted per CJK character (this project's); none: no rules, RM of the "
-                              "whole chat. Default: the generation of MiniMind weights, none for other models")
-    rewards.add_argument("--rm_clip", type=float, default=3.0,
-                         help="reward-model scores are clipped to [-rm_clip, rm_clip]; 0 = no clipping")
-    rewards.add_argument("--missing_eos_penalty", type=float, default=0.0,
-                         help="subtracted when a response hits --max_gen_len without ending its turn (logged as the "
-                              "part reward_missing_eos)")
+    add_reward_flags(p)
     ppo = p.add_argument_group("PPO")
-    ppo.add_argument("--clip_epsilon", type=float, default=0.2)
+    ppo.add_argument("--clip_epsilon", type=float, default=0.2, help="the ratio's clip range 1 +- eps")
     ppo.add_argument("--dual_clip_c", type=float, default=0.0,
                      help="dual clip for A<0: 0 = off, else a value > 1 (verl: 3.0)")
-    ppo.add_argument("--cliprange_value", type=float, default=0.2)
-    ppo.add_argument("--vf_coef", type=float, default=0.5)
-    ppo.add_argument("--entropy_coef", type=float, default=0.0)
-    ppo.add_argument("--kl_coef", type=float, default=0.02)
-    ppo.add_argument("--kl_estimator", default="k3", choices=["k1", "k2", "k3"])
-    ppo.add_argument("--kl_mode", default="reward", choices=["reward", "loss"],
-                     help="KL to ref as per-token reward or as loss")
+    ppo.add_argument("--cliprange_value", type=float, default=0.2,
+                     help="the value's clip range around the rollout's values")
+    ppo.add_argument("--vf_coef", type=float, default=0.5, help="weight of the value loss")
+    ppo.add_argument("--entropy_coef", type=float, default=0.0, help="weight of the entropy bonus (0 = none)")
+    ppo.add_argument("--kl_coef", type=float, default=0.02,
+                     help="beta, the weight of the KL penalty to the reference (initial value with --target_kl_ctl)")
+    ppo.add_argument("--kl_estimator", default=None, choices=["k1", "k2", "k3"],
+                     help="per-token KL estimate from d = log pi - log ref: k1 = d, k2 = d^2 / 2, "
+                          "k3 = exp(-d) - 1 + d; default: k1 in the reward, k3 in the loss (the sound pairs)")
+    ppo.add_argument("--kl_mode", default=None, choices=["reward", "loss"],
+                     help=f"the KL to the reference as a per-token reward or as a loss term; default: "
+                          f"{DEFAULT_KL_MODE} for gae and reinforce_pp, loss for the estimators that score a response "
+                          f"by its reward alone ({', '.join(OUTCOME_ESTIMATORS)})")
+    ppo.add_argument("--adv_estimator", default="gae", choices=["gae", "reinforce_pp", *OUTCOME_ESTIMATORS],
+                     help="gae: PPO with the critic; grpo, dr_grpo, rloo, reinforce_pp_baseline: per-response "
+                          "advantages from the group of --n_samples_per_prompt responses to a prompt; reinforce_pp: "
+                          "whitened returns-to-go. All but gae build and train no critic")
+    ppo.add_argument("--n_samples_per_prompt", type=int, default=1,
+                     help="responses sampled per prompt in a rollout (a group, kept on one rank); --batch_size "
+                          "counts prompts, --mini_batch_size responses")
+    ppo.add_argument("--loss_agg_mode", default="token-mean", choices=list(LOSS_AGG_MODES),
+                     help="how the policy loss of a minibatch is averaged (its normaliser always over the whole "
+                          "minibatch of every rank): token-mean; seq-mean-token-mean (GRPO's); seq-mean-token-sum; "
+                          "seq-mean-token-sum-norm (Dr.GRPO's: divided by responses x --max_gen_len). The value loss "
+                          "is a token mean")
     ppo.add_argument("--target_kl_ctl", type=float, default=0.0,
                      help="adaptive KL target in nats per response: the controller compares it with "
                           "kl_ref_per_response, the mean over responses of the summed per-token KL estimate (TRL's "
                           "convention, e.g. 6); 0 = fixed --kl_coef")
-    ppo.add_argument("--kl_horizon", type=int, default=10000)
-    ppo.add_argument("--gamma", type=float, default=1.0)
-    ppo.add_argument("--lam", type=float, default=0.95)
+    ppo.add_argument("--kl_horizon", type=int, default=10000, help="the adaptive KL controller's horizon (responses)")
+    ppo.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    ppo.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     ppo.add_argument("--early_stop_kl", type=float, default=0.0,
                      help="stop this rollout's updates when approx_kl exceeds it")
     system = p.add_argument_group("system, checkpoints and logging")
-    system.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    system.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (under torchrun each rank takes its local GPU)")
     system.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="autocast precision (default: bfloat16 on CUDA, float32 on CPU). On CPU, "
                              "bfloat16/float16 run under torch.autocast('cpu') (float16 with a loss scaler) to check "
                              "the mixed-precision path: slow on CPUs without bf16/fp16 instructions")
-    system.add_argument("--num_workers", type=int, default=0)
-    system.add_argument("--seed", type=int, default=42)
-    system.add_argument("--log_interval", type=int, default=1)
-    system.add_argument("--save_interval", type=int, default=50)
-    system.add_argument("--keep_checkpoints", type=int, default=2)
+    system.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    system.add_argument("--seed", type=int, default=42, help="rank r seeds with seed + r")
+    system.add_argument("--log_interval", type=int, default=1, help="rollouts between printed lines")
+    system.add_argument("--save_interval", type=int, default=50,
+                        help="rollouts between saves of the policy and a resume file")
+    system.add_argument("--keep_checkpoints", type=int, default=2, help="resume files kept (newest first)")
     system.add_argument("--max_bad_steps", type=int, default=5,
                         help="abort after this many consecutive non-finite steps")
-    system.add_argument("--from_resume", type=int, default=0, choices=[0, 1])
+    system.add_argument("--from_resume", type=int, default=0, choices=[0, 1],
+                        help="1: continue from the newest readable resume file in --checkpoint_dir (else start fresh)")
     system.add_argument("--save_hf", type=int, default=0, choices=[0, 1],
                         help="MiniMind: also export the actor with save_pretrained (transformers policies always "
                              "are)")
     system.add_argument("--use_swanlab", "--use_wandb", dest="use_swanlab", action="store_true",
                         help="log metrics, evaluations and samples to swanlab (--use_wandb: MiniMind's name)")
-    system.add_argument("--swanlab_project", "--wandb_project", dest="swanlab_project", default="MiniMind-PPO")
+    system.add_argument("--swanlab_project", "--wandb_project", dest="swanlab_project", default="MiniMind-PPO",
+                        help="swanlab project name")
     system.add_argument("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"],
                         help="offline (default): written under {save_dir}/swanlog, no login, no network; `swanlab "
                              "sync` uploads it")
@@ -213,8 +241,23 @@ def parse_args(argv=None):
         args.eval_data_path = DEMO_EVAL_DATA if os.path.abspath(args.data_path) == DEMO_DATA else None
     elif args.eval_data_path.lower() == "none":
         args.eval_data_path = None
-    if args.batch_size % args.mini_batch_size:
-        p.error(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
+    if args.n_samples_per_prompt < 1:
+        p.error(f"--n_samples_per_prompt must be >= 1, got {args.n_samples_per_prompt}")
+    if args.adv_estimator in GROUP_ESTIMATORS and args.n_samples_per_prompt < 2:
+        p.error(f"--adv_estimator {args.adv_estimator} compares the responses to a prompt with each other: it needs "
+                f"--n_samples_per_prompt >= 2, got {args.n_samples_per_prompt}")
+    if args.kl_mode == "reward" and args.adv_estimator in OUTCOME_ESTIMATORS:
+        p.error(f"--kl_mode reward with --adv_estimator {args.adv_estimator}: that estimator credits each response "
+                f"with one advantage from its score alone, so a per-token KL reward would be dropped; put the KL in "
+                f"the loss (--kl_mode loss, k3 or k2), as verl does for GRPO")
+    args.kl_mode = args.kl_mode or ("loss" if args.adv_estimator in OUTCOME_ESTIMATORS else DEFAULT_KL_MODE)
+    args.kl_estimator = args.kl_estimator or ("k1" if args.kl_mode == "reward" else "k3")
+    if args.adv_estimator != "gae" and args.critic_warmup_steps:
+        p.error(f"--critic_warmup_steps with --adv_estimator {args.adv_estimator}: that estimator has no critic")
+    rows = args.batch_size * args.n_samples_per_prompt  # responses per rollout per process
+    if rows % args.mini_batch_size:
+        p.error(f"--mini_batch_size {args.mini_batch_size} must divide the {rows} responses of a rollout "
+                f"(--batch_size {args.batch_size} x --n_samples_per_prompt {args.n_samples_per_prompt})")
     if args.mini_batch_size % args.accumulation_steps:
         p.error(f"--accumulation_steps {args.accumulation_steps} must divide --mini_batch_size {args.mini_batch_size}")
     if args.dual_clip_c != 0 and not args.dual_clip_c > 1:
@@ -234,7 +277,7 @@ def parse_args(argv=None):
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.thinking_ratio is not None and not 0 <= args.thinking_ratio <= 1:
         p.error(f"--thinking_ratio must be in [0, 1], got {args.thinking_ratio}")
-    for flag in ("eval_limit", "log_samples", "critic_warmup_steps"):
+    for flag in ("eval_limit", "log_samples", "critic_warmup_steps", "lora_rank", "max_tokens_per_micro_batch"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     return args
@@ -258,6 +301,13 @@ def masked_whiten(x, mask, eps=1e-8):
     squares = all_reduce_sum(((x64 - mean) ** 2 * mask64).sum()).item()
     var = squares / max(n - 1, 1)
     return ((x - mean) / math.sqrt(var + eps)) * mask
+
+
+# the critic-free estimators that credit each response with one advantage from its score alone, and those of them
+# that compare the responses to one prompt (PPO_FACTS "Critic-free advantage estimators")
+OUTCOME_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = OUTCOME_ESTIMATORS
+DEFAULT_KL_MODE = "reward"  # for gae and reinforce_pp: k1 in the reward (measured on the demo: README)
 
 
 # What each placement of the KL penalty optimises, with tokens sampled from pi (PPO_FACTS "KL estimators"):
@@ -307,6 +357,44 @@ def compute_advantages(token_rewards, values, response_mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
+def group_advantages(scores, groups, estimator):
+    """One advantage per response [B] of the critic-free estimators (PPO_FACTS), from its score [B] (the reward
+    without the KL part) and the group [B] of responses to the same prompt (group ids: any labels):
+    grpo: (r - mean_g) / (std_g + 1e-6), unbiased std; dr_grpo: r - mean_g; rloo: r - the mean of the OTHER
+    responses = n / (n - 1) * (r - mean_g); reinforce_pp_baseline: r - mean_g (whitened later, by the caller).
+    A group of one has mean 0 and std 1 (verl's convention): its advantage is its score."""
+    advantages = torch.empty_like(scores)
+    for g in groups.unique():
+        rows = groups == g
+        r, n = scores[rows], int(rows.sum())
+        mean, std = (r.mean(), r.std()) if n > 1 else (torch.zeros(()), torch.ones(()))
+        if estimator == "grpo":
+            advantages[rows] = (r - mean) / (std + 1e-6)
+        elif estimator == "rloo":
+            advantages[rows] = (r - mean) * n / (n - 1) if n > 1 else r
+        else:  # dr_grpo, reinforce_pp_baseline
+            advantages[rows] = r - mean
+    return advantages
+
+
+# how a minibatch's per-token policy losses l [B, R] become one number (PPO_FACTS "Loss aggregation"); every
+# normaliser is over the whole minibatch of every rank (tokens, responses), never per micro-batch
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def aggregate_loss(token_loss, mask, mode, n_tokens, n_responses, max_len):
+    """This micro-batch's share of the minibatch loss: token-mean sum(m l) / tokens; seq-mean-token-mean
+    sum_i (sum_t m l / sum_t m) / responses; seq-mean-token-sum sum(m l) / responses; seq-mean-token-sum-norm
+    sum(m l) / (responses * max_len). n_tokens and n_responses count the whole minibatch of every rank."""
+    if mode == "token-mean":
+        return (token_loss * mask).sum() / n_tokens
+    if mode == "seq-mean-token-mean":
+        return ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_responses
+    if mode == "seq-mean-token-sum":
+        return (token_loss * mask).sum() / n_responses
+    return (token_loss * mask).sum() / (n_responses * max_len)
+
+
 def policy_loss_per_token(logprobs, old_logprobs, advantages, clip_eps, dual_clip_c=0.0):
     """Clipped surrogate (and dual clip for A < 0); returns (loss [B, T], ratio [B, T]).
 
@@ -348,10 +436,12 @@ class Experience:
     response_mask: torch.Tensor  # [B, R] float: 1 up to and including each row's EOS
     old_logprobs: torch.Tensor  # [B, R] log pi_old: the distribution the tokens were sampled from
     ref_logprobs: torch.Tensor  # [B, R] log pi_ref
-    values: torch.Tensor  # [B, R] V(s_t), 0 past each row's end
+    values: torch.Tensor  # [B, R] V(s_t), 0 past each row's end (0 everywhere without a critic)
     token_rewards: torch.Tensor  # [B, R] -beta * KL per token (reward mode) + the score at the last token
-    advantages: torch.Tensor = None  # [B, R] GAE, whitened (add_advantages)
-    returns: torch.Tensor = None  # [B, R] GAE + V: the critic's targets (add_advantages)
+    groups: torch.Tensor = None  # [B] the index of each response's prompt in the rollout (CPU)
+    advantages: torch.Tensor = None  # [B, R] --adv_estimator's (GAE whitened), add_advantages
+    raw_advantages: torch.Tensor = None  # [B, R] before whitening (for the logs)
+    returns: torch.Tensor = None  # [B, R] GAE + V: the critic's targets (add_advantages; gae only)
     # for the logs
     kl: torch.Tensor = None  # [B, R] per-token KL estimate to the reference
     scores: torch.Tensor = None  # [B] total reward per response (CPU)
@@ -362,27 +452,6 @@ class Experience:
     seconds: dict = None  # generate, forward, reward
 
 
-def response_logprobs(model, input_ids, attention_mask, response_len, temperature):
-    """Log-probs [B, R] of the last R tokens of `input_ids`, with their logits [B, R, V] and the MoE aux loss.
-
-    Position ids are the sampler's (position_ids_from_mask), so pi_old here is the sampling
-    distribution even for models with learned positions. Only the R positions that predict response tokens
-    reach lm_head (logits_to_keep), and the log-prob is gather - logsumexp, never a full log_softmax tensor.
-    Every log-prob that enters the PPO ratio (old, ref, actor) comes through here, under the same precision.
-    """
-    T = input_ids.shape[1]
-    predicting = torch.arange(T - response_len - 1, T - 1, device=input_ids.device)  # before each response token
-    router_coef = balance_loss_coef(unwrap_model(model))  # a transformers MoE: its balance loss, at its weight
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False, logits_to_keep=predicting, **({"output_router_logits": True} if router_coef else {}))
-    logits = out.logits.float()  # [B, R, V]
-    if temperature != 1.0:  # x / 1 == x: skip a full-vocab pass and its backward
-        logits = logits / temperature
-    logprobs = logits.gather(-1, input_ids[:, -response_len:, None]).squeeze(-1) - logits.logsumexp(-1)
-    aux_loss = getattr(out, "aux_loss", None)  # MiniMind's MoE loss comes weighted; None for dense transformers
-    return logprobs, logits, aux_loss * router_coef if router_coef and aux_loss is not None else aux_loss
-
-
 def critic_values(critic, input_ids, attention_mask, response_len):
     """V [B, R] at the positions that predict the response tokens, on the critic's own device."""
     device = next(critic.parameters()).device
@@ -391,35 +460,65 @@ def critic_values(critic, input_ids, attention_mask, response_len):
     return values[:, -response_len - 1:-1].float()
 
 
-def entropy_from_logits(logits):
-    """H = logsumexp(z) - sum(softmax(z) * z) per position; a -inf logit (p = 0) adds nothing."""
-    p = logits.softmax(-1)
-    return logits.logsumexp(-1) - torch.where(p > 0, p * logits, 0.0).sum(-1)
+def micro_batches(order, mini_batch_size, accumulation_steps, prompt_lens=None, response_lens=None, max_tokens=0):
+    """Split a row order into minibatches, each a list of micro-batch index tensors: --accumulation_steps equal
+    ones, or, with a token budget `max_tokens` (--max_tokens_per_micro_batch), rows of similar length packed
+    together so that each micro-batch's padded size (rows x its longest prompt + its longest response, see
+    unpadded) stays within the budget: short rows share a forward, long ones do not pad each other."""
+    minibatches = [order[m:m + mini_batch_size] for m in range(0, len(order), mini_batch_size)]
+    if not max_tokens:
+        micro = mini_batch_size // accumulation_steps
+        return [[rows[k:k + micro] for k in range(0, mini_batch_size, micro)] for rows in minibatches]
+    packed = []
+    for rows in minibatches:
+        groups, current, width_p, width_r = [], [], 0, 0
+        for row in sorted(rows.tolist(), key=lambda r: (prompt_lens[r] + response_lens[r], r)):
+            p, r = max(width_p, prompt_lens[row]), max(width_r, response_lens[row])
+            if current and (len(current) + 1) * (p + r) > max_tokens:
+                groups.append(current)
+                current, p, r = [], prompt_lens[row], response_lens[row]
+            current, width_p, width_r = current + [row], p, r
+        packed.append([torch.tensor(g, device=order.device) for g in groups + [current]])
+    return packed
 
 
-def micro_batches(order, mini_batch_size, accumulation_steps):
-    """Split a row order into minibatches, each a list of micro-batch index tensors."""
-    micro = mini_batch_size // accumulation_steps
-    return [[order[m + k:m + k + micro] for k in range(0, mini_batch_size, micro)]
-            for m in range(0, len(order), mini_batch_size)]
+def rollout_micro_batches(order, attention_mask, response_mask, args):
+    """micro_batches of a rollout's rows in `order`, by the rows' own prompt and response lengths: the same
+    split for the scoring of pi_old and for the update (the first ratio is then exactly 1)."""
+    P = attention_mask.shape[1] - response_mask.shape[1]
+    return micro_batches(order, args.mini_batch_size, args.accumulation_steps, attention_mask[:, :P].sum(1).tolist(),
+                         response_mask.sum(1).long().tolist(), args.max_tokens_per_micro_batch)
+
+
+def unpadded(input_ids, attention_mask, response_mask, rows):
+    """(input ids, attention mask, response length R') of `rows` cut to their own longest prompt and longest
+    response: prompts are left-padded and responses right-padded, so the columns cut hold only padding and the
+    forwards compute nothing on them; results for the kept R' response positions are the same (to rounding)."""
+    R = response_mask.shape[1]
+    am, P = attention_mask[rows], input_ids.shape[1] - R
+    first = P - int(am[:, :P].sum(1).max())  # the longest prompt's first token
+    R_kept = max(int(response_mask[rows].sum(1).max()), 1)
+    return input_ids[rows][:, first:P + R_kept], am[:, first:P + R_kept], R_kept
 
 
 @torch.no_grad()
 def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_coef, orders, args, autocast):
     """Sample responses with the old actor, score them, and turn scores into token rewards: an Experience.
+    old_actor and ref_model are model.policy.Policy modules: policy(ids, mask, R, temperature) gives the
+    log-probs [B, R] of the last R tokens (with their entropy and the MoE balance loss).
 
-    pi_old, pi_ref and V are computed on the very micro-batches that the first PPO epoch
-    uses (orders[0]), so with old actor == actor the first ratio is exactly 1. No collective
-    runs in here (pass the bare critic, not its DDP wrapper): a rank can drop its rollout on a
-    stop signal without leaving the others waiting.
+    pi_old, pi_ref and V (critic None: no values, for the critic-free estimators) are computed on
+    the very micro-batches that the first PPO epoch uses (orders[0]), so with old actor == actor the
+    first ratio is exactly 1. No collective runs in here (pass the bare critic, not its DDP wrapper): a
+    rank can drop its rollout on a stop signal without leaving the others waiting.
     """
     device = args.device
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    stop_ids = stop_token_ids(old_actor, tokenizer)
+    stop_ids = stop_token_ids(old_actor.lm, tokenizer)
     t0 = synced_time(device)
     with autocast:
         response_ids, response_mask, sampler_logprobs = sample_responses(
-            old_actor, prompt_ids, prompt_mask, args.max_gen_len, stop_ids, tokenizer.pad_token_id,
+            old_actor.lm, prompt_ids, prompt_mask, args.max_gen_len, stop_ids, tokenizer.pad_token_id,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     t1 = synced_time(device)
     B, R = response_ids.shape
@@ -427,13 +526,14 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     mask = response_mask.float()
     old_logprobs, ref_logprobs, values = (torch.zeros(B, R, device=device) for _ in range(3))
-    for minibatch in micro_batches(orders[0], args.mini_batch_size, args.accumulation_steps):
+    for minibatch in rollout_micro_batches(orders[0], attention_mask, mask, args):
         for rows in minibatch:
-            ids, am = input_ids[rows], attention_mask[rows]
+            ids, am, R_kept = unpadded(input_ids, attention_mask, mask, rows)  # [b, P' + R'], no all-pad columns
             with autocast:
-                old_logprobs[rows] = response_logprobs(old_actor, ids, am, R, args.temperature)[0]
-                ref_logprobs[rows] = response_logprobs(ref_model, ids, am, R, args.temperature)[0]
-                values[rows] = critic_values(critic, ids, am, R).to(device)
+                old_logprobs[rows, :R_kept] = old_actor(ids, am, R_kept, args.temperature)[0]
+                ref_logprobs[rows, :R_kept] = ref_model(ids, am, R_kept, args.temperature)[0]
+                if critic is not None:
+                    values[rows, :R_kept] = critic_values(critic, ids, am, R_kept).to(device)
     t2 = synced_time(device)
     responses = decode_responses(tokenizer, response_ids, response_mask)
     bad = (~torch.isfinite(values)).any(1).nonzero()
@@ -451,17 +551,27 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
     token_rewards[torch.arange(B, device=device), last] += scores.to(device)
     return Experience(input_ids=input_ids, attention_mask=attention_mask, response_mask=mask,
                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values * mask, kl=kl,
-                      token_rewards=token_rewards, scores=scores, reward_parts=parts, has_eos=has_eos,
-                      responses=responses,
+                      token_rewards=token_rewards, scores=scores, reward_parts=parts, groups=batch["groups"],
+                      has_eos=has_eos, responses=responses,
                       sampler_gap=((sampler_logprobs - old_logprobs).abs() * mask).sum() / mask.sum(),
                       seconds=dict(generate=t1 - t0, forward=t2 - t1, reward=t3 - t2))
 
 
-def add_advantages(experience, gamma, lam):
-    """GAE on the token rewards; returns (the critic's targets) before whitening, advantages whitened."""
-    mask = experience.response_mask
-    advantages, experience.returns = compute_advantages(experience.token_rewards, experience.values, mask, gamma, lam)
-    experience.advantages = masked_whiten(advantages, mask)
+def add_advantages(experience, estimator, gamma, lam):
+    """The advantages of --adv_estimator, and the raw ones (before whitening) for the logs.
+    gae: GAE on the token rewards, whitened; returns (the critic's targets) taken before whitening.
+    reinforce_pp: returns-to-go of the token rewards (GAE with no critic and lambda 1), whitened.
+    grpo, dr_grpo, rloo, reinforce_pp_baseline: one advantage per response (group_advantages), given to each
+    of its tokens; reinforce_pp_baseline's whitened over the batch."""
+    exp, mask = experience, experience.response_mask
+    if estimator == "gae":
+        raw, exp.returns = compute_advantages(exp.token_rewards, exp.values, mask, gamma, lam)
+    elif estimator == "reinforce_pp":
+        raw, _ = compute_advantages(exp.token_rewards, torch.zeros_like(mask), mask, gamma, 1.0)
+    else:
+        raw = group_advantages(exp.scores, exp.groups.cpu(), estimator).to(mask.device)[:, None] * mask
+    whiten = estimator in ("gae", "reinforce_pp", "reinforce_pp_baseline")
+    exp.raw_advantages, exp.advantages = raw, masked_whiten(raw, mask) if whiten else raw
 
 
 # ----------------------------------------------------------------------------- update
@@ -476,51 +586,58 @@ class UpdateResult:
 def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor=True):
     """PPO epochs over one rollout: clipped policy + value loss, one optimizer step per minibatch.
 
-    Losses are token means over the whole minibatch of every rank: each rank divides its sum by
-    the global token count times the world size, and DDP averages, so N ranks take the same
-    step as one process on the global batch. With train_actor=False (critic warm-up) only the
-    value loss is computed and only the critic steps. With a float16 loss scaler, steps whose
-    gradients overflowed are the scaler's business (it lowers the scale): they are counted as
-    `scaler_skipped_steps`, not as skipped.
+    The policy loss is aggregated by --loss_agg_mode (aggregate_loss), the value loss is a token mean;
+    every normaliser counts the whole minibatch of every rank and each rank's share is multiplied by the
+    world size, which DDP's averaging divides again, so N ranks take the same step as one process on the
+    global batch. With train_actor=False (critic warm-up) only the value loss is computed and only the
+    critic steps; without a critic (the critic-free estimators) only the policy. With a float16 loss
+    scaler, steps whose gradients overflowed are the scaler's business (it lowers the scale): they are
+    counted as `scaler_skipped_steps`, not as skipped.
     """
     exp, scaler = experience, learner.scaler
-    R = exp.response_mask.shape[1]
     world = get_world_size()
-    optimizers = [learner.actor_opt, learner.critic_opt] if train_actor else [learner.critic_opt]
-    schedulers = [learner.actor_sched, learner.critic_sched] if train_actor else [learner.critic_sched]
-    models = [learner.actor, learner.critic] if train_actor else [learner.critic]
+    trained = ([(learner.actor, learner.actor_opt, learner.actor_sched)] if train_actor else []) + \
+        ([(learner.critic, learner.critic_opt, learner.critic_sched)] if learner.critic is not None else [])
+    models, optimizers, schedulers = (list(column) for column in zip(*trained))
     totals = {}  # token sums over every minibatch evaluated
     steps = skipped = scaler_skipped = 0
     first_ratio_dev = None
     early_stopped = False
     for epoch in range(args.ppo_epochs):
-        for minibatch in micro_batches(orders[epoch], args.mini_batch_size, args.accumulation_steps):
-            n_tokens = all_reduce_sum(exp.response_mask[torch.cat(minibatch)].sum()).item()
+        for minibatch in rollout_micro_batches(orders[epoch], exp.attention_mask, exp.response_mask, args):
+            rows = torch.cat(minibatch)
+            n_tokens, n_responses = all_reduce_sum(torch.stack([exp.response_mask[rows].sum(), torch.tensor(
+                float(len(rows)), device=rows.device)])).tolist()  # over the whole minibatch of every rank
             sums = {}
             for k, micro in enumerate(minibatch):
-                mask = exp.response_mask[micro]
-                ids, am = exp.input_ids[micro], exp.attention_mask[micro]
+                ids, am, R_kept = unpadded(exp.input_ids, exp.attention_mask, exp.response_mask, micro)
+                take = lambda t: t[micro, :R_kept]  # noqa: E731  [b, R']: the micro-batch's response columns
+                mask = take(exp.response_mask)
                 # gradients are all-reduced only on the last micro-batch of a minibatch
                 sync = no_sync(*models) if world > 1 and k < len(minibatch) - 1 else contextlib.nullcontext()
                 with sync, autocast:
-                    values = critic_values(learner.critic, ids, am, R).to(ids.device)
-                    v_loss = value_loss_per_token(values, exp.values[micro], exp.returns[micro], args.cliprange_value)
-                    token_loss, aux_loss, token_stats = args.vf_coef * v_loss, None, {"value_loss": v_loss}
+                    loss, aux_loss, token_stats = 0.0, None, {}
+                    if learner.critic is not None:
+                        values = critic_values(learner.critic, ids, am, R_kept).to(ids.device)
+                        v_loss = value_loss_per_token(values, take(exp.values), take(exp.returns), args.cliprange_value)
+                        loss, token_stats["value_loss"] = args.vf_coef * (v_loss * mask).sum() / n_tokens, v_loss
                     if train_actor:
-                        logprobs, logits, aux_loss = response_logprobs(learner.actor, ids, am, R, args.temperature)
                         # the entropy's backward costs a full-vocab softmax: only pay it when it is in the loss
-                        entropy = entropy_from_logits(logits if args.entropy_coef else logits.detach())
-                        pg_loss, ratio = policy_loss_per_token(logprobs, exp.old_logprobs[micro], exp.advantages[micro],
+                        logprobs, entropy, aux_loss = learner.actor(ids, am, R_kept, args.temperature,
+                                                                    "grad" if args.entropy_coef else "value")
+                        pg_loss, ratio = policy_loss_per_token(logprobs, take(exp.old_logprobs), take(exp.advantages),
                                                                args.clip_epsilon, args.dual_clip_c)
-                        kl_ref = kl_penalty(logprobs, exp.ref_logprobs[micro], args.kl_estimator)
-                        token_loss = token_loss + pg_loss - args.entropy_coef * entropy
+                        kl_ref = kl_penalty(logprobs, take(exp.ref_logprobs), args.kl_estimator)
+                        actor_loss = pg_loss - args.entropy_coef * entropy
                         if args.kl_mode == "loss":
-                            token_loss = token_loss + kl_coef * kl_ref
-                        log_ratio = (logprobs - exp.old_logprobs[micro]).detach()
+                            actor_loss = actor_loss + kl_coef * kl_ref
+                        loss = loss + aggregate_loss(actor_loss, mask, args.loss_agg_mode, n_tokens, n_responses,
+                                                     args.max_gen_len)
+                        log_ratio = (logprobs - take(exp.old_logprobs)).detach()
                         token_stats.update(approx_kl=0.5 * log_ratio ** 2, policy_loss=pg_loss, entropy=entropy,
                                            clipfrac=((ratio - 1).abs() > args.clip_epsilon).float(),
                                            kl_actor_ref=kl_ref, ratio_dev=(ratio - 1).abs())
-                    loss = (token_loss * mask).sum() / n_tokens * world
+                    loss = loss * world  # this rank's share of the global mean; DDP averages over the ranks
                     if aux_loss is not None:
                         loss = loss + aux_loss / len(minibatch)
                     (scaler.scale(loss) if scaler else loss).backward()
@@ -573,22 +690,26 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
 
 
 def rollout_metrics(experience):
-    """Rollout statistics averaged over ranks."""
+    """Rollout statistics averaged over ranks (the value's explained variance only where there is a critic)."""
     exp = experience
-    mask, values, returns, advantages = exp.response_mask, exp.values, exp.returns, exp.advantages
-    err = returns - values
-    explained_var = 1 - masked_mean((err - masked_mean(err, mask)) ** 2, mask) / \
-        masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)
+    mask, advantages = exp.response_mask, exp.raw_advantages
     local = {
         "reward": exp.scores.mean(),
         **{f"reward_{name}": values.mean() for name, values in exp.reward_parts.items()},
         "kl_ref": masked_mean(exp.kl, mask), "kl_ref_per_response": exp.kl.sum(1).mean(),
-        "value_explained_var": explained_var,
         "advantage_mean": masked_mean(advantages, mask),
         "advantage_std": masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt(),
         "avg_response_len": mask.sum(1).mean(), "eos_rate": exp.has_eos.float().mean(),
         "sampler_logprob_gap": exp.sampler_gap,
     }
+    if exp.returns is not None:
+        err = exp.returns - exp.values
+        local["value_explained_var"] = 1 - masked_mean((err - masked_mean(err, mask)) ** 2, mask) / \
+            masked_mean((exp.returns - masked_mean(exp.returns, mask)) ** 2, mask).clamp(min=1e-8)
+    if dist.is_initialized():  # a reward function's diagnostics (custom/<key>) may come back on some ranks only
+        names = [None] * get_world_size()
+        dist.all_gather_object(names, list(local))
+        local = {k: local.get(k, torch.zeros(())) for k in sorted(set().union(*names))}
     values_ = all_reduce_sum(torch.stack([v.detach().double().cpu() for v in local.values()]).to(mask.device))
     return dict(zip(local, (values_ / get_world_size()).tolist()))
 
@@ -602,12 +723,20 @@ def load_data(args, tokenizer, reward_functions):
                            seed=args.seed, **keys)
     eval_samples = []
     if args.eval_data_path:
-        eval_samples = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len,
-                                    thinking_ratio=args.thinking_ratio, seed=args.seed, **keys).samples  # epoch 0's
-        eval_samples = eval_samples[:args.eval_limit or None]
-    check_labels(dataset, reward_functions, args.correctness_reward)  # a reward that needs a label has one per row
+        eval_set = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len,
+                                thinking_ratio=args.thinking_ratio, seed=args.seed, **keys)
+        check_labels(eval_set, reward_functions, 0.0)  # routing and what the functions need, as below
+        eval_samples = eval_set.samples[:args.eval_limit or None]  # epoch 0's draws
+    # what the rewards need from each row (a label, a routed data_source); last, as it binds each function to
+    # the training file's label column
+    check_labels(dataset, reward_functions, args.correctness_reward)
     args.thinking_ratio = dataset.thinking_ratio  # the share drawn (the template's default when not given)
     return dataset, eval_samples
+
+
+def trained_parameters(model):
+    """What the optimizer steps: every parameter, or with LoRA the adapters (and the critic's value head)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def frozen_copy(model):
@@ -617,39 +746,58 @@ def frozen_copy(model):
 
 
 def build_models(args, reward_functions):
-    """Actor (trained), old actor (samples, gives pi_old), reference (KL anchor), critic and the reward."""
-    actor, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
-                                  hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                                  use_moe=None if args.use_moe is None else bool(args.use_moe))
-    warning = check_position_limit(actor, args.max_seq_len, args.max_gen_len)  # a too-short table is refused
+    """Actor (trained), old actor (samples, gives pi_old), reference (KL anchor), critic (None for the critic-free
+    estimators: one model less) and the reward; and peft's model around the actor's LM when it trains a LoRA
+    adapter (None otherwise)."""
+    lm, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
+                               hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                               use_moe=None if args.use_moe is None else bool(args.use_moe))
+    warning = check_position_limit(lm, args.max_seq_len, args.max_gen_len)  # a too-short table is refused
     if warning:
         Logger(warning)
     # dropout off (eval mode) everywhere, as TRL disables it: PPO's ratio compares two forwards of one policy,
     # and dropout masks would make them differ (no first ratio of 1, noisy log-probs and KL)
-    actor.eval()
-    old_actor, ref_model = frozen_copy(actor), frozen_copy(actor)
-    critic = build_critic(actor, args.critic_weight, tokenizer).to(args.critic_device or args.device).eval()
-    reward_model = None if args.reward_model_path.lower() == "none" else load_reward_model(
-        args.reward_model_path, args.reward_device or args.device, args.reward_dtype, args.reward_input,
-        args.reward_label)
-    args.reward_rules = args.reward_rules or default_reward_rules(actor.config)  # MiniMind: the weights' generation
-    reward = Reward(reward_model, args.reward_rules, bool(args.reasoning), args.rm_clip, args.reward_batch_size,
-                    args.correctness_reward, reward_functions, args.missing_eos_penalty)
-    config = actor.config
-    kind = f"MiniMind v{config.version}" if config.model_type == "minimind" else type(actor).__name__
-    Logger(f"actor: {sum(p.numel() for p in actor.parameters()) / 1e6:.2f}M params "
+    lm.eval()
+    critic = build_critic(lm, args.critic_weight, tokenizer).to(args.critic_device or args.device).eval() \
+        if args.adv_estimator == "gae" else None
+    # the reference: a frozen copy, or, for a LoRA policy, the policy itself with its adapters off (no copy)
+    reference = None if args.lora_rank else frozen_copy(lm)
+    actor_peft = add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules) if args.lora_rank else None
+    if args.lora_rank and args.lora_critic and critic is not None:  # its own adapter; the value head in full
+        add_lora(critic.model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+    if args.gradient_checkpointing:
+        for model in (lm, critic.model if critic is not None else None):
+            if model is not None:
+                enable_gradient_checkpointing(model)
+    if args.device.startswith("cuda") and args.dtype != "float32":  # frozen weights need no float32 master copy
+        for model in (lm, critic, reference):  # the reference; with LoRA the bases; trained weights stay float32
+            if model is not None:
+                keep_frozen_in(model, getattr(torch, args.dtype))
+    actor = Policy(lm)
+    # with a sync every rollout the old actor is the actor itself: it samples and scores pi_old before the update
+    old_actor = actor if args.update_old_actor_freq == 1 else Policy(frozen_copy(lm))
+    ref_model = Policy(lm, adapters_off=True) if args.lora_rank else Policy(reference)
+    reward = build_reward(args, lm.config, reward_model_from_flags(args, args.reward_device or args.device),
+                          reward_functions)
+    config = lm.config
+    kind = f"MiniMind v{config.version}" if config.model_type == "minimind" else type(lm).__name__
+    trained = sum(p.numel() for m in (lm, critic) if m is not None for p in m.parameters() if p.requires_grad)
+    Logger(f"actor: {sum(p.numel() for p in lm.parameters()) / 1e6:.2f}M params "
            f"({kind}, hidden {config.hidden_size}, {config.num_hidden_layers} layers"
-           f"{', MoE' if getattr(config, 'use_moe', False) else ''}); reward model: {args.reward_model_path}; "
-           f"reward rules: {args.reward_rules if args.reasoning else 'none (--reasoning 0)'}"
+           f"{', MoE' if getattr(config, 'use_moe', False) else ''}"
+           f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}); trained parameters "
+           f"({'actor + critic' if critic is not None else f'actor; {args.adv_estimator}: no critic'}): "
+           f"{trained / 1e6:.2f}M; reward model: {args.reward_model_path}; reward rules: "
+           f"{reward.rules if args.reasoning else 'none (--reasoning 0)'}"
            + (f"; think block open in {args.thinking_ratio:.0%} of prompts ({thinking_flag(tokenizer)})"
               if thinking_flag(tokenizer) else ""))
-    return actor, old_actor, ref_model, critic, reward, tokenizer
+    return actor, old_actor, ref_model, critic, reward, tokenizer, actor_peft
 
 
 def plan_steps(args, dataset, rank, world):
     """This rank's shard of one global shuffled order, the rollouts per epoch and in all."""
     if len(dataset) < args.batch_size * world:
-        raise ValueError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
+        raise InputError(f"--batch_size {args.batch_size} x {world} processes needs {args.batch_size * world} "
                          f"prompts, but {args.data_path} has {len(dataset)}")
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     steps_per_epoch = len(sampler) // args.batch_size  # a last partial batch is left out (like drop_last)
@@ -657,7 +805,7 @@ def plan_steps(args, dataset, rank, world):
     if args.max_steps:
         total_rollouts = min(total_rollouts, args.max_steps)
     if args.critic_warmup_steps >= total_rollouts:
-        raise ValueError(f"--critic_warmup_steps {args.critic_warmup_steps} leaves none of the {total_rollouts} "
+        raise InputError(f"--critic_warmup_steps {args.critic_warmup_steps} leaves none of the {total_rollouts} "
                          f"rollouts to train the actor")
     return sampler, steps_per_epoch, total_rollouts
 
@@ -666,7 +814,7 @@ def build_run(args):
     """Models, optimizers, LR schedules, data and the resume state: a Run ready for train()."""
     local_rank = init_distributed_mode(args.device)
     if dist.is_initialized() and args.critic_device:
-        raise ValueError("--critic_device is for one process (the two-GPU layout); under torchrun each rank "
+        raise InputError("--critic_device is for one process (the two-GPU layout); under torchrun each rank "
                          "keeps its models on its own GPU")
     rank, world = get_rank(), get_world_size()
     if dist.is_initialized() and args.device.startswith("cuda"):
@@ -688,22 +836,23 @@ def build_run(args):
     dataset, eval_samples = load_data(args, tokenizer, reward_functions)
     sampler, steps_per_epoch, total_rollouts = plan_steps(args, dataset, rank, world)
     check_outputs(args)
-    actor, old_actor, ref_model, critic, reward, tokenizer = build_models(args, reward_functions)
+    actor, old_actor, ref_model, critic, reward, tokenizer, actor_peft = build_models(args, reward_functions)
     if args.check_tokenizer and args.from_weight != "none":
-        Logger(check_tokenizer_fit(actor, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
+        Logger(check_tokenizer_fit(ref_model, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
                                    tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
-    opt_steps_per_rollout = args.ppo_epochs * (args.batch_size // args.mini_batch_size)
+    opt_steps_per_rollout = args.ppo_epochs * (args.batch_size * args.n_samples_per_prompt // args.mini_batch_size)
     total_opt_steps = total_rollouts * opt_steps_per_rollout
     # fused: one pass over each parameter instead of ~10 elementwise kernels; the step is
     # memory-bound, so on CPU this cuts it ~4x (hidden 512: 110 -> 24 ms per optimizer step)
-    actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.learning_rate, fused=True)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate, fused=True)
+    actor_opt = torch.optim.AdamW(trained_parameters(actor), lr=args.learning_rate, fused=True)
+    critic_opt = torch.optim.AdamW(trained_parameters(critic), lr=args.critic_learning_rate, fused=True) \
+        if critic is not None else None
     learner = Learner(actor, critic, actor_opt, critic_opt,
                       # the actor's schedule spans only the rollouts after the critic warm-up
                       build_cosine_scheduler(actor_opt, total_opt_steps - args.critic_warmup_steps *
                                              opt_steps_per_rollout, args.warmup_steps),
-                      build_cosine_scheduler(critic_opt, total_opt_steps, args.warmup_steps),
-                      torch.amp.GradScaler(device_type) if dtype == torch.float16 else None)
+                      build_cosine_scheduler(critic_opt, total_opt_steps, args.warmup_steps) if critic_opt else None,
+                      torch.amp.GradScaler(device_type) if dtype == torch.float16 else None, actor_peft)
     run = Run(args, tokenizer, dataset, sampler, eval_samples, learner, old_actor, ref_model, reward, autocast,
               AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon), Progress(), steps_per_epoch,
               total_rollouts)
@@ -715,7 +864,7 @@ def build_run(args):
         # find_unused_parameters for MoE models: an expert that received no token has no gradient
         learner.actor, learner.critic = (DistributedDataParallel(
             m, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=is_moe(m),
-            broadcast_buffers=False) for m in (actor, critic))
+            broadcast_buffers=False) if m is not None else None for m in (actor, critic))
     if is_main_process():
         start_logging(run)
     return run
@@ -724,6 +873,7 @@ def build_run(args):
 def start_logging(run):
     """The run's flags and this script beside its weights; swanlab (a resumed run continues its swanlab run)."""
     args = run.args
+    os.makedirs(args.save_dir, exist_ok=True)
     with open(os.path.join(args.save_dir, "run_args.json"), "w") as f:
         json.dump(vars(args) | {"world_size": get_world_size()}, f, indent=2)
     shutil.copy(os.path.abspath(__file__), os.path.join(args.save_dir, "train_ppo.py"))
@@ -743,7 +893,8 @@ def train_step(run, batch, stop):
     args, learner, p = run.args, run.learner, run.progress
     t0 = synced_time(args.device)
     # rollout: the old actor samples; old/ref log-probs, values and token rewards
-    orders = [torch.randperm(args.batch_size).to(args.device) for _ in range(args.ppo_epochs)]
+    rows = args.batch_size * args.n_samples_per_prompt  # responses in this rank's rollout
+    orders = [torch.randperm(rows).to(args.device) for _ in range(args.ppo_epochs)]
     try:
         experience, non_finite = stop.interruptible(
             collect_rollout, batch, run.old_actor, run.ref_model, unwrap_model(learner.critic), run.reward,
@@ -762,7 +913,7 @@ def train_step(run, batch, stop):
     if any_non_finite:
         Logger(f"step {p.global_step}: non-finite reward or value; no update for this rollout")
     else:
-        add_advantages(experience, args.gamma, args.lam)
+        add_advantages(experience, args.adv_estimator, args.gamma, args.lam)
         train_actor = p.global_step > args.critic_warmup_steps  # the critic alone during its warm-up
         t1 = synced_time(args.device)
         update = ppo_update(learner, experience, orders, run.kl_ctl.value, args, run.autocast, train_actor)
@@ -771,7 +922,7 @@ def train_step(run, batch, stop):
         if skipped:
             Logger(f"step {p.global_step}: {skipped} optimizer step(s) skipped (non-finite loss or gradient)")
         log_update(run, batch, experience, update, train_actor, t0, t1, t2)
-    if p.global_step % args.update_old_actor_freq == 0:
+    if p.global_step % args.update_old_actor_freq == 0 and run.old_actor is not unwrap_model(learner.actor):
         run.old_actor.load_state_dict(unwrap_model(learner.actor).state_dict())
     p.bad_streak = p.bad_streak + 1 if any_non_finite or skipped else 0
     if p.bad_streak >= args.max_bad_steps:
@@ -787,11 +938,12 @@ def log_update(run, batch, experience, update, train_actor, t0, t1, t2):
     args, learner, p = run.args, run.learner, run.progress
     metrics = rollout_metrics(experience)
     kl_coef_used = run.kl_ctl.value
-    run.kl_ctl.update(metrics["kl_ref_per_response"], args.batch_size * get_world_size())  # nats per response
+    run.kl_ctl.update(metrics["kl_ref_per_response"], len(experience.responses) * get_world_size())  # nats/response
     tokens = all_reduce_sum(experience.response_mask.sum()).item()
     seconds = experience.seconds
     metrics.update(update.stats, step=p.global_step, epoch=p.epoch, kl_coef=kl_coef_used,
-                   actor_lr=learner.actor_sched.get_last_lr()[0], critic_lr=learner.critic_sched.get_last_lr()[0],
+                   actor_lr=learner.actor_sched.get_last_lr()[0],
+                   **({"critic_lr": learner.critic_sched.get_last_lr()[0]} if learner.critic_sched else {}),
                    optimizer_steps=update.optimizer_steps, skipped_steps=update.skipped_steps,
                    early_stopped=int(update.early_stopped), critic_warmup=int(not train_actor),
                    rollout_tokens_per_s=tokens / max(seconds["generate"], 1e-9), time_rollout_s=seconds["generate"],
@@ -800,10 +952,15 @@ def log_update(run, batch, experience, update, train_actor, t0, t1, t2):
     if is_main_process():
         steps_done = p.global_step - run.first_step
         eta = (time.time() - run.started) / steps_done * (run.total_rollouts - p.global_step)
-        log_step(metrics, run.metrics_path, run.swanlab_run, run.total_rollouts, eta, args)
+        log_step(metrics, list(experience.reward_parts), run.metrics_path, run.swanlab_run, run.total_rollouts, eta,
+                 args)
         if args.log_samples:
+            # what each sample was credited with: GAE's advantage of its first token before whitening, or the
+            # one advantage of the response (critic-free), and the index of its prompt in the rollout (its group)
+            credited = experience.raw_advantages if args.adv_estimator == "gae" else experience.advantages
             log_samples(p.global_step, batch["prompts"], experience.responses, experience.scores,
-                        experience.reward_parts, args.log_samples, run.samples_path, run.swanlab_run)
+                        experience.reward_parts, args.log_samples, run.samples_path, run.swanlab_run,
+                        advantages=credited[:, 0].tolist(), groups=experience.groups.tolist())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -811,7 +968,7 @@ def evaluate_and_log(run):
     """The held-out evaluation at run.progress.global_step: every rank evaluates its share; rank 0 writes."""
     args = run.args
     record = dict(step=run.progress.global_step, **evaluate_on_ranks(
-        run.learner.actor, run.tokenizer, run.eval_samples, run.reward, args.batch_size, args.max_gen_len,
+        unwrap_model(run.learner.actor).lm, run.tokenizer, run.eval_samples, run.reward, args.batch_size, args.max_gen_len,
         args.device, run.autocast))
     if is_main_process():
         log_eval(record, run.metrics_path, run.swanlab_run)
@@ -822,8 +979,11 @@ def train(run, after_step=None):
     called after every step. Returns True when a stop signal ended the run (a resume file is written)."""
     args, p = run.args, run.progress
     run.started, run.first_step, stopped = time.time(), p.global_step, False
-    Logger(f"training: {run.total_rollouts} rollouts of {args.batch_size * get_world_size()} prompts, "
-           f"{run.total_rollouts * args.ppo_epochs * (args.batch_size // args.mini_batch_size)} optimizer steps, "
+    rows = args.batch_size * args.n_samples_per_prompt
+    Logger(f"training: {run.total_rollouts} rollouts of {args.batch_size * get_world_size()} prompts"
+           f"{f' x {args.n_samples_per_prompt} responses' if args.n_samples_per_prompt > 1 else ''} "
+           f"({args.adv_estimator}), {run.total_rollouts * args.ppo_epochs * (rows // args.mini_batch_size)} "
+           f"optimizer steps, "
            f"device {args.device} ({args.dtype}), {get_world_size()} process(es)")
     with StopSignal() as stop:
         if run.eval_samples and not run.resumed:
@@ -833,7 +993,8 @@ def train(run, after_step=None):
             run.sampler.set_epoch(p.epoch)
             run.dataset.set_epoch(p.epoch)
             loader = DataLoader(run.dataset, batch_sampler=SkipBatchSampler(run.sampler, args.batch_size, p.step),
-                                collate_fn=PromptCollator(run.tokenizer.pad_token_id), num_workers=args.num_workers,
+                                collate_fn=PromptCollator(run.tokenizer.pad_token_id, args.n_samples_per_prompt),
+                                num_workers=args.num_workers,
                                 generator=torch.Generator())  # its seed draw must not touch the global RNG
             for batch in loader:
                 if p.step >= run.steps_per_epoch or p.global_step >= run.total_rollouts:
@@ -879,12 +1040,13 @@ def finish(run, stopped):
         Logger(f"stopped by signal at step {run.progress.global_step}; resume file written. "
                f"Continue with the same command plus --from_resume 1")
     elif is_main_process():
-        out = policy_path(args, unwrap_model(run.learner.actor).config)
+        out = policy_path(args, run.ref_model.config)
         table = eval_table(run.metrics_path) if run.eval_samples else None
         if table:
             Logger(f"held-out evaluation ({len(run.eval_samples)} prompts of {args.eval_data_path}, greedy):\n{table}")
         base = "" if args.from_weight == "none" else \
             f"--base {resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)} "
+        # eval_policy reads the run's settings (evaluation data, reward, lengths) from run_args.json beside `out`
         Logger(f"done in {(time.time() - run.started) / 60:.1f} min. actor weights: {out}; metrics: "
                f"{run.metrics_path}; samples: {run.samples_path}; resume: {args.checkpoint_dir}\nnext: python "
                f"scripts/eval_policy.py {base}--trained {out}\n      python scripts/plot_metrics.py {run.metrics_path}")
@@ -905,4 +1067,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with user_errors():  # a bad flag, file, data or model: one `error: ...` line (PPO_TRACEBACK=1: the traceback)
+        main(parse_args())

@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -17,6 +18,39 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.data import BatchSampler, Sampler
+
+
+# ---------------------------------------------------------------- errors a user can fix
+
+class UserError(Exception):
+    """What the trainer says on purpose about what it was given (a flag, a file, data, a model, an output
+    folder): the command line prints it as one `error: ...` line (user_errors; PPO_TRACEBACK=1 shows the
+    traceback). The concrete types are also the built-in exceptions callers know."""
+
+
+class InputError(UserError, ValueError):
+    """A bad flag value, file content, data row or model."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder that is not there."""
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written (a folder that is not writable, a full disk)."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Around a script's main: a UserError becomes one `error: ...` line on stderr (every rank that has one says
+    so) and exit status 1; anything else, or PPO_TRACEBACK=1, keeps its traceback."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("PPO_TRACEBACK") == "1":
+            raise
+        print(f"error{f' (rank {get_rank()})' if get_world_size() > 1 else ''}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- distributed
@@ -49,7 +83,7 @@ def init_distributed_mode(device="cpu"):
         raise RuntimeError("RANK is set but LOCAL_RANK is not; launch distributed runs with torchrun")
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} under torchrun needs CUDA, which is not available; use --device cpu")
+        raise InputError(f"--device {device} under torchrun needs CUDA, which is not available; use --device cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
     if backend == "nccl":
         torch.cuda.set_device(local_rank)  # before init, so NCCL binds each rank to its own GPU
@@ -111,9 +145,9 @@ class SkipBatchSampler(Sampler):
 
     def __init__(self, sampler, batch_size, skip_batches=0):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if skip_batches < 0:
-            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+            raise InputError(f"skip_batches must be >= 0, got {skip_batches}")
         self.batches = BatchSampler(sampler, batch_size, drop_last=False)
         self.skip_batches = skip_batches
 
@@ -129,11 +163,11 @@ class SkipBatchSampler(Sampler):
 def build_cosine_scheduler(optimizer, total_steps, warmup_steps=0, min_lr_ratio=0.1):
     """Linear warmup (lr/warmup_steps ... lr), then cosine decay to lr*min_lr_ratio at total_steps."""
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise InputError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}")
+        raise InputError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        raise InputError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     decay_steps = total_steps - warmup_steps
 
     # A plain function, not a callable object, so state_dict() holds only numbers.
@@ -166,6 +200,11 @@ def hf_folder_path(save_dir, weight, hidden_size=None, use_moe=False):
     return os.path.join(save_dir, f"{weight if hidden_size is None else _model_tag(weight, hidden_size, use_moe)}_hf")
 
 
+def lora_folder_path(save_dir, weight):
+    """{save_dir}/{weight}_lora: a LoRA policy's adapter (peft's save_pretrained)."""
+    return os.path.join(save_dir, f"{weight}_lora")
+
+
 def weight_file_pattern(weight):
     """{weight}_{hidden}[_moe].pth: group 1 the hidden size, group 2 the MoE suffix."""
     return re.compile(re.escape(weight) + r"_(\d+)(_moe)?\.pth")
@@ -186,8 +225,14 @@ def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
     `--from_weight full_sft` finds full_sft_512.pth or full_sft_768_moe.pth alone in the folder.
     hidden_size and use_moe (when given) pick among several; anything that looks like a path (a
     transformers folder too) is used as it is."""
-    if weight.endswith(".pth") or os.sep in weight or os.path.isfile(weight) or is_hf_folder(weight):
+    if os.path.isfile(weight) or is_hf_folder(weight):
         return weight
+    if os.path.isdir(weight):
+        raise MissingFileError(f"--from_weight {weight}: the folder {os.path.abspath(weight)} holds no config.json, "
+                                f"so it is not a transformers model folder")
+    if weight.endswith(".pth") or os.sep in weight or weight.startswith("."):  # a path, not a name
+        raise MissingFileError(f"--from_weight {weight}: no file or folder of that name exists "
+                                f"({os.path.abspath(weight)})")
     pattern = weight_file_pattern(weight)
     found = sorted(n for n in (os.listdir(save_dir) if os.path.isdir(save_dir) else []) if pattern.fullmatch(n))
     picked = [n for n in found if (hidden_size is None or int(pattern.fullmatch(n).group(1)) == hidden_size)
@@ -196,10 +241,11 @@ def resolve_weight(weight, save_dir, hidden_size=None, use_moe=None):
         return os.path.join(save_dir, picked[0])
     wanted = _model_tag(weight, hidden_size or "<hidden>", use_moe)
     if not picked:
-        raise FileNotFoundError(f"--from_weight {weight}: no {wanted}.pth in {os.path.abspath(save_dir)} (pattern "
+        raise MissingFileError(f"--from_weight {weight}: no file or folder of that name exists, and as a weight name "
+                                f"it found no {wanted}.pth in {os.path.abspath(save_dir)} (--save_dir; pattern "
                                 f"{weight}_<hidden>[_moe].pth" + (f"; it holds {', '.join(found)}" if found else "")
                                 + "); give a path, or the --save_dir that holds the file")
-    raise ValueError(f"--from_weight {weight}: {len(picked)} files match in {os.path.abspath(save_dir)}: "
+    raise InputError(f"--from_weight {weight}: {len(picked)} files match in {os.path.abspath(save_dir)}: "
                      f"{', '.join(picked)}; pick one with --hidden_size and/or --use_moe, or give its path")
 
 
@@ -237,7 +283,7 @@ def _write_temp(obj, path):
         os.makedirs(folder, exist_ok=True)
         f = open(tmp, "wb")
     except OSError as e:
-        raise OSError(f"cannot write {path}: folder {folder} is not writable ({e.strerror or e})") from e
+        raise OutputError(f"cannot write {path}: folder {folder} is not writable ({e.strerror or e})") from e
     try:
         with f:
             torch.save(obj, f)
@@ -248,7 +294,7 @@ def _write_temp(obj, path):
         # torch reports a failed write (a full disk) as an opaque RuntimeError; the OSError behind it says why
         cause = e if isinstance(e, OSError) else e.__context__
         if isinstance(cause, OSError):
-            raise OSError(cause.errno, f"cannot write {path} ({cause.strerror or cause}); "
+            raise OutputError(cause.errno, f"cannot write {path} ({cause.strerror or cause}); "
                                        f"the file already there, if any, is left as it was") from e
         raise
     return tmp
@@ -267,15 +313,15 @@ def atomic_save(obj, path):
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def save_hf_folder(model, tokenizer, folder):
-    """save_pretrained (model and tokenizer) that never leaves a half-written folder: written beside
-    it first, then swapped in, so `folder` always holds one complete save (the old one until the swap)."""
+@contextlib.contextmanager
+def atomic_folder(folder):
+    """Yields a temp folder to write into; on success it replaces `folder` (written beside it, then swapped in),
+    so `folder` always holds one complete save: the old one until the swap. On failure nothing changes."""
     tmp, old = f"{folder}.{os.getpid()}.tmp", f"{folder}.{os.getpid()}.old"
     for stale in glob.glob(glob.escape(folder) + ".*.tmp") + glob.glob(glob.escape(folder) + ".*.old"):
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        unwrap_model(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -284,6 +330,14 @@ def save_hf_folder(model, tokenizer, folder):
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(os.path.dirname(os.path.abspath(folder)))
+
+
+def save_hf_folder(model, tokenizer, folder, state_dict=None):
+    """save_pretrained (model and tokenizer) that never leaves a half-written folder (atomic_folder);
+    `state_dict`: the weights to write instead of the model's own (a LoRA policy's merged weights)."""
+    with atomic_folder(folder) as tmp:
+        unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
 
 
 def unwrap_model(model):
@@ -298,11 +352,12 @@ def unwrap_model(model):
 
 
 def save_weights(model, path, dtype=torch.float16):
-    """Save the bare model's state dict like MiniMind's `full_sft_512.pth`: float tensors in
+    """Save the bare model's state dict (or a state dict) like MiniMind's `full_sft_512.pth`: float tensors in
     `dtype` on CPU (integer buffers keep their type). Tied tensors (embedding and lm_head)
     keep both keys but share one converted copy, so the file stores them once."""
     converted, state = {}, {}
-    for k, v in unwrap_model(model).state_dict().items():
+    weights = model if isinstance(model, dict) else unwrap_model(model).state_dict()
+    for k, v in weights.items():
         key = (v.data_ptr(), v.shape, v.dtype)
         if key not in converted:
             converted[key] = (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu()
@@ -332,18 +387,18 @@ def load_state_dict_file(path):
     files (`{"model": state_dict, ...}`) and keys saved from DDP / compiled models."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: weight file not found")
+        raise MissingFileError(f"{path}: weight file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read weights ({first_line(e)})") from e
+        raise InputError(f"{path}: cannot read weights ({first_line(e)})") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{path}: expected a non-empty dict of tensors, got {type(obj).__name__}")
+        raise InputError(f"{path}: expected a non-empty dict of tensors, got {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
     if bad:
-        raise ValueError(f"{path}: not a state dict; entry {bad[0]!r} is not a tensor")
+        raise InputError(f"{path}: not a state dict; entry {bad[0]!r} is not a tensor")
     return {_strip_wrapper_prefixes(k): v for k, v in obj.items()}
 
 
@@ -372,7 +427,7 @@ def set_rng_state(state):
         np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
         torch.set_rng_state(state["torch"].cpu())
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise ValueError(f"invalid RNG state ({first_line(e)})") from e
+        raise InputError(f"invalid RNG state ({first_line(e)})") from e
     if "cuda" in state and torch.cuda.is_available():
         # A run resumed on fewer GPUs restores the generators it has.
         for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
@@ -410,7 +465,7 @@ def save_resume(state, path, keep=2):
     (3) rename the temp onto `path`; (4) drop files beyond `keep`. A crash at any point
     leaves all previously saved checkpoints loadable (load_resume falls back to path.1)."""
     if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
+        raise InputError(f"keep must be >= 1, got {keep}")
     path = os.fspath(path)
     tmp = _write_temp(state, path)
     try:
@@ -441,7 +496,7 @@ def load_resume(path, map_location="cpu"):
             errors.append(f"{candidate} ({first_line(e)})")
             Logger(f"warning: skipping unreadable resume file {errors[-1]}")
     if errors:
-        raise ValueError("all resume files are unreadable: " + "; ".join(errors))
+        raise InputError("all resume files are unreadable: " + "; ".join(errors))
     return None, None
 
 
@@ -455,24 +510,30 @@ def append_jsonl(path, record, swanlab_run=None):
         swanlab_run.log(record, step=record["step"])
 
 
-def log_step(metrics, metrics_path, swanlab_run, total_rollouts, eta_s, args):
-    """Append the step's metrics to metrics.jsonl (and swanlab); print a line every --log_interval."""
+def log_step(metrics, parts, metrics_path, swanlab_run, total_rollouts, eta_s, args):
+    """Append the step's metrics to metrics.jsonl (and swanlab); print a line every --log_interval, with the
+    reward's `parts` (names: each logged as reward_<part>)."""
     append_jsonl(metrics_path, metrics, swanlab_run)
     if metrics["step"] % args.log_interval == 0 or metrics["step"] == total_rollouts:
         policy = f"policy {metrics['policy_loss']:.4f}" if "policy_loss" in metrics else "critic warm-up"
-        parts = " ".join(f"{k[len('reward_'):]} {v:.2f}" for k, v in metrics.items() if k.startswith("reward_"))
+        value = f" value {metrics['value_loss']:.4f}" if "value_loss" in metrics else ""  # no critic: none
+        parts = " ".join(f"{part} {metrics[f'reward_{part}']:.2f}" for part in parts)
         Logger(f"step {metrics['step']}/{total_rollouts} | reward {metrics['reward']:.3f} ({parts}) | "
                f"kl_ref {metrics['kl_ref']:.4f} | "
-               f"{policy} value {metrics['value_loss']:.4f} | "
+               f"{policy}{value} | "
                f"len {metrics['avg_response_len']:.1f} eos {metrics['eos_rate']:.2f} | "
                f"{metrics['time_step_s']:.1f}s/step, eta {eta_s / 60:.1f} min")
 
 
-def log_samples(step, prompts, responses, scores, reward_parts, n, samples_path, swanlab_run):
-    """The first n samples of a rollout, each with its reward and every reward part ({name: [B]}), to
-    samples.jsonl (and to swanlab as text)."""
+def log_samples(step, prompts, responses, scores, reward_parts, n, samples_path, swanlab_run, advantages=None,
+                groups=None):
+    """The first n samples of a rollout, each with its reward, every reward part ({name: [B]}), and what it was
+    credited with (`advantage`) and its prompt's index in the rollout (`group`), to samples.jsonl (and to
+    swanlab as text)."""
     rows = [dict(step=step, prompt=prompts[i], response=responses[i], reward=scores[i].item(),
-                 **{f"reward_{part}": values[i].item() for part, values in reward_parts.items()})
+                 **{f"reward_{part}": values[i].item() for part, values in reward_parts.items()},
+                 **({"advantage": advantages[i]} if advantages is not None else {}),
+                 **({"group": groups[i]} if groups is not None else {}))
             for i in range(min(n, len(prompts)))]
     with open(samples_path, "a", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -493,7 +554,7 @@ def truncate_metrics(path, last_step):
             record = json.loads(line)
         except json.JSONDecodeError:
             if lineno < len(lines):
-                raise ValueError(f"{path}:{lineno}: not JSON; fix or move the file before resuming")
+                raise InputError(f"{path}:{lineno}: not JSON; fix or move the file before resuming")
             Logger(f"{path}:{lineno}: dropping a torn last line (the previous run died while writing it)")
             continue
         if record["step"] <= last_step:

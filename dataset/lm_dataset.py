@@ -1,11 +1,16 @@
-"""Prompt data for RL (PPO): MiniMind `rlaif.jsonl`-style conversations rendered with the
-chat template, plus a collator that left-pads them for generation."""
+"""Prompt data for RL (PPO): rows of jsonl, json, parquet or a save_to_disk folder (dataset/formats.py) whose
+prompt is a chat (MiniMind's conversations, TRL's messages or prompt, verl's prompt), rendered with the chat
+template, or a plain string; their ground truth and other columns for the reward; and a collator that
+left-pads the prompts for generation."""
 import json
 import os
 import random
 
 import torch
 from torch.utils.data import Dataset
+
+from dataset.formats import MISSING, PROMPT_KEYS, detect_label_key, label_text, read_table, resolve
+from trainer_utils import InputError
 
 ROLES = ("system", "user", "assistant")
 # switches that MiniMind's chat templates take: minimind-3 (2026-03) and the 2025-10 Qwen3-style one
@@ -20,53 +25,62 @@ def thinking_flag(tokenizer):
     return next((flag for flag in THINKING_FLAGS if flag in template), None)
 
 
-def parse_record(text):
-    """(messages, answer) from one jsonl line, or (prompt text, answer) for a plain-text row
-    {"prompt": "..."} (base models: used as it is, no chat template); raises ValueError(reason) on
-    bad input. The trailing assistant message is MiniMind's placeholder ("无") and is dropped."""
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"record must be a JSON object, got {type(record).__name__}")
-    answer = record.get("answer", "")
-    if not isinstance(answer, str):
-        raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
-    if "prompt" in record and "conversations" not in record:
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise ValueError("'prompt' must be a non-empty string")
-        return record["prompt"], answer
-    if "conversations" not in record:
-        raise ValueError("missing 'conversations' (or 'prompt' for a plain-text row)")
-    conversations = record["conversations"]
-    if not isinstance(conversations, list):
-        raise ValueError(f"'conversations' must be a list, got {type(conversations).__name__}")
-
+def parse_chat(key, conversations):
+    """The messages of a chat column (MiniMind's conversations, TRL's messages or prompt, verl's prompt) as
+    [{"role", "content"}]; raises ValueError(reason) on bad input. A trailing assistant message is dropped: it
+    is MiniMind's placeholder ("无") or, in TRL's `messages` rows, the completion, which the policy writes."""
     messages = []
     for i, message in enumerate(conversations):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
-            raise ValueError(f"conversations[{i}] needs string 'role' and 'content'")
+            raise InputError(f"{key}[{i}] needs string 'role' and 'content'")
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise ValueError(f"conversations[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise InputError(f"{key}[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if role == "system" and i > 0:
-            raise ValueError(f"conversations[{i}] is a system message; only the first message may be one")
+            raise InputError(f"{key}[{i}] is a system message; only the first message may be one")
         is_placeholder = role == "assistant" and i == len(conversations) - 1
         if not content.strip() and not is_placeholder:
-            raise ValueError(f"conversations[{i}] ({role}) has empty content")
+            raise InputError(f"{key}[{i}] ({role}) has empty content")
         if not is_placeholder:
             messages.append({"role": role, "content": content})
     if not any(m["role"] == "user" for m in messages):
-        raise ValueError("no user message")
-    return messages, answer
+        raise InputError("no user message")
+    return messages
+
+
+def prompt_of(record, prompt_key=None):
+    """(the prompt column's name, its value) of one row: --prompt_key, or the first of PROMPT_KEYS the row
+    has. `conversations` and `messages` hold chats; any other column a string (a plain prompt) or a chat.
+    Raises ValueError(reason)."""
+    key = prompt_key or next((k for k in PROMPT_KEYS if resolve(record, k) is not MISSING), None)
+    if key is None:
+        raise InputError("missing 'conversations' (or 'messages', or 'prompt': a plain-text prompt or a chat); "
+                         "--prompt_key names another column")
+    value = resolve(record, key)
+    if value is MISSING:
+        raise InputError(f"missing {key!r} (--prompt_key)")
+    if key in ("conversations", "messages") and not prompt_key and not isinstance(value, list):
+        raise InputError(f"{key!r} must be a list, got {type(value).__name__}")
+    if not isinstance(value, (str, list)):
+        raise InputError(f"{key!r} must be a string (a plain prompt) or a list of chat messages, "
+                         f"got {type(value).__name__}")
+    return key, value
+
+
+class FileKindError(InputError):
+    """A file that mixes chat and plain-text rows: stops the run even with skip_bad_lines."""
 
 
 class RLAIFDataset(Dataset):
-    """Prompts from a jsonl of conversation rows, rendered by the tokenizer's own chat template, or
-    of plain-text rows {"prompt": ...} used as they are (with the tokenizer's own special tokens, as
-    a base model reads text); one kind per file. Tokenised once at load time.
+    """Prompts from a jsonl, json or parquet file or a save_to_disk folder (dataset/formats.py). The prompt
+    column (`prompt_key`; default: the first of conversations, messages, prompt) holds chats, rendered by the
+    tokenizer's own chat template, or plain strings used as they are (with the tokenizer's own special
+    tokens, as a base model reads text); one kind per file. The ground truth (`label_key`, a dotted path for
+    nested fields; default: the first of answer, ground_truth, solution, reward_model.ground_truth) is each
+    item's `answer` as a string ("" without one); every other column of the row is its `row`, for reward
+    functions. Bad rows stop the load naming the file, the row (jsonl: its line) and the key. Tokenised
+    once at load time.
 
     Prompts longer than `max_length` tokens keep their last `max_length` ids: the end holds
     the user's latest turn and the generation prompt, which the policy must see.
@@ -78,26 +92,20 @@ class RLAIFDataset(Dataset):
     def __init__(self, path, tokenizer, max_length=512, system_prompt=None, skip_bad_lines=False,
                  thinking_ratio=None, seed=0, prompt_key=None, label_key=None):
         if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+            raise InputError(f"max_length must be a positive integer, got {max_length!r}")
         self.path = os.fspath(path)
-        self.skipped = []  # (lineno, reason) of bad lines skipped with skip_bad_lines=True
-        numbered = self._read_records(skip_bad_lines)  # (line number, (messages or prompt text, answer))
-        self.chat = isinstance(numbered[0][1][0], list)
-        for lineno, (content, _) in numbered:
-            if isinstance(content, list) != self.chat:
-                kinds = ("conversation", "plain-text prompt")
-                raise ValueError(f"{self.path}:{lineno}: a {kinds[self.chat]} row in a file of {kinds[not self.chat]} "
-                                 f"rows (line {numbered[0][0]}); one kind per file")
+        numbered = self._read_records(skip_bad_lines, prompt_key, label_key)  # (number, (content, answer))
+        first = numbered[0][0]
         if self.chat and not tokenizer.chat_template:
-            raise ValueError(f"{self.path}:{numbered[0][0]}: a conversation row, but the tokenizer has no chat "
+            raise InputError(f"{self.where(first)}: a conversation row, but the tokenizer has no chat "
                              f"template; use plain-text rows {{\"prompt\": ...}} or a tokenizer with a template")
         records = [record for _, record in numbered]
         self.flag = thinking_flag(tokenizer) if self.chat else None
-        if thinking_ratio is not None and not self.chat:
-            raise ValueError(f"--thinking_ratio {thinking_ratio}: {self.path} has plain-text prompt rows, which no "
+        if thinking_ratio and not self.chat:
+            raise InputError(f"--thinking_ratio {thinking_ratio}: {self.path} has plain-text prompt rows, which no "
                              f"chat template renders, so there is no think block to open")
         if thinking_ratio and self.flag is None:
-            raise ValueError(f"--thinking_ratio {thinking_ratio}: the chat template of --tokenizer_path "
+            raise InputError(f"--thinking_ratio {thinking_ratio}: the chat template of --tokenizer_path "
                              f"{tokenizer.name_or_path!r} has no thinking switch ({' or '.join(THINKING_FLAGS)})")
         if thinking_ratio is None:  # minimind-3's PPO default where the template has the switch
             thinking_ratio = DEFAULT_THINKING_RATIO if self.flag else 0.0
@@ -146,44 +154,75 @@ class RLAIFDataset(Dataset):
             return [{"role": "system", "content": system_prompt}] + messages
         return messages
 
-    def _read_records(self, skip_bad_lines):
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: prompt file not found")
-        records = []
-        with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    # Decode per line so a bad byte is reported with its line number.
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    self._bad_line(lineno, f"not valid UTF-8 (byte {e.start})", skip_bad_lines)
-                    continue
-                if lineno == 1:
-                    text = text.removeprefix("\ufeff")  # byte-order mark left by some editors
-                if not text.strip():
-                    continue
-                try:
-                    records.append((lineno, parse_record(text)))
-                except ValueError as e:
-                    self._bad_line(lineno, str(e), skip_bad_lines)
+    def where(self, number):
+        """How messages name a row: `file:line` (jsonl) or `file: row i` (other formats, from 0)."""
+        return f"{self.path}:{number}" if self.unit == "line" else f"{self.path}: row {number}"
 
+    def _read_records(self, skip_bad_lines, prompt_key, label_key):
+        """The rows of the file (dataset/formats.py), checked: [(number, (messages or prompt text, answer))].
+        Sets the prompt and label columns (`prompt_key`, `label_key`: given or detected), the kind of the
+        file (`chat`), and per kept row its `rows` (every other column), raw `labels` and `wheres`."""
+        table = read_table(self.path, skip_bad_lines)
+        self.unit, self.skipped = table.unit, list(table.skipped)  # (number, reason) of rows skipped
+        dicts = [record for _, record in table.records]
+        for flag, key in (("--prompt_key", prompt_key), ("--label_key", label_key)):
+            if key and dicts and not any(resolve(record, key) is not MISSING for record in dicts):
+                raise InputError(f"{table.where(table.records[0][0])}: {flag} {key!r} is in no row of the file "
+                                 f"(its columns: {', '.join(table.columns()) or 'none'})")
+        self.label_key = detect_label_key(dicts, label_key)
+        records, self.rows, self.labels, self.wheres = [], [], [], []
+        first = None  # (number, prompt column, chat?) of the first good row: the file's kind
+        kinds = ("conversation", "plain-text prompt")
+        for number, record in table.records:
+            try:
+                key, value = prompt_of(record, prompt_key)
+                chat = isinstance(value, list)
+                if first is not None and chat != first[2]:  # not skippable: the file itself is wrong
+                    raise FileKindError(f"{table.where(number)}: a {kinds[not chat]} row in a file of "
+                                        f"{kinds[chat]} rows ({table.unit} {first[0]}); one kind per file")
+                if first is not None and key != first[1]:
+                    raise InputError(f"missing {first[1]!r} (the prompt column of {table.unit} {first[0]}; this "
+                                     f"row has {key!r}); one prompt column per file")
+                if chat:
+                    content = parse_chat(key, value)
+                elif not value.strip():
+                    raise InputError(f"{key!r} must be a non-empty string")
+                else:
+                    content = value
+                label = resolve(record, self.label_key) if self.label_key else MISSING
+                if self.label_key == "answer" and label is not MISSING and not isinstance(label, str):
+                    # this project's own field has always been a string; other frameworks' labels are converted
+                    raise InputError(f"'answer' must be a string, got {type(label).__name__} (write it as a JSON "
+                                     f"string: {json.dumps(label_text(label), ensure_ascii=False)})")
+            except FileKindError:
+                raise
+            except ValueError as e:
+                if not skip_bad_lines:
+                    raise InputError(f"{table.where(number)}: {e}") from None
+                self.skipped.append((number, str(e)))
+                continue
+            first = first or (number, key, chat)
+            records.append((number, (content, label_text(label))))
+            self.rows.append({k: v for k, v in record.items() if k != key})
+            self.labels.append(None if label is MISSING else label)
+            self.wheres.append(table.where(number))
+        self.prompt_key = first[1] if first else prompt_key
+        self.chat = bool(first and first[2])
+
+        rows, many = ("lines", "non-blank lines") if self.unit == "line" else ("rows", "rows")
+        self.skipped.sort()
         if self.skipped:
-            shown = ", ".join(str(lineno) for lineno, _ in self.skipped[:5])
+            shown = ", ".join(str(number) for number, _ in self.skipped[:5])
             more = ", ..." if len(self.skipped) > 5 else ""
-            print(f"warning: {self.path}: skipped {len(self.skipped)} bad lines (lines {shown}{more}); "
+            print(f"warning: {self.path}: skipped {len(self.skipped)} bad {rows} ({rows} {shown}{more}); "
                   f"first: {self.skipped[0][1]}", flush=True)
         if not records:
             if self.skipped:
-                lineno, reason = self.skipped[0]
-                raise ValueError(f"{self.path}: no prompts; all {len(self.skipped)} non-blank lines are bad "
-                                 f"(line {lineno}: {reason})")
-            raise ValueError(f"{self.path}: no prompts (the file is empty or has only blank lines)")
+                number, reason = self.skipped[0]
+                raise InputError(f"{self.path}: no prompts; all {len(self.skipped)} {many} are bad "
+                                 f"({self.unit} {number}: {reason})")
+            raise InputError(f"{self.path}: no prompts (the file is empty or has only blank lines)")
         return records
-
-    def _bad_line(self, lineno, reason, skip_bad_lines):
-        if not skip_bad_lines:
-            raise ValueError(f"{self.path}:{lineno}: {reason}")
-        self.skipped.append((lineno, reason))
 
     def __len__(self):
         return len(self.variants)
@@ -191,7 +230,7 @@ class RLAIFDataset(Dataset):
     def __getitem__(self, index):
         text, ids = self.variants[index][self.thinking_open(index)]
         return {"prompt": text, "prompt_ids": ids, "answer": self.answers[index], "messages": self.messages[index],
-                "row": None}
+                "row": self.rows[index]}
 
 
 def decode_responses(tokenizer, response_ids, response_mask):
@@ -202,15 +241,19 @@ def decode_responses(tokenizer, response_ids, response_mask):
 
 
 class PromptCollator:
-    """Left-pads prompts so every row ends at the same column, where generation starts."""
+    """Left-pads prompts so every row ends at the same column, where generation starts. With `n_samples` > 1
+    each prompt fills n consecutive rows, to be answered n times: its group (`groups`: the prompt's index in
+    the batch)."""
 
-    def __init__(self, pad_token_id):
+    def __init__(self, pad_token_id, n_samples=1):
         if not isinstance(pad_token_id, int) or pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be a non-negative integer, got {pad_token_id!r}; "
+            raise InputError(f"pad_token_id must be a non-negative integer, got {pad_token_id!r}; "
                              "does the tokenizer define a pad token?")
-        self.pad_token_id = pad_token_id
+        self.pad_token_id, self.n_samples = pad_token_id, n_samples
 
     def __call__(self, items):
+        groups = torch.arange(len(items)).repeat_interleave(self.n_samples)
+        items = [items[g] for g in groups.tolist()]
         width = max(len(item["prompt_ids"]) for item in items)
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -223,6 +266,7 @@ class PromptCollator:
             "answers": [item["answer"] for item in items],
             "messages": [item.get("messages") for item in items],
             "rows": [item.get("row") for item in items],
+            "groups": groups,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
         }

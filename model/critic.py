@@ -1,10 +1,11 @@
 """PPO's critic: a causal LM's backbone (MiniMind's or any transformers model's) + a scalar value head."""
 import copy
 
+import torch
 from torch import nn
 
 from model.loading import load_hf_backbone
-from trainer_utils import is_hf_folder, load_state_dict_file
+from trainer_utils import InputError, is_hf_folder, load_state_dict_file
 
 
 class CriticModel(nn.Module):
@@ -29,11 +30,16 @@ class CriticModel(nn.Module):
 
 def build_critic(actor, critic_weight=None, tokenizer=None):
     """The actor's backbone + a fresh value head; or, with `critic_weight`, a saved critic / actor .pth
-    (MiniMind) or a transformers folder, whose backbone (AutoModel: the heads dropped) is used; it must
-    read the policy's `tokenizer`."""
+    (MiniMind) or a transformers folder, whose backbone is used, with a reward model's score head as the
+    value head (InstructGPT's initialisation) or a fresh one; it must read the policy's `tokenizer`."""
     if critic_weight and is_hf_folder(critic_weight):
-        backbone = load_hf_backbone(critic_weight, tokenizer)
-        return CriticModel(backbone, backbone.config.hidden_size)
+        backbone, score = load_hf_backbone(critic_weight, tokenizer)
+        critic = CriticModel(backbone, backbone.config.hidden_size)
+        if score is not None:  # a reward model's head: the first values are its scores at each position
+            with torch.no_grad():
+                critic.value_head.weight.copy_(score.weight)
+                critic.value_head.bias.copy_(score.bias if score.bias is not None else torch.zeros(1))
+        return critic
     critic = CriticModel(copy.deepcopy(getattr(actor, actor.base_model_prefix)), actor.config.hidden_size)
     if not critic_weight:
         return critic
@@ -45,7 +51,7 @@ def build_critic(actor, critic_weight=None, tokenizer=None):
             critic.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
                                          strict=True)
     except RuntimeError as e:
-        raise ValueError(f"--critic_weight {critic_weight}: does not fit the actor "
+        raise InputError(f"--critic_weight {critic_weight}: does not fit the actor "
                          f"(hidden {actor.config.hidden_size}, {actor.config.num_hidden_layers} layers): "
                          f"{str(e).splitlines()[0]}") from e
     return critic

@@ -10,6 +10,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -301,6 +302,7 @@ class MiniMindModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.gradient_checkpointing = False  # recompute each block in the backward pass (memory for compute)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -328,7 +330,11 @@ class MiniMindModel(nn.Module):
         x = self.embed_tokens(input_ids)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, cos, sin, mask, past_key_values, i)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # keeps only each block's input
+                x, aux = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, past_key_values, i,
+                                                           use_reentrant=False)
+            else:
+                x, aux = layer(x, cos, sin, mask, past_key_values, i)
             if aux is not None:
                 aux_loss = aux_loss + aux
         if past_key_values is not None:
@@ -362,6 +368,9 @@ class MiniMindForCausalLM(PreTrainedModel):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False,
                 logits_to_keep=0, position_ids=None, **kwargs):

@@ -6,6 +6,7 @@
     python scripts/bench_ppo.py --preset small --ablations  # ours vs the naive reference, one line each
     python scripts/bench_ppo.py --preset small --flops      # matmul GFLOP per step and the floor they set
     python scripts/bench_ppo.py --preset mm2 --max_gen_len 512 --signal_test  # SIGTERM during step 2: s to exit
+    python scripts/bench_ppo.py --preset qwen0.5b --memory  # peak memory: full, + checkpointing, + LoRA, both
 
 train_ppo.main() runs unchanged on a random-init actor (--from_weight none), a tiny random reward model
 and generated arithmetic prompts, all built into a temp folder, so no files are needed. The actor's EOS
@@ -41,7 +42,8 @@ from dataset.lm_dataset import PromptCollator, RLAIFDataset
 from model.loading import init_model
 from model.sampling import sample_categorical, sample_responses
 from reward import load_reward_model
-from train_ppo import compute_advantages, response_logprobs
+from model.policy import Policy
+from train_ppo import compute_advantages
 from trainer_utils import unwrap_model
 
 PRESETS = {
@@ -53,7 +55,13 @@ PRESETS = {
 # the mm2 run with a transformers LlamaForCausalLM of MiniMind2-small's shape as the policy (a folder built
 # on the fly, loaded like any Hugging Face checkpoint): the general path timed beside the MiniMind one
 PRESETS["llama_mm2"] = PRESETS["mm2"]
-HF_POLICY_PRESETS = ("llama_mm2",)
+# a random transformers Qwen2 of Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads / 2 KV heads, SwiGLU 4864,
+# vocabulary 151936, tied embeddings): --memory's model, at a fixed small batch
+PRESETS["qwen0.5b"] = dict(hidden_size=896, num_hidden_layers=24, batch_size=4, mini_batch_size=2, ppo_epochs=1,
+                           max_gen_len=32, prompt_len=32)
+HF_POLICY_PRESETS = ("llama_mm2", "qwen0.5b")
+MEMORY_MODES = {"full": [], "gradient checkpointing": ["--gradient_checkpointing", 1], "LoRA": ["--lora_rank", 16],
+                "LoRA + gradient checkpointing": ["--lora_rank", 16, "--gradient_checkpointing", 1]}
 TOKENIZER = os.path.join(ROOT, "model")
 
 
@@ -75,6 +83,11 @@ def parse_args(argv=None):
                    help="run the bench in a child, SIGTERM it --signal_delay s after step 1 is logged (inside step 2's "
                         "generation at real sizes) and time how long it takes to exit")
     p.add_argument("--signal_delay", type=float, default=1.0)
+    p.add_argument("--gradient_checkpointing", type=int, default=0, choices=[0, 1], help="as train_ppo")
+    p.add_argument("--lora_rank", type=int, default=0, help="as train_ppo")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory of a PPO step (peak CUDA memory on a GPU, peak RSS on CPU) in each of the modes "
+                        "full, + gradient checkpointing, + LoRA (rank 16), both: one subprocess each")
     p.add_argument("--flops", action="store_true",
                    help="count the matmul FLOPs of a PPO step (slow: not timed) and the floor they set at this "
                         "machine's measured GEMM rate, instead of timing the run")
@@ -128,6 +141,20 @@ def write_prompts(path, tokenizer, n, max_len, seed):
     return questions
 
 
+def build_qwen_policy(folder, hidden_size, num_hidden_layers, seed=0):
+    """A random Qwen2ForCausalLM of Qwen2.5-0.5B's shape (its width, heads and vocabulary; `num_hidden_layers`
+    of them), with the project's tokenizer, saved as a transformers folder."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=151936, hidden_size=hidden_size, intermediate_size=4864,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return str(folder)
+
+
 def build_llama_policy(folder, hidden_size, num_hidden_layers, seed=0):
     """A random LlamaForCausalLM shaped as MiniMind2 (GQA 8/2 heads, SwiGLU 64-rounded 8/3 width, RoPE 1e6,
     tied embeddings, the project's tokenizer), saved as a transformers folder."""
@@ -159,7 +186,8 @@ def force_full_length(model, eos_token_id):
 def config_of(args):
     sizes = {name: getattr(args, name) for name in PRESETS["small"]}
     return dict(preset=args.preset, **sizes, steps=args.steps, device=args.device,
-                dtype=args.dtype, seed=args.seed,
+                dtype=args.dtype, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+                lora_rank=args.lora_rank,
                 threads=torch.get_num_threads(), torch=torch.__version__)
 
 
@@ -169,8 +197,9 @@ def bench_run(args):
         prompts = os.path.join(tmp, "prompts.jsonl")
         write_prompts(prompts, AutoTokenizer.from_pretrained(TOKENIZER), args.batch_size * args.steps,
                       args.prompt_len, args.seed)
-        policy = ["--from_weight", build_llama_policy(os.path.join(tmp, "policy"), args.hidden_size,
-                                                      args.num_hidden_layers, args.seed), "--check_tokenizer", 0] \
+        build = build_qwen_policy if args.preset == "qwen0.5b" else build_llama_policy
+        policy = ["--from_weight", build(os.path.join(tmp, "policy"), args.hidden_size, args.num_hidden_layers,
+                                         args.seed), "--check_tokenizer", 0] \
             if args.preset in HF_POLICY_PRESETS else \
             ["--from_weight", "none", "--hidden_size", args.hidden_size, "--num_hidden_layers", args.num_hidden_layers]
         argv = [*policy, "--batch_size", args.batch_size, "--mini_batch_size", args.mini_batch_size,
@@ -178,11 +207,14 @@ def bench_run(args):
                 "--max_steps", args.steps, "--data_path", prompts, "--tokenizer_path", TOKENIZER,
                 "--reward_model_path", build_tiny_reward_model(os.path.join(tmp, "rm")), "--device", args.device,
                 "--dtype", args.dtype, "--save_dir", tmp, "--save_interval", 10 ** 9, "--num_workers", 0,
-                "--seed", args.seed]
+                "--seed", args.seed, "--gradient_checkpointing", args.gradient_checkpointing,
+                "--lora_rank", args.lora_rank]
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
             run = train_ppo.build_run(train_ppo.parse_args([str(a) for a in argv]))
-            for model in (run.learner.actor, run.old_actor, run.ref_model):
-                force_full_length(unwrap_model(model), run.tokenizer.eos_token_id)
+            for lm in {id(unwrap_model(m).lm): unwrap_model(m).lm for m in (run.learner.actor, run.old_actor,
+                                                                             run.ref_model)}.values():
+                force_full_length(lm, run.tokenizer.eos_token_id)
+            policy_params = sum(p.numel() for p in unwrap_model(run.learner.actor).lm.parameters())
             train_ppo.finish(run, train_ppo.train(run))
         metrics = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
     if len(metrics) < args.steps:  # stopped by a signal (--signal_test): nothing to summarise
@@ -203,7 +235,7 @@ def bench_run(args):
                   end_to_end_tokens_per_s=tokens / median("time_step_s"),
                   phase_s=dict(rollout=median("time_rollout_s"), forwards=median("time_forward_s"),
                                reward=median("time_reward_s"), update=median("time_update_s")),
-                  avg_response_len=timed[-1]["avg_response_len"],
+                  avg_response_len=timed[-1]["avg_response_len"], policy_params=policy_params,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     if args.device.startswith("cuda"):
         result["cuda_peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -263,6 +295,26 @@ def signal_test(argv, delay):
                 step1_log=log[-1].strip())
 
 
+def memory_modes(argv):
+    """Peak memory of one PPO step in each of MEMORY_MODES (a fresh subprocess each, 2 steps: the peak is the
+    process's), and bytes per policy parameter."""
+    argv = [a for a in argv if a != "--memory"]
+    rows = []
+    for mode, flags in MEMORY_MODES.items():
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--steps", "2", "--runs", "1",
+                              *map(str, flags)], stdout=subprocess.PIPE, text=True, check=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        peak_mb = result.get("cuda_peak_alloc_mb", result["peak_rss_mb"])
+        rows.append(dict(mode=mode, peak_mb=peak_mb, bytes_per_param=peak_mb * 2 ** 20 / result["policy_params"],
+                         policy_params=result["policy_params"], s_per_step=result["s_per_step"]["median"],
+                         memory="cuda_peak_alloc" if "cuda_peak_alloc_mb" in result else "peak_rss"))
+        print(json.dumps(rows[-1]), flush=True)
+    full = rows[0]["peak_mb"]
+    return dict(summary=True, config=result["config"], **{row["mode"]: f"{row['peak_mb']:.0f} MB "
+                                                                      f"({row['peak_mb'] / full:.0%} of full)"
+                                                          for row in rows})
+
+
 def bench_runs(argv, runs):
     """The same bench in `runs` fresh subprocesses: each line as it comes, then the median of medians."""
     results = []
@@ -314,7 +366,7 @@ def naive_generate(model, input_ids, attention_mask, max_new_tokens, cache=None)
 
 
 def naive_logprobs(model, input_ids, attention_mask, response_len):
-    """Naive reference for response_logprobs: logits at every position, a full log_softmax, then slice."""
+    """Naive reference for Policy's log-probs: logits at every position, a full log_softmax, then slice."""
     logits = model(input_ids, attention_mask=attention_mask).logits.float()
     logprobs = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return logprobs[:, -response_len:]
@@ -391,9 +443,10 @@ def run_ablations(args):
         # (2) rollout log-probs of the sampled responses
         response_ids, response_mask, _ = ours_gen()
         full_ids, full_mask = torch.cat([ids, response_ids], 1), torch.cat([mask, response_mask], 1)
-        ablate("rollout_logprobs", "response_logprobs: logits_to_keep + gather - logsumexp",
+        policy = Policy(model)
+        ablate("rollout_logprobs", "Policy: the LM head at the response positions, gather - logsumexp",
                "logits at every position + full log_softmax, then slice",
-               lambda: response_logprobs(model, full_ids, full_mask, G, 1.0)[0],
+               lambda: policy(full_ids, full_mask, G, 1.0)[0],
                lambda: naive_logprobs(model, full_ids, full_mask, G), args)
         # (3) GAE on rows of random lengths
         rewards, values = torch.randn(B, G, device=dev), torch.randn(B, G, device=dev)
@@ -441,6 +494,8 @@ def main(argv=None):
         print(json.dumps(signal_test(argv, args.signal_delay)), flush=True)
     elif args.flops:
         print(json.dumps(flops_run(args)), flush=True)
+    elif args.memory:
+        print(json.dumps(memory_modes(argv)), flush=True)
     elif args.runs > 1:
         print(json.dumps(bench_runs(argv, args.runs)), flush=True)
     else:

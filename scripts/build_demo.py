@@ -47,6 +47,10 @@ from trainer_utils import build_cosine_scheduler, save_weights, setup_seed
 OPS = {"+": (lambda a, b: a + b, "plus", "加", "加上")}
 PHRASINGS = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "What is {a} {en} {b}?",
              "{a} {zh} {b} 等于多少？", "计算 {a} {op} {b}。", "{a} {zh2} {b} 是多少？"]
+# Phrasings the kit never trains on, for dataset/rlaif-novel.jsonl: does PPO teach the task or the six phrasings?
+NOVEL_PHRASINGS = ["How much is {a} + {b}?", "Add {a} and {b}.", "Please work out {a} + {b}.", "{a} + {b} = ?",
+                   "What do you get if you add {a} and {b}?", "求 {a} 与 {b} 的和。", "{a} 和 {b} 相加是多少？",
+                   "请帮我算 {a} + {b}。"]
 # What the SFT data does wrong, per phrasing, with probability --quirk_prob: (layout, answer offset).
 # The crossing gives every mix: right, broken format, wrong answer, both.
 QUIRKS = [("good", 0), ("no_think", 0), ("good", 1), ("no_newlines", -1), ("good", 1), ("extra_text", 0)]
@@ -230,6 +234,19 @@ def train(name, params, loss_fn, steps, lr, log_every):
 
 
 # ----------------------------------------------------------------------------- files
+def write_novel_prompts(path, seed, per_phrasing=25):
+    """dataset/rlaif-novel.jsonl: `per_phrasing` random sums in each of NOVEL_PHRASINGS (none of them in the
+    SFT data, the training prompts or rlaif-eval.jsonl), MiniMind rlaif lines with the ground truth."""
+    rng = random.Random(f"novel:{seed}")
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rows = [(phrasing.format(a=a, b=b), a + b) for phrasing in NOVEL_PHRASINGS for a, b in rng.sample(pairs, per_phrasing)]
+    lines = [json.dumps({"conversations": [{"role": "user", "content": text}] + assistant("无"), "answer": str(value)},
+                        ensure_ascii=False) for text, value in rows]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def write_prompts(path, questions):
     """MiniMind rlaif lines (user turn + the "无" assistant placeholder) plus the ground truth."""
     lines = [json.dumps({"conversations": user(q) + assistant("无"), "answer": str(true_value(q))},
@@ -303,6 +320,7 @@ def parse_args(argv=None):
     a("--n_train_prompts", type=int, default=3000, help="training questions written to rlaif-mini.jsonl")
     a("--rm_eval_pairs", type=int, default=300, help="held-out pairs per kind for the RM accuracy")
     a("--max_gen_len", type=int, default=48, help="for the greedy evaluation of the SFT actor")
+    a("--novel_only", action="store_true", help="write only dataset/rlaif-novel.jsonl (new phrasings; seconds)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--tiny" in argv:
         p.set_defaults(**TINY)
@@ -312,6 +330,9 @@ def parse_args(argv=None):
 def main(argv=None):
     """Build the kit; returns the output paths and the summary numbers."""
     args = parse_args(argv)
+    if args.novel_only:
+        write_novel_prompts(os.path.join(args.data_dir, "rlaif-novel.jsonl"), args.seed)
+        return None
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -339,6 +360,7 @@ def build(args):
                  reward_model=os.path.join(args.out_dir, "reward_model"))
     write_prompts(paths["train_prompts"], train_questions[:args.n_train_prompts])
     write_prompts(paths["eval_prompts"], eval_questions)
+    write_novel_prompts(os.path.join(args.data_dir, "rlaif-novel.jsonl"), args.seed)
     print(f"questions: {len(questions)} ({len(train_questions)} train, {len(eval_questions)} held out)")
 
     # 1. actor: pretrain, then SFT on the imperfect chats

@@ -50,8 +50,8 @@ def moving_average(y, window):
 
 def plot(records, out, smooth):
     """Draw the panels into `out`; returns the metric keys drawn."""
-    train = [r for r in records if "eval_format" not in r]
-    evals = [r for r in records if "eval_format" in r]
+    evals = [r for r in records if "eval_eos_rate" in r]  # evaluation lines (evaluation.is_eval_record)
+    train = [r for r in records if "eval_eos_rate" not in r]
     fig, axes = plt.subplots(2, 4, figsize=(20, 7.5))
     drawn = []
     for ax, (title, keys, from_evals) in zip(axes.flat, PANELS):

@@ -1,8 +1,9 @@
 """Launched by tests/test_ddp.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
-mode "update" (argument: an architecture, minimind or one of tests/hf_models.py): each rank runs one
-PPO update on its half of a fixed global rollout; rank 0 saves the resulting weights for comparison
-with a single-process update on the whole batch.
+mode "update" (arguments: an architecture, minimind(-lora) or one of tests/hf_models.py, then trainer flags such
+as --adv_estimator and --loss_agg_mode): each rank runs one PPO update on its half of a fixed global rollout
+(whole groups of 2 responses); rank 0 saves the resulting weights for comparison with a single-process update
+on the whole batch.
 mode "train": the real build_run and train, checking after every step that all ranks hold
 identical actor and critic weights.
 """
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ppo  # noqa: E402
 from checkpoint import Learner  # noqa: E402
 from model.critic import build_critic  # noqa: E402
+from model.policy import Policy  # noqa: E402
 from trainer_utils import get_rank, init_distributed_mode, unwrap_model  # noqa: E402
 
 
@@ -29,46 +31,62 @@ def fixed_rollout(actor, batch, prompt_len, response_len, seed=0):
     response_mask = (torch.arange(response_len)[None] < lengths[:, None]).float()
     attention_mask = torch.cat([torch.ones(batch, prompt_len), response_mask], 1).long()
     with torch.no_grad():
-        old_logprobs = train_ppo.response_logprobs(actor, input_ids, attention_mask, response_len, 1.0)[0]
+        old_logprobs = actor(input_ids, attention_mask, response_len, 1.0)[0]
     rewards = torch.randn(batch, response_len, generator=g) * response_mask
     values = torch.randn(batch, response_len, generator=g) * response_mask
     return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
                 old_logprobs=old_logprobs + 0.05 * torch.randn(batch, response_len, generator=g),
-                ref_logprobs=old_logprobs, values=values, token_rewards=rewards)
+                ref_logprobs=old_logprobs, values=values, token_rewards=rewards,
+                scores=torch.randn(batch, generator=g), groups=torch.arange(batch) // 2)  # 2 responses per prompt
 
 
 def one_update(actor, critic, rollout, args):
-    """Advantages (globally whitened) and one PPO update; returns the updated state dicts."""
+    """Advantages (--adv_estimator's: GAE globally whitened, or from the score groups) and one PPO update (no critic
+    for the critic-free estimators); returns the updated state dicts (the critic's None without one)."""
     experience = train_ppo.Experience(**rollout)
-    train_ppo.add_advantages(experience, 1.0, 0.95)
+    train_ppo.add_advantages(experience, args.adv_estimator, 1.0, 0.95)
+    critic = critic if args.adv_estimator == "gae" else None
     # plain SGD: the step is linear in the gradient, so the comparison measures the gradient
     # itself (Adam's first step is ~sign(g) and would blow up rounding noise on tiny gradients)
-    actor_opt = torch.optim.SGD(actor.parameters(), lr=0.5)
-    critic_opt = torch.optim.SGD(critic.parameters(), lr=0.5)
-    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in (actor_opt, critic_opt)]
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) if m is not None else None
+                  for m in (actor, critic)]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) if o else None for o in optimizers]
     orders = [torch.arange(len(rollout["input_ids"]))]
-    learner = Learner(actor, critic, actor_opt, critic_opt, *sched)
+    learner = Learner(actor, critic, *optimizers, *schedulers)
     train_ppo.ppo_update(learner, experience, orders, 0.02, args, torch.autocast("cpu", enabled=False))
-    return unwrap_model(actor).state_dict(), unwrap_model(critic).state_dict()
+    return unwrap_model(actor).state_dict(), unwrap_model(critic).state_dict() if critic is not None else None
 
 
-def update_args(mini_batch_size, accumulation_steps=1):
-    return train_ppo.parse_args(["--device", "cpu", "--batch_size", str(mini_batch_size), "--mini_batch_size",
+def update_args(mini_batch_size, accumulation_steps=1, *extra):
+    """An update over one minibatch of `mini_batch_size` responses (2 per prompt when an estimator groups them)."""
+    grouped = "--adv_estimator" in extra and extra[extra.index("--adv_estimator") + 1] != "gae"
+    return train_ppo.parse_args(["--device", "cpu", "--batch_size", str(mini_batch_size // 2 if grouped else
+                                                                           mini_batch_size),
+                                 "--n_samples_per_prompt", "2" if grouped else "1", "--mini_batch_size",
                                  str(mini_batch_size), "--ppo_epochs", "1", "--accumulation_steps",
-                                 str(accumulation_steps), "--entropy_coef", "0.01", "--kl_mode", "loss"])
+                                 str(accumulation_steps), "--entropy_coef", "0.01", "--kl_mode", "loss", *extra])
 
 
 def tiny_models(arch="minimind"):
-    """A tiny actor (MiniMind, or a transformers architecture of tests/hf_models.py) and its critic."""
+    """A tiny actor (a Policy around MiniMind or a transformers architecture of tests/hf_models.py) and its
+    critic; "minimind-lora": both with LoRA adapters (rank 4), their B matrices non-zero so that every adapter
+    weight has a gradient."""
+    from model.lora import add_lora
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from hf_models import tiny_hf_model
     torch.manual_seed(0)
-    actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)) if arch == "minimind" \
+    actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)) if arch.startswith("minimind") \
         else tiny_hf_model(arch)
     actor.eval()  # dropout off, as the trainer runs it
     critic = build_critic(actor).eval()
     torch.nn.init.normal_(critic.value_head.weight, std=0.1)  # non-zero so the critic's gradient is non-trivial
-    return actor, critic
+    if arch.endswith("-lora"):
+        for model in (actor, critic.model):
+            add_lora(model, 4, 8)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.05)
+    return Policy(actor), critic
 
 
 def main():
@@ -81,7 +99,8 @@ def main():
         share = 4 // world
         mine = {k: v[rank * share:(rank + 1) * share] for k, v in rollout.items()}
         ddp = torch.nn.parallel.DistributedDataParallel
-        actor_sd, critic_sd = one_update(ddp(actor), ddp(critic), mine, update_args(share, accumulation_steps=2))
+        args = update_args(share, 2, *sys.argv[4:])  # further flags: --adv_estimator, --loss_agg_mode
+        actor_sd, critic_sd = one_update(ddp(actor), ddp(critic) if args.adv_estimator == "gae" else critic, mine, args)
         if rank == 0:
             torch.save({"actor": actor_sd, "critic": critic_sd}, os.path.join(out_dir, "ddp_update.pt"))
         dist.destroy_process_group()

@@ -127,7 +127,7 @@ def _install_run_faults(run, faults):
     if "self_signal" in faults:
         rollouts = SamplerForwards(*(faults["self_signal"][1:] if faults["self_signal"][0] == "generate"
                                      else (None, None)))
-        run.old_actor.register_forward_pre_hook(rollouts, with_kwargs=True)
+        run.old_actor.lm.register_forward_pre_hook(rollouts, with_kwargs=True)  # the sampling LM
     if "nan_reward" in faults or faults.get("self_signal", [""])[0] == "reward":
         run.reward.reward_model = FaultyRewardModel(
             run.reward.reward_model, faults.get("nan_reward", ()),

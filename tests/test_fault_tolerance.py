@@ -316,9 +316,9 @@ def test_non_finite_reward_value_or_loss_skips_the_update(tiny_kit, tmp_path, ca
         lambda module, args, values: values * float("nan") if len(snapshots) == 3 and not torch.is_grad_enabled()
         else None)
 
-    def nan_logits(module, args, out):  # the update's forwards (with grad) of step 4
+    def nan_logits(module, args, out):  # the update's forwards (with grad) of step 4: NaN log-probs
         if len(snapshots) == 4 and torch.is_grad_enabled():
-            out.logits = out.logits * float("nan")
+            return (out[0] * float("nan"), *out[1:])
         return out
     run.learner.actor.register_forward_hook(nan_logits)
     train_ppo.finish(run, train_ppo.train(run, after_step=snapshot))
@@ -362,7 +362,7 @@ def test_reward_model_folder_returning_nan_aborts(tiny_kit, tmp_path, capsys):
         run(tiny_run_args(tiny_kit, tmp_path / "out", "--reward_model_path", str(tmp_path / "rm"),
                           "--max_bad_steps", "1"))
     assert "warning: step 1: reward model returned nan for sample 0" in capsys.readouterr().out
-    assert not os.listdir(tmp_path / "out" / "checkpoints")
+    assert not glob.glob(str(tmp_path / "out" / "checkpoints" / "*"))  # no checkpoint of the bad step
 
 
 # ----------------------------------------------------------------------------- disk faults
@@ -419,7 +419,7 @@ def bad_input(case, tmp):
     data = tmp / "data.jsonl"
     good_line = open(ROOT / "dataset" / "prompts_sample.jsonl", encoding="utf-8").readline()
     if case == "missing weights":
-        return ["--from_weight", str(tmp / "nope.pth")], FileNotFoundError, r"nope\.pth: weight file not found"
+        return ["--from_weight", str(tmp / "nope.pth")], FileNotFoundError, r"nope\.pth: no file or folder of that name"
     if case == "corrupt weights":
         (tmp / "bad.pth").write_bytes(b"\x00garbage, not a checkpoint")
         return ["--from_weight", str(tmp / "bad.pth")], ValueError, r"bad\.pth: cannot read weights"

@@ -15,6 +15,7 @@ from children import assert_same_run, finish, read_metrics, start, torchrun, wai
 from conftest import ROOT
 from hf_models import ARCHITECTURES, save_tiny_hf_model, tiny_hf_model
 from model.critic import build_critic
+from model.policy import Policy
 from model.sampling import position_ids_from_mask, sample_responses
 from trainer_utils import load_resume
 from transformers import LlamaModel
@@ -67,8 +68,8 @@ def test_sampler_logprobs_equal_the_scoring_forward(arch, dtype):
     with autocast:
         response, response_mask, sampled = sample_responses(model, ids, mask, 10, 2, 0, temperature=0.7,
                                                             generator=torch.Generator().manual_seed(0))
-        scored = train_ppo.response_logprobs(model, torch.cat([ids, response], 1),
-                                             torch.cat([mask, response_mask], 1), response.shape[1], 0.7)[0]
+        scored = Policy(model)(torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1),
+                               response.shape[1], 0.7)[0]
     gap = ((sampled - scored).abs() * response_mask).max().item()
     assert gap < (1e-5 if dtype == torch.float32 else 0.1), gap
     assert response_mask.sum() > 20
@@ -222,7 +223,8 @@ def test_readme_gpt2_sentiment_command_runs_on_stand_ins(encoder_rms, tmp_path, 
 
 
 def test_readme_two_gpu_qwen_command_places_the_models_as_documented(tmp_path, monkeypatch):
-    (command,) = readme_commands(["python", "train_ppo.py", "--from_weight", "Qwen2.5-0.5B-Instruct"])
+    (command,) = [c for c in readme_commands(["python", "train_ppo.py", "--from_weight", "Qwen2.5-0.5B-Instruct"])
+                  if "--critic_device" in c]
     monkeypatch.chdir(tmp_path)
     save_tiny_hf_model("qwen2", tmp_path / "Qwen2.5-0.5B-Instruct", TOKENIZER)
     args = train_ppo.parse_args(command[2:])
@@ -287,3 +289,122 @@ def test_two_ranks_train_a_transformers_policy_identically(tmp_path):
     for rank in range(2):
         assert json.load(open(tmp_path / f"checks_rank{rank}.json")) == [True, True]
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_sampling_stops_at_any_of_the_models_eos_ids():
+    """A generation config listing two EOS ids (Llama 3's <|eot_id|> beside <|end_of_text|>): the sampler stops at
+    the second as transformers' generate does; masks and the EOS flag follow."""
+    from model.loading import load_tokenizer
+    from model.sampling import ends_with_stop, stop_token_ids
+    model = tiny_hf_model("llama").eval()
+    ids, mask = left_padded_prompts()
+    P, N = ids.shape[1], 12
+    free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N, pad_token_id=0)[:, P:]
+    row1 = free[1].tolist()
+    stop = next(j for j in range(2, N) if row1[j] not in row1[:j])
+    model.generation_config.eos_token_id = [2, row1[stop]]  # the tokenizer's EOS, and the end-of-turn token
+    tokenizer = load_tokenizer(TOKENIZER)
+    stop_ids = stop_token_ids(model, tokenizer)
+    assert stop_ids.tolist() == sorted({2, row1[stop]})
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N, pad_token_id=0)[:, P:]
+    got, got_mask, _ = sample_responses(model, ids, mask, N, stop_ids, 0, greedy=True)
+    assert got_mask[1].sum() == stop + 1
+    for row in range(len(ids)):
+        n = int(got_mask[row].sum())
+        assert got[row, :n].tolist() == want[row, :n].tolist(), row
+    assert ends_with_stop(got, got_mask, stop_ids)[1] and not ends_with_stop(got, got_mask, torch.tensor([2]))[1]
+
+
+def test_a_position_table_too_short_is_refused_and_rope_past_its_range_warned(tiny_kit, tmp_path, capsys):
+    """GPT-2's learned positions end at n_positions: prompts + responses longer than that would index past the
+    table mid-run, so the run stops at start-up naming the flags and the limit; a RoPE model only warns."""
+    folder, data, reward = gpt2_kit(tmp_path)
+    save_tiny_hf_model("gpt2", folder, TOKENIZER, chat=False, pad=False, positions=32)
+    with pytest.raises(ValueError, match=r"--max_seq_len 32 \+ --max_gen_len 8 = 40 positions, but the policy "
+                                         r"\(GPT2LMHeadModel\) was trained on 32, and its position table ends there"):
+        train_ppo.main(train_ppo.parse_args(hf_run_args(folder, tmp_path / "run", data, "--max_steps", "1", *reward)))
+    train_ppo.main(train_ppo.parse_args(hf_run_args(folder, tmp_path / "run", data, "--max_steps", "1",
+                                                    "--max_seq_len", "24", *reward)))  # 24 + 8 fits
+    llama = save_tiny_hf_model("llama", tmp_path / "llama", TOKENIZER, positions=32)
+    capsys.readouterr()
+    train_ppo.main(train_ppo.parse_args(hf_run_args(llama, tmp_path / "run2", tiny_kit["data"], "--max_steps", "1",
+                                                    "--reward_model_path", tiny_kit["reward_model"])))
+    assert "warning: --max_seq_len 32 + --max_gen_len 8 = 40 positions, but the policy (LlamaForCausalLM) was " \
+           "trained on 32 (max_position_embeddings); it extrapolates beyond them" in capsys.readouterr().out
+
+
+def test_a_transformers_moe_policy_adds_its_balance_loss_at_its_own_weight():
+    """transformers returns Mixtral's raw balance loss and weighs it by router_aux_loss_coef in its own loss: the
+    trainer's MoE loss term equals transformers' loss minus the cross-entropy, not the raw loss (1/coef larger)."""
+    model = tiny_hf_model("mixtral", router_aux_loss_coef=0.02).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 6400, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with_balance = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+        plain = model(ids, attention_mask=mask, labels=ids)
+        aux = Policy(model)(ids, mask, 4, 1.0)[2]
+    assert with_balance.aux_loss > 0.5  # the raw loss, ~1 for balanced routing
+    assert aux.item() == pytest.approx((with_balance.loss - plain.loss).item(), rel=1e-4)
+    assert aux.item() == pytest.approx(0.02 * with_balance.aux_loss.item(), rel=1e-4)
+
+
+def test_two_ranks_train_a_moe_policy_whose_expert_gets_no_token(tiny_kit, tmp_path):
+    """DDP with an expert that no token reaches (top-1 routing; expert 3's router row is the mean of experts 0 and
+    1, so its logit is never the largest): with transformers 4.57's per-expert modules its weights get no
+    gradient, which DDP refuses at the second step unless told to look for unused parameters."""
+    model = tiny_hf_model("mixtral", num_experts_per_tok=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = (layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe).gate  # transformers 5 / 4.57
+            gate.weight[3] = (gate.weight[0] + gate.weight[1]) / 2
+    folder = tmp_path / "mixtral"
+    model.save_pretrained(folder)
+    from model.loading import load_tokenizer
+    load_tokenizer(TOKENIZER).save_pretrained(folder)
+    torchrun("train", tmp_path, *hf_run_args(str(folder), tmp_path / "run", tiny_kit["data"], "--max_steps", "2",
+                                             "--reward_model_path", tiny_kit["reward_model"]))
+    for rank in range(2):
+        assert json.load(open(tmp_path / f"checks_rank{rank}.json")) == [True, True]
+
+
+@pytest.mark.parametrize("arch", ["llama", "minimind"])
+def test_sampling_passes_the_cache_as_this_transformers_version_wants(arch, capfd):
+    """transformers 5.2x renamed `past_key_values` to `cache` (the old name is removed in 5.40): no deprecation
+    warning under the newest 5.x, nor under 4.57 (where `past_key_values` is the name), for a transformers
+    policy or MiniMind (whose output class is transformers')."""
+    import warnings
+    import transformers.utils.logging as hf_logging
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    hf_logging.warning_once.cache_clear()  # a warning already shown by another test would hide this one
+    model = tiny_hf_model(arch) if arch != "minimind" else MiniMindForCausalLM(MiniMindConfig(hidden_size=32,
+                                                                                             num_hidden_layers=1))
+    ids, mask = left_padded_prompts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        response, response_mask, _ = sample_responses(model.eval(), ids, mask, 6, 2, 0)
+    assert response_mask.sum() > 0
+    messages = [str(w.message) for w in caught] + capfd.readouterr().err.splitlines()
+    assert not [m for m in messages if "deprecated" in m.lower()], messages
+
+
+def test_the_closing_hint_runs_as_printed_after_a_transformers_run_on_plain_prompts(tmp_path, capsys):
+    """The `next:` command of a GPT-2 run on plain prompts with a reward function runs as printed: eval_policy
+    reads the run's data, reward and lengths from its run_args.json, shows only the metrics that apply (no
+    MiniMind2 format), and reproduces the trainer's own final evaluation."""
+    from scripts import eval_policy
+    folder, data, reward = gpt2_kit(tmp_path)
+    train_ppo.main(train_ppo.parse_args(hf_run_args(folder, tmp_path / "run", data, "--max_steps", "2",
+                                                    "--eval_data_path", data, *reward)))
+    hint = capsys.readouterr().out.split("next: ")[1].splitlines()[0].split()
+    assert hint[:2] == ["python", "scripts/eval_policy.py"]
+    results = eval_policy.main(hint[2:])
+    final = [m for m in read_metrics(tmp_path / "run") if "eval_eos_rate" in m][-1]
+    assert "format" not in results["trained"] and "eval_format" not in final
+    assert results["trained"]["response_len"] <= 8  # the run's --max_gen_len, not eval_policy's own default
+    for key in ("reward", "response_len", "eos_rate"):
+        assert results["trained"][key] == pytest.approx(final[f"eval_{key}"], rel=1e-5), key
+    # a MiniMind base beside the transformers policy: each scored by the rules the trainer would give it
+    both = eval_policy.main(["--base", str(ROOT / "demo" / "full_sft_128.pth"), "--trained", hint[5], "--limit", "4"])
+    assert (both["base"]["rules"], both["trained"]["rules"]) == ("minimind2", "none")
+    assert both["trained"]["reward"] == pytest.approx(eval_policy.main(hint[2:] + ["--limit", "4"])["trained"]["reward"])

@@ -198,16 +198,18 @@ def test_minimind3_reward_collapses_the_history_and_scores_the_answer():
     assert collapse_history(history[1:2]) == history[1:2]  # one user message stays as it is
 
 
-def test_reward_rules_default_to_the_weights_generation_and_log_each_part(tiny_kit, tmp_path):
+def test_reward_rules_default_to_the_weights_generation_and_log_each_part(tiny_kit, tmp_path, capsys):
     run(tiny_run_args(tiny_kit, tmp_path / "v2", "--max_steps", "1", "--log_samples", "1"))
     torch.manual_seed(0)
     save_weights(MiniMindForCausalLM(MiniMindConfig(version=3, hidden_size=64, num_hidden_layers=2)),
                  tmp_path / "full_sft_64.pth")
     run(tiny_run_args(tiny_kit, tmp_path / "v3", "--max_steps", "1", "--log_samples", "1", "--from_weight",
                       str(tmp_path / "full_sft_64.pth")))
-    for name, rules, parts in [("v2", "minimind2", {"format", "tags", "rm"}),
-                               ("v3", "minimind3", {"length", "think", "repetition", "rm"})]:
-        assert json.load(open(tmp_path / name / "run_args.json"))["reward_rules"] == rules
+    out = capsys.readouterr().out.split("actor: ")
+    for name, rules, parts, log in [("v2", "minimind2", {"format", "tags", "rm"}, out[1]),
+                                    ("v3", "minimind3", {"length", "think", "repetition", "rm"}, out[2])]:
+        assert f"reward rules: {rules}" in log.splitlines()[0]
+        assert json.load(open(tmp_path / name / "run_args.json"))["reward_rules"] is None  # default: the weights'
         metrics = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
         sample = json.loads(open(tmp_path / name / "samples.jsonl").readline())
         assert {k for k in metrics if k.startswith("reward_")} == {f"reward_{p}" for p in parts}
@@ -265,3 +267,22 @@ def test_plain_prompts_with_a_thinking_template_take_no_thinking_ratio(tiny_kit,
     assert json.load(open(tmp_path / "out" / "run_args.json"))["thinking_ratio"] == 0.0
     with pytest.raises(ValueError, match=r"--thinking_ratio 0\.5: \S+plain\.jsonl has plain-text prompt rows"):
         run([*flags, "--thinking_ratio", "0.5"])
+
+
+def test_eval_policy_renders_prompts_as_the_trainers_evaluation(tiny_kit, tokenizers, tmp_path):
+    """With a thinking-switch template the trainer's evaluation opens the think block in 90% of the prompts (drawn
+    from --seed); eval_policy follows the same rule (and the run's tokenizer), so its numbers are the trainer's."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import eval_policy
+    save_dir = tmp_path / "run"
+    eval_data = str(ROOT / "dataset" / "rlaif-eval.jsonl")
+    run(tiny_run_args(tiny_kit, save_dir, "--max_steps", "1", "--tokenizer_path", tokenizers["minimind3"],
+                      "--eval_data_path", eval_data, "--eval_limit", "12", "--reward_rules", "minimind2"))
+    step0 = [json.loads(line) for line in open(save_dir / "metrics.jsonl") if "eval_eos_rate" in line][0]
+    results = eval_policy.main(["--base", tiny_kit["actor"], "--trained",
+                                str(save_dir / "checkpoints" / "ppo_actor_64_resume.pth")])
+    for key in ("format", "tags", "accuracy", "reward", "reward_rm", "response_len", "eos_rate"):
+        assert results["base"][key] == pytest.approx(step0[f"eval_{key}"], rel=1e-6, abs=1e-7), key
+    opened = [s["prompt"].endswith(OPEN) for s in RLAIFDataset(eval_data, AutoTokenizer.from_pretrained(
+        tokenizers["minimind3"]), max_length=48, seed=1).samples[:12]]
+    assert 0 < sum(opened) < 12  # both kinds of prompt were evaluated

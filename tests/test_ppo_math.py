@@ -222,7 +222,7 @@ def test_non_finite_reward_names_the_sample():
 
 
 def test_entropy_from_logits():
-    from train_ppo import entropy_from_logits
+    from model.policy import entropy_from_logits
     uniform = torch.zeros(2, 3, 10)
     assert torch.allclose(entropy_from_logits(uniform), torch.full((2, 3), math.log(10)))
     p = torch.tensor([0.7, 0.2, 0.1])
@@ -313,3 +313,23 @@ def test_unsound_kl_placements_are_refused_or_warned(capsys):
     assert kl_placement_warning("reward", "k1", 0.02) is None
     assert kl_placement_warning("loss", "k3", 0.02) is None
     assert kl_placement_warning("reward", "k3", 0.0) is None  # no penalty, no bias
+
+
+def test_advantage_mean_and_std_are_logged_before_whitening():
+    """advantage_mean / advantage_std describe the raw GAE advantages (whitened ones are ~0 and ~1 by
+    construction and say nothing): checked against the brute-force GAE loop."""
+    from train_ppo import add_advantages, Experience, rollout_metrics
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 2, 4]
+    mask = torch.tensor([[1.0] * n + [0.0] * (5 - n) for n in lengths])
+    rewards, values = torch.randn(3, 5, generator=g) * mask + 2 * mask, torch.randn(3, 5, generator=g) * mask
+    exp = Experience(input_ids=None, attention_mask=None, response_mask=mask, old_logprobs=None, ref_logprobs=None,
+                     values=values, token_rewards=rewards, kl=torch.zeros(3, 5), scores=torch.zeros(3),
+                     reward_parts={}, has_eos=torch.ones(3, dtype=torch.bool), sampler_gap=torch.tensor(0.0))
+    add_advantages(exp, "gae", 1.0, 0.95)
+    raw, _ = gae_brute_force(rewards, values, lengths, 1.0, 0.95)
+    real = raw[mask.bool()]
+    metrics = rollout_metrics(exp)
+    assert metrics["advantage_mean"] == pytest.approx(real.mean().item(), rel=1e-5)
+    assert metrics["advantage_std"] == pytest.approx(real.std(unbiased=False).item(), rel=1e-5)
+    assert abs(metrics["advantage_mean"]) > 0.5  # visibly not the whitened mean

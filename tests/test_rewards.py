@@ -10,7 +10,8 @@ from transformers import (BertForSequenceClassification, BertTokenizerFast, Dist
 
 import train_ppo
 from conftest import tiny_run_args
-from reward import NonFiniteRolloutError, Reward, RewardFunction, load_reward_model
+from reward import Reward, load_reward_model
+from reward_functions import NonFiniteRolloutError, RewardFunction
 
 def run(argv):
     train_ppo.main(train_ppo.parse_args(argv))

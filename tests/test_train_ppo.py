@@ -1,6 +1,7 @@
 """train_ppo end to end on tiny models: files written, resume, ratio == 1, DDP equivalence."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -126,7 +127,7 @@ def test_adaptive_kl_target_is_in_nats_per_response(tiny_kit, tmp_path):
     """--target_kl_ctl is compared with the mean summed KL per response. Step 2's rollout KL does not depend
     on the target (step 1 has KL 0, old actor == ref), so with a target just below it beta rises at step 2
     and with one just above it falls. Fed the per-token mean instead (8x smaller here), beta would fall both times."""
-    flags = ["--kl_horizon", "10", "--kl_coef", "0.05"]
+    flags = ["--kl_horizon", "10", "--kl_coef", "0.05", "--kl_mode", "loss"]  # k3: a KL estimate that is >= 0
     run(tiny_run_args(tiny_kit, tmp_path / "probe", "--max_steps", "3", "--target_kl_ctl", "1", *flags))
     probe = read_metrics(tmp_path / "probe")[1]
     kl = probe["kl_ref_per_response"]
@@ -253,3 +254,50 @@ def test_a_resume_whose_reference_changed_stops(tiny_kit, tmp_path):
     shutil.copy(tiny_kit["actor"], start)  # the true start back: the resume goes on
     run([*args, "--from_resume", "1"])
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3, 4]
+
+
+def test_every_flag_has_one_line_of_help_and_shows_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train_ppo.parse_args(["--help"])
+    text = capsys.readouterr().out
+    blocks = [b for b in re.split(r"\n(?=  -)", text.split("options:", 1)[1]) if b.lstrip().startswith("--")]
+    assert len(blocks) > 70
+    for block in blocks:
+        flag, words = block.split()[0], " ".join(block.split())
+        option_words = re.match(r"(--\S+( [A-Z_.:{},0-9a-z]+)?(, --\S+( [A-Z_.:{},0-9a-z]+)?)*)", words).group(0)
+        help_text = words[len(option_words):].replace("(default:", "")
+        assert len(help_text.split()) >= 3, f"{flag} has no help"
+        assert "default" in words, f"{flag} shows no default"
+
+
+def test_user_errors_are_one_line_and_come_before_any_model(tiny_kit, tmp_path):
+    """A bad flag, file or folder stops the script with one `error: ...` line and a non-zero exit, before any model
+    is built (no `actor:` line); PPO_TRACEBACK=1 shows the traceback. The JSON error says no word twice."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.abspath(train_ppo.__file__)), "train_ppo.py")
+    ten = tmp_path / "ten.jsonl"
+    ten.write_text("".join(open(tiny_kit["data"]).readlines()[:10]))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"conversations": "unterminated\n')
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    cases = {
+        "nonexistent_folder": (["--from_weight", "nonexistent_folder"], "no file or folder of that name exists"),
+        "batch": (["--data_path", str(ten), "--batch_size", "32", "--mini_batch_size", "16"],
+                  "--batch_size 32 x 1 processes needs 32 prompts, but"),
+        "read-only": (["--save_dir", str(tmp_path / "blocker" / "out")], "--save_dir"),
+        "json": (["--data_path", str(broken)], "broken.jsonl:1: invalid JSON: Unterminated string starting at "
+                                                "(column 19)"),
+        "flag": (["--kl_mode", "loss", "--kl_estimator", "k1"], "zero expected gradient"),
+    }
+    for name, (flags, message) in cases.items():
+        result = subprocess.run([sys.executable, script, "--device", "cpu", *flags], capture_output=True, text=True,
+                                cwd=tmp_path, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr)
+        assert message in lines[0] and "at at" not in lines[0], (name, lines[0])
+        assert "actor: " not in result.stdout, name
+    result = subprocess.run([sys.executable, script, "--device", "cpu", "--from_weight", "nonexistent_folder"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env=dict(os.environ, PPO_TRACEBACK="1"))
+    assert "Traceback (most recent call last)" in result.stderr and "MissingFileError" in result.stderr

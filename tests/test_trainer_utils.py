@@ -372,17 +372,25 @@ def test_weight_name_resolves_the_one_file_whatever_its_size(tmp_path):
     for name in ["full_sft_768_moe.pth", "full_sft_x.pth", "full_sft_512_resume.pth", "rlhf_512.pth", "full_sft_768.txt"]:
         (tmp_path / name).write_bytes(b"")  # only the first is full_sft_<hidden>[_moe].pth
     assert tu.resolve_weight("full_sft", str(tmp_path)) == str(tmp_path / "full_sft_768_moe.pth")
-    assert tu.resolve_weight(str(tmp_path / "any.pth"), "elsewhere") == str(tmp_path / "any.pth")  # a path as is
+    assert tu.resolve_weight(str(tmp_path / "rlhf_512.pth"), "elsewhere") == str(tmp_path / "rlhf_512.pth")  # as is
+    with pytest.raises(FileNotFoundError, match=r"--from_weight \S+any\.pth: no file or folder of that name exists"):
+        tu.resolve_weight(str(tmp_path / "any.pth"), "elsewhere")
     (tmp_path / "full_sft_512.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"--from_weight full_sft: 2 files match in \S+: full_sft_512\.pth, "
                                          r"full_sft_768_moe\.pth; pick one with --hidden_size and/or --use_moe"):
         tu.resolve_weight("full_sft", str(tmp_path))
     assert tu.resolve_weight("full_sft", str(tmp_path), hidden_size=768) == str(tmp_path / "full_sft_768_moe.pth")
     assert tu.resolve_weight("full_sft", str(tmp_path), use_moe=False) == str(tmp_path / "full_sft_512.pth")
-    with pytest.raises(FileNotFoundError, match=r"--from_weight full_sft: no full_sft_640\.pth in \S+ \(pattern "
-                                                r"full_sft_<hidden>\[_moe\]\.pth; it holds full_sft_512\.pth, "
-                                                r"full_sft_768_moe\.pth\)"):
+    with pytest.raises(FileNotFoundError, match=r"--from_weight full_sft: no file or folder of that name exists, "
+                                                r"and as a weight name it found no full_sft_640\.pth in \S+ "
+                                                r"\(--save_dir; pattern full_sft_<hidden>\[_moe\]\.pth; it holds "
+                                                r"full_sft_512\.pth, full_sft_768_moe\.pth\)"):
         tu.resolve_weight("full_sft", str(tmp_path), hidden_size=640)
-    with pytest.raises(FileNotFoundError, match=rf"--from_weight reason: no reason_<hidden>\.pth in "
-                                                rf"{tmp_path / 'none'} \(pattern reason_<hidden>\[_moe\]\.pth\)"):
-        tu.resolve_weight("reason", str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match=rf"--from_weight nonexistent_folder: no file or folder of that name "
+                                                rf"exists, and as a weight name it found no nonexistent_folder_<hidden>"
+                                                rf"\.pth in {tmp_path / 'none'} \(--save_dir; pattern "
+                                                rf"nonexistent_folder_<hidden>\[_moe\]\.pth\)"):
+        tu.resolve_weight("nonexistent_folder", str(tmp_path / "none"))
+    (tmp_path / "no_config").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no_config holds no config\.json, so it is not a transformers model"):
+        tu.resolve_weight(str(tmp_path / "no_config"), "elsewhere")

@@ -1,0 +1,118 @@
+"""LoRA through peft, for MiniMind and any transformers causal LM (and a critic's backbone), and the two
+memory savers beside it: gradient checkpointing and frozen weights kept in the compute precision.
+
+A LoRA policy is its base model with peft's adapter layers injected in place: it samples and scores as
+the model it was, the reference is the same model with its adapters switched off (no copy), and what
+is saved is the adapter (a folder `peft.PeftModel.from_pretrained(base, folder)` loads) and the
+merged weights, under the base model's own key names.
+"""
+import contextlib
+
+import torch
+from trainer_utils import InputError
+
+
+def add_lora(model, rank, alpha, target_modules="all-linear"):
+    """Inject trainable LoRA adapters (rank, alpha; dropout 0: two forwards of one policy must agree) into
+    `model` in place and freeze everything else; returns peft's PeftModel around it (for saving).
+    target_modules: peft's "all-linear" (every linear layer of the decoder blocks, GPT-2's Conv1D included;
+    not the embedding or the LM head) or a comma-separated list of module names (q_proj,v_proj)."""
+    from peft import LoraConfig, get_peft_model
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:  # peft names the modules it did not find
+        raise InputError(f"--lora_target_modules {target_modules}: {e}") from e
+    return peft_model
+
+
+def adapter_layers(model):
+    """peft's tuner layers injected in `model` (none for a model without adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run `model` as its base: every adapter off inside the block (the LoRA reference), back on after."""
+    layers = adapter_layers(model)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+@torch.no_grad()
+def merged_state_dict(model):
+    """`model`'s weights with every LoRA adapter merged in (W + scale * B A, peft's get_delta_weight) under the
+    base model's own key names: what MiniMind's .pth and save_pretrained hold. `model` is left as it is."""
+    from peft.tuners.lora import LoraLayer
+    merged = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+            merged[f"{name}.weight"] = base.weight.detach() + delta.to(base.weight.dtype)
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        clean = key.replace(".base_layer.", ".")
+        state[clean] = merged.get(clean, value)
+    return state
+
+
+def trainable_state_dict(model):
+    """The trained part of `model`'s state (all of it without adapters; with LoRA, the adapters and any head
+    trained in full): what a resume file needs, the frozen base being rebuilt from --from_weight."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if not adapter_layers(model):
+        return model.state_dict()
+    return {k: v for k, v in model.state_dict().items() if k in trained}
+
+
+def load_trainable_state_dict(model, state):
+    """trainable_state_dict read back: every trained tensor present, nothing else expected."""
+    if not adapter_layers(model):
+        model.load_state_dict(state)
+        return
+    missing = {name for name, p in model.named_parameters() if p.requires_grad} - set(state)
+    unexpected = set(state) - {name for name, _ in model.named_parameters()}
+    if missing or unexpected:
+        raise InputError(f"resume file does not hold this model's adapters (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}): was it written with another --lora_rank or "
+                         f"--lora_target_modules?")
+    model.load_state_dict(state, strict=False)
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each decoder block's activations in the backward pass instead of keeping them. MiniMind (and a
+    critic on its backbone) per block, with torch.utils.checkpoint (non-reentrant); a transformers model through
+    its own activation_checkpointing_enable (gradient_checkpointing_enable in 4.x). transformers' blocks checkpoint only in training mode, while the
+    trainer runs every model in eval mode (dropout off): the blocks alone are flagged as training, their
+    submodules (dropout among them) stay in eval."""
+    inner = getattr(model, "base_model_prefix", None) and getattr(model, model.base_model_prefix, None)
+    minimind = model if hasattr(model, "gradient_checkpointing") and hasattr(model, "layers") else inner
+    if minimind is not None and type(minimind).__name__ == "MiniMindModel":
+        minimind.gradient_checkpointing = True
+        return
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if module is not model and getattr(module, "gradient_checkpointing", False):
+            module.training = True
+
+
+def keep_frozen_in(model, dtype):
+    """Frozen parameters (a LoRA base, a reference) in `dtype` (the compute precision on CUDA): autocast would
+    cast them for every matmul anyway, so a float32 master copy only costs memory. Trained ones stay float32."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model

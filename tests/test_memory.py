@@ -1,0 +1,276 @@
+"""What lets real sizes fit: gradient checkpointing, LoRA through peft (reference = the base with the adapter
+off), no copy of the old actor, log-probs by chunks of the LM head, a critic started from a reward model."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import train_ppo
+from children import finish, read_metrics, start, torchrun, wait_for
+from conftest import ROOT, tiny_run_args
+from hf_models import save_tiny_hf_model, tiny_hf_model
+from model import policy as policy_module
+from model.critic import build_critic
+from model.lora import add_lora, adapter_layers, enable_gradient_checkpointing, keep_frozen_in, merged_state_dict
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.policy import Policy
+from trainer_utils import load_resume, load_state_dict_file, unwrap_model
+
+TOKENIZER = str(ROOT / "model")
+
+
+def tiny_lm(arch, seed=0):
+    torch.manual_seed(seed)
+    lm = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)) if arch == "minimind" \
+        else tiny_hf_model(arch, seed=seed)
+    return lm.eval()
+
+
+def batch(seed=0, B=3, T=14, R=6):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 6400, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    return ids, mask, R
+
+
+def loss_and_grads(policy, critic, ids, mask, R):
+    """A PPO-shaped loss through the policy's log-probs and entropy and the critic's values; the gradients."""
+    logprobs, entropy, _ = policy(ids, mask, R, 0.8, "grad")
+    values = critic(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))[:, -R - 1:-1]
+    (logprobs.sum() - 0.1 * entropy.sum() + (values ** 2).sum()).backward()
+    return {n: p.grad.clone() for m in (policy, critic) for n, p in m.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+@pytest.mark.parametrize("arch", ["minimind", "llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients(arch):
+    lm = tiny_lm(arch)
+    critic = build_critic(lm).eval()
+    torch.nn.init.normal_(critic.value_head.weight, std=0.1)
+    lm2, critic2 = copy.deepcopy(lm), copy.deepcopy(critic)
+    enable_gradient_checkpointing(lm2)
+    enable_gradient_checkpointing(critic2.model)
+    ids, mask, R = batch()
+    plain = loss_and_grads(Policy(lm), critic, ids, mask, R)
+    recomputed = {}
+
+    class CountCheckpoints(TorchDispatchMode):  # the recomputation really happens: more forwards than blocks
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            recomputed[func] = recomputed.get(func, 0) + 1
+            return func(*args, **(kwargs or {}))
+    with CountCheckpoints():
+        checkpointed = loss_and_grads(Policy(lm2), critic2, ids, mask, R)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5), name
+    mm = sum(n for f, n in recomputed.items() if "mm" in str(f))
+    with CountCheckpoints():
+        recomputed.clear()
+        loss_and_grads(Policy(lm), critic, ids, mask, R)
+    assert mm > sum(n for f, n in recomputed.items() if "mm" in str(f))  # the blocks ran again in the backward
+
+
+def test_gradient_checkpointing_resume_is_exact(tiny_kit, tmp_path):
+    """A checkpointed run stopped after 2 steps and resumed ends as the uninterrupted one, bit for bit."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = ["--max_steps", "4", "--gradient_checkpointing", "1"]
+    train_ppo.main(train_ppo.parse_args(tiny_run_args(tiny_kit, full, *flags)))
+    os.makedirs(part / "checkpoints")
+    os.link(full / "checkpoints" / "ppo_actor_64_resume.1.pth", part / "checkpoints" / "ppo_actor_64_resume.pth")
+    train_ppo.main(train_ppo.parse_args(tiny_run_args(tiny_kit, part, *flags, "--from_resume", "1")))
+    a, b = load_state_dict_file(full / "ppo_actor_64.pth"), load_state_dict_file(part / "ppo_actor_64.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- log-probs that fit
+@pytest.mark.parametrize("arch", ["minimind", "llama", "gpt2"])
+def test_chunked_logprobs_equal_the_full_computation_and_never_hold_all_logits(arch, monkeypatch):
+    """Log-probs, entropy and their gradients by chunks of 2 positions equal those of full logits [B, R, V]
+    (1e-6), and no float tensor as large as [B, R, V] is ever made, forward or backward."""
+    lm = tiny_lm(arch)
+    ids, mask, R = batch(B=4, T=30, R=24)  # B * R > hidden: one [B, R, V] tensor outweighs a weight's gradient
+    policy = Policy(lm)
+    assert policy.chunked
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    logits = lm(ids, attention_mask=mask, position_ids=positions).logits[:, -R - 1:-1].float() / 0.8
+    want_logp = logits.log_softmax(-1).gather(-1, ids[:, -R:, None]).squeeze(-1)
+    want_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    (want_logp.sum() - 0.1 * want_entropy.sum()).backward()
+    want_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    V = lm.get_output_embeddings().out_features
+    monkeypatch.setattr(policy_module, "CHUNK_ELEMENTS", 4 * 2 * V)  # 2 positions per chunk
+    sizes = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(t) and t.is_floating_point():
+                    sizes.append(t.numel())
+            return out
+    with Sizes():
+        logp, entropy, _ = policy(ids, mask, R, 0.8, "grad")
+        (logp.sum() - 0.1 * entropy.sum()).backward()
+    assert torch.allclose(logp, want_logp, atol=1e-6) and torch.allclose(entropy, want_entropy, atol=1e-5)
+    for n, p in lm.named_parameters():
+        assert torch.allclose(p.grad, want_grads[n], atol=1e-6, rtol=1e-4), n
+    assert max(sizes) < 4 * R * V, (max(sizes), 4 * R * V)  # never one [B, R, V] tensor
+
+
+# ----------------------------------------------------------------------------- LoRA
+def lora_flags(kit, save_dir, *extra):
+    return tiny_run_args(kit, save_dir, "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "5e-3", *extra)
+
+
+def llama_lora_flags(folder, kit, save_dir, *extra):
+    return ["--from_weight", folder, "--data_path", kit["data"], "--reward_model_path", kit["reward_model"],
+            "--save_dir", str(save_dir), "--batch_size", "4", "--mini_batch_size", "2", "--max_gen_len", "8",
+            "--max_seq_len", "48", "--device", "cpu", "--seed", "1", "--check_tokenizer", "0", "--lora_rank", "4",
+            "--lora_alpha", "8", "--learning_rate", "5e-3", *extra]
+
+
+def test_lora_trains_the_adapter_only_and_the_reference_is_the_base(tiny_kit, tmp_path, capsys):
+    """The reference is the actor's own LM with its adapter off (no copy); the old actor is the actor itself;
+    two forwards agree (no adapter dropout); the start-up line counts the trained parameters; the base weights
+    are unchanged by training; the adapter moved."""
+    run = train_ppo.build_run(train_ppo.parse_args(lora_flags(tiny_kit, tmp_path, "--max_steps", "2")))
+    actor = unwrap_model(run.learner.actor)
+    assert run.ref_model.lm is actor.lm and run.ref_model.adapters_off and run.old_actor is actor
+    trained = [n for n, p in actor.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_" in n for n in trained)
+    out = capsys.readouterr().out
+    n_trained = sum(p.numel() for m in (actor, run.learner.critic) for p in m.parameters() if p.requires_grad)
+    assert f"LoRA rank 4); trained parameters (actor + critic): {n_trained / 1e6:.2f}M" in out
+    ids, mask, R = batch()
+    base = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).eval()
+    base.load_state_dict(load_state_dict_file(tiny_kit["actor"]))
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(run.ref_model(ids, mask, R)[0], Policy(base)(ids, mask, R)[0])
+        assert torch.equal(actor(ids, mask, R)[0], actor(ids, mask, R)[0])  # no dropout
+    train_ppo.finish(run, train_ppo.train(run))
+    merged = merged_state_dict(actor.lm)
+    assert merged.keys() == base_state.keys()  # MiniMind's own key names
+    moved = [k for k in merged if not torch.equal(merged[k], base_state[k].float())]
+    assert moved and all(k.endswith("_proj.weight") for k in moved)  # only adapted layers differ
+    state = actor.lm.state_dict()
+    for k, v in base_state.items():  # the base itself untouched
+        assert torch.equal(state[k.replace("_proj.weight", "_proj.base_layer.weight")], v.float()), k
+
+
+@pytest.mark.parametrize("arch", ["minimind", "llama"])
+def test_lora_saves_an_adapter_peft_loads_and_the_merged_policy(arch, tiny_kit, tmp_path):
+    """{save_weight}_lora/ loaded onto the base with peft gives the trainer's logits; the merged policy (MiniMind's
+    .pth with MiniMind's keys, or the transformers folder) equals base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    if arch == "minimind":
+        flags, base_path = lora_flags(tiny_kit, tmp_path / "run", "--max_steps", "2"), tiny_kit["actor"]
+    else:
+        base_path = save_tiny_hf_model("llama", tmp_path / "llama", TOKENIZER)
+        flags = llama_lora_flags(base_path, tiny_kit, tmp_path / "run", "--max_steps", "2")
+    run = train_ppo.build_run(train_ppo.parse_args(flags))
+    train_ppo.finish(run, train_ppo.train(run))
+    ids, mask, R = batch()
+    lm = unwrap_model(run.learner.actor).lm
+    with torch.no_grad():
+        want = lm(ids, attention_mask=mask).logits
+
+        def fresh_base():
+            if arch == "llama":
+                return AutoModelForCausalLM.from_pretrained(base_path).eval()
+            model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).eval()
+            model.load_state_dict(load_state_dict_file(base_path))
+            return model.float()
+        adapter = PeftModel.from_pretrained(fresh_base(), tmp_path / "run" / "ppo_actor_lora").eval()
+        assert torch.allclose(adapter(input_ids=ids, attention_mask=mask).logits, want, atol=1e-5)
+        if arch == "minimind":
+            merged = fresh_base()
+            merged.load_state_dict({k: v.float() for k, v in load_state_dict_file(tmp_path / "run" /
+                                                                                 "ppo_actor_64.pth").items()})
+            tolerance = 5e-2  # the .pth is float16, as MiniMind's
+        else:
+            merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "ppo_actor_hf").eval()
+            tolerance = 1e-5
+        assert (merged(ids, attention_mask=mask).logits - want).abs().max() < tolerance
+        assert (fresh_base()(ids, attention_mask=mask).logits - want).abs().max() > 2 * tolerance  # it trained
+
+
+def test_lora_sigkill_then_resume_is_bit_exact(tiny_kit, forkserver, tmp_path):
+    argv = lambda save_dir, *extra: lora_flags(tiny_kit, save_dir, "--max_steps", "5", "--save_interval", "1", *extra)
+    reference, log = tmp_path / "reference", tmp_path / "log_ref"
+    assert finish(start(forkserver, argv(reference), log), log) == 0, open(log).read()[-2000:]
+    save_dir, log = tmp_path / "run", tmp_path / "log"
+    proc = start(forkserver, argv(save_dir), log)
+    wait_for(proc, log, lambda: (save_dir / "metrics.jsonl").exists() and len(read_metrics(save_dir)) >= 3,
+             "3 steps")
+    proc.kill()
+    finish(proc, log)
+    log = tmp_path / "log2"
+    assert finish(start(forkserver, argv(save_dir, "--from_resume", "1"), log), log) == 0, open(log).read()[-2000:]
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
+                        for m in ms]
+    assert strip(read_metrics(save_dir)) == strip(read_metrics(reference))
+    a, _ = load_resume(str(save_dir / "checkpoints" / "ppo_actor_64_resume.pth"))
+    b, _ = load_resume(str(reference / "checkpoints" / "ppo_actor_64_resume.pth"))
+    assert a["model"].keys() == b["model"].keys() and all(".lora_" in k for k in a["model"])  # adapters only
+    for key in ("model", "critic_model"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in b[key]), key
+    assert json.load(open(save_dir / "ppo_actor_lora" / "adapter_config.json"))["r"] == 4
+
+
+def test_lora_under_two_ranks_equals_one_process(tmp_path):
+    """One PPO update of a LoRA policy (and LoRA critic) on two gloo ranks equals the update of one process on
+    the whole batch."""
+    from ddp_worker import fixed_rollout, one_update, tiny_models, update_args
+    torchrun("update", tmp_path, "minimind-lora")
+    ddp = torch.load(tmp_path / "ddp_update.pt", weights_only=True)
+    actor, critic = tiny_models("minimind-lora")
+    actor_sd, critic_sd = one_update(actor, critic, fixed_rollout(actor, 4, 6, 5), update_args(4))
+    lora_keys = [k for k in actor_sd if ".lora_" in k]
+    assert lora_keys and any(not torch.equal(actor_sd[k], tiny_models("minimind-lora")[0].state_dict()[k])
+                             for k in lora_keys if "lora_B" in k)  # the update moved the adapter
+    for name, ref, got in [("actor", actor_sd, ddp["actor"]), ("critic", critic_sd, ddp["critic"])]:
+        for k in ref:
+            assert torch.allclose(ref[k], got[k], atol=1e-6, rtol=1e-5), (name, k)
+
+
+def test_frozen_weights_in_the_compute_precision_under_autocast():
+    """keep_frozen_in: a LoRA base (and a reference) in bfloat16, the adapters in float32; the policy still runs
+    under autocast and its log-probs stay close to the float32 ones."""
+    lm = tiny_lm("minimind")
+    ids, mask, R = batch()
+    with torch.no_grad():
+        full = Policy(lm)(ids, mask, R)[0]
+    add_lora(lm, 4, 8)
+    keep_frozen_in(lm, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in lm.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".lora_" not in n)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = Policy(lm)(ids, mask, R)[0]
+    assert (low - full).abs().max() < 0.1
+
+
+# ----------------------------------------------------------------------------- a critic from a reward model
+def test_a_critic_from_a_reward_model_starts_at_its_scores():
+    """--critic_weight naming a reward-model folder: the backbone and its score head become the critic, so its first
+    values are the reward model's scores of each prefix (InstructGPT's initialisation)."""
+    from transformers import AutoModelForSequenceClassification
+    from model.loading import load_tokenizer
+    folder = ROOT / "demo" / "reward_model"
+    rm = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=128, num_hidden_layers=4))
+    critic = build_critic(actor, str(folder), load_tokenizer(TOKENIZER)).eval()
+    ids = torch.randint(3, 6400, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        values = critic(ids, mask, (mask.cumsum(-1) - 1))
+        scores = torch.stack([rm(ids[:, :t + 1], attention_mask=mask[:, :t + 1]).logits[:, 0] for t in range(9)], 1)
+    assert torch.allclose(values, scores, atol=1e-5)
+    assert values.abs().max() > 0.1  # not a zero head
