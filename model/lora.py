@@ -116,3 +116,20 @@ def keep_frozen_in(model, dtype):
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
     return model
+
+
+def decoder_blocks(model):
+    """The repeated decoder blocks of a causal LM or its backbone (MiniMind's and Llama's `layers`, GPT-2's `h`):
+    the ModuleList of same-class modules that holds most of the parameters."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and len({type(block) for block in m}) == 1]
+    if not lists:
+        raise InputError(f"{type(model).__name__}: no list of decoder blocks found")
+    return list(max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters())))
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each decoder block of `model` in place (dynamic shapes: prompts, responses and the key/value
+    cache change length), for sampling, scoring and training alike; the first calls pay the compile time."""
+    for block in decoder_blocks(model):
+        block.compile(dynamic=True, backend=backend)

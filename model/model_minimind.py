@@ -151,6 +151,10 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
 
+    def keep_rows(self, rows):
+        """Only the batch rows `rows` [b] from now on (the others finished decoding)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
     def update(self, layer, k, v):
         """Write this step's k, v [B, kv, T, D] after the filled part; return everything so far."""
         start, end = self.length, self.length + k.shape[2]

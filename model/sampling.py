@@ -47,46 +47,54 @@ def output_cache(out):
 
 
 def new_cache(model, batch_size, max_len, dtype):
-    """A key/value cache for `max_len` positions of `batch_size` rows.
-
-    MiniMind: its preallocated KVCache. A transformers model: a preallocated StaticCache where the
-    model supports one, as generate(cache_implementation="static") does; under autocast a
-    DynamicCache instead, because transformers' StaticCache holds keys and values in one dtype
-    while autocast makes RoPE'd keys float32 and values bfloat16/float16.
-    """
+    """A key/value cache for `max_len` positions of `batch_size` rows: MiniMind's preallocated KVCache, or a
+    transformers DynamicCache (rows can leave it: keep_rows; a StaticCache gains nothing without compile, and
+    holds keys and values in one dtype while autocast makes RoPE'd keys float32 and values bfloat16)."""
     if hasattr(model, "new_cache"):
         return model.new_cache(batch_size, max_len, dtype)
-    from transformers import DynamicCache, StaticCache
-    if dtype is None and getattr(model, "_can_compile_fullgraph", False):
-        return StaticCache(config=model.config, max_cache_len=max_len)
+    from transformers import DynamicCache
     return DynamicCache()
 
 
-def sample_categorical(probs, generator=None):
+def keep_rows(cache, rows):
+    """The cache of the batch rows `rows` [b] only (the others have finished): MiniMind's KVCache or a DynamicCache."""
+    if hasattr(cache, "keep_rows"):
+        cache.keep_rows(rows)
+    else:
+        cache.batch_select_indices(rows)
+    return cache
+
+
+def sample_categorical(probs, generator=None, uniforms=None):
     """One token per row of probs [B, V] (rows need not sum to exactly 1), by inverting the CDF.
 
-    One uniform draw per row and a binary search: ~15x cheaper on CPU than torch.multinomial,
-    which draws an exponential variate for every vocabulary entry. u < 1, so u * total stays
-    below the total and the first index whose cumulative sum exceeds it has p > 0 (zeros
-    repeat the previous cumulative sum and are never the first to exceed it).
+    One uniform draw per row (or the given `uniforms` [B, 1]) and a binary search: ~15x cheaper on CPU
+    than torch.multinomial, which draws an exponential variate for every vocabulary entry. u < 1, so
+    u * total stays below the total and the first index whose cumulative sum exceeds it has p > 0
+    (zeros repeat the previous cumulative sum and are never the first to exceed it).
     """
     cdf = probs.cumsum(-1)  # [B, V]
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
+    if uniforms is None:
+        uniforms = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype)
+    u = uniforms * total
     # clamp: NaN probabilities find no index; sample_responses reports them after the loop
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
 def sample_responses(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id,
-                     temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None):
+                     temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, compact_at=0.25):
     """Sample up to `max_new_tokens` per row from left-padded prompts.
 
     One prefill, then one cached forward per token; only the last position reaches the vocabulary
     projection (logits_to_keep=1). Position ids are generate's (position_ids_from_mask for the
     prompt, then each row's last + 1). Each row stops at its first stop token (`stop_ids`: an id or
     a list, see stop_token_ids; kept as a real token); rows already stopped get `pad_token_id` and
-    mask 0, and the loop exits as soon as every row has stopped.
+    mask 0, and the loop exits as soon as every row has stopped. Finished rows leave the decode
+    batch (their cache rows dropped) once they are `compact_at` of it, instead of being decoded as
+    padding until the longest row ends; one uniform is still drawn per row of the whole batch each
+    step, so the tokens are those of a batch that never shrinks.
     Returns response_ids [B, R], response_mask [B, R] (1 up to and including EOS) and
     logprobs [B, R]: log-probabilities of the sampled tokens under exactly the distribution
     they were drawn from (logits / temperature, then top-k / top-p truncation). With
@@ -101,10 +109,11 @@ def sample_responses(model, input_ids, attention_mask, max_new_tokens, stop_ids,
     cache_name = cache_argument(model)
     full_mask = torch.ones(B, P + max_new_tokens, dtype=attention_mask.dtype, device=device)
     full_mask[:, :P] = attention_mask
-    positions = position_ids_from_mask(attention_mask)  # [B, P]
+    positions = position_ids_from_mask(attention_mask)  # [b, P]: b = the rows still decoding
     response_ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # [b] the batch rows still decoding
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # [b]
     next_input = input_ids
     steps = 0
     for t in range(max_new_tokens):
@@ -123,15 +132,24 @@ def sample_responses(model, input_ids, attention_mask, max_new_tokens, stop_ids,
             drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         logp = logits.log_softmax(-1)
-        token = logits.argmax(-1) if greedy else sample_categorical(logp.exp(), generator)
+        if greedy:
+            token = logits.argmax(-1)
+        else:  # a draw for every row of the batch, as if none had left it
+            uniforms = torch.rand(B, 1, generator=generator, device=device)[rows]
+            token = sample_categorical(logp.exp(), uniforms=uniforms)
         token = token.masked_fill(finished, pad_token_id)
-        response_ids[:, t] = token
-        logprobs[:, t] = logp.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0)
+        response_ids[rows, t] = token
+        logprobs[rows, t] = logp.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0)
         steps = t + 1
         finished |= torch.isin(token, stop_ids)
         if bool(finished.all()):
             break
         next_input, positions = token[:, None], positions[:, -1:] + 1
+        if compact_at and bool(finished.float().mean() >= compact_at):  # finished rows leave the batch
+            keep = (~finished).nonzero().squeeze(1)
+            cache = keep_rows(cache, keep)
+            rows, finished, next_input, positions, full_mask = (x[keep] for x in (rows, finished, next_input,
+                                                                                  positions, full_mask))
     response_ids, logprobs = response_ids[:, :steps], logprobs[:, :steps]
     if not bool(torch.isfinite(logprobs).all()):
         row = int((~torch.isfinite(logprobs)).any(1).nonzero()[0])

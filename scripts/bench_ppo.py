@@ -21,6 +21,7 @@ small 1.95 s/step, 262 generated tokens/s end to end, peak RSS 907 MB; mm2 5.2 s
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -83,6 +84,12 @@ def parse_args(argv=None):
                    help="run the bench in a child, SIGTERM it --signal_delay s after step 1 is logged (inside step 2's "
                         "generation at real sizes) and time how long it takes to exit")
     p.add_argument("--signal_delay", type=float, default=1.0)
+    p.add_argument("--lengths", default="full", choices=["full", "varied"],
+                   help="full: every response runs to --max_gen_len (comparable token counts); varied: lengths as "
+                        "real runs have them (geometric, mean ~half the limit), where padding costs the most")
+    p.add_argument("--max_tokens_per_micro_batch", type=int, default=0, help="as train_ppo")
+    p.add_argument("--compile", type=int, default=0, choices=[0, 1],
+                   help="as train_ppo; step 1 (first_step_s) then includes the compile time")
     p.add_argument("--gradient_checkpointing", type=int, default=0, choices=[0, 1], help="as train_ppo")
     p.add_argument("--lora_rank", type=int, default=0, help="as train_ppo")
     p.add_argument("--memory", action="store_true",
@@ -182,10 +189,25 @@ def force_full_length(model, eos_token_id):
     return model
 
 
+def force_varied_lengths(model, eos_token_id, max_gen_len):
+    """Set the EOS logit so that EOS has probability 2 / max_gen_len at every step, whatever the model: response
+    lengths are then geometric (mean about half of --max_gen_len, many short, a few running to the limit), as
+    responses of very different lengths are in real runs. Same placement and reason as force_full_length."""
+    hazard = 2.0 / max_gen_len
+
+    def hook(module, inputs, logits):
+        others = logits.index_fill(-1, torch.tensor([eos_token_id], device=logits.device), float("-inf"))
+        eos = others.float().logsumexp(-1) + math.log(hazard / (1 - hazard))
+        return logits.index_copy(-1, torch.tensor([eos_token_id], device=logits.device), eos[..., None].to(logits.dtype))
+    model.lm_head.register_forward_hook(hook)
+    return model
+
+
 # ----------------------------------------------------------------------------- the PPO run
 def config_of(args):
     sizes = {name: getattr(args, name) for name in PRESETS["small"]}
-    return dict(preset=args.preset, **sizes, steps=args.steps, device=args.device,
+    return dict(preset=args.preset, **sizes, steps=args.steps, device=args.device, lengths=args.lengths,
+                max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, compile=args.compile,
                 dtype=args.dtype, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
                 lora_rank=args.lora_rank,
                 threads=torch.get_num_threads(), torch=torch.__version__)
@@ -208,31 +230,38 @@ def bench_run(args):
                 "--reward_model_path", build_tiny_reward_model(os.path.join(tmp, "rm")), "--device", args.device,
                 "--dtype", args.dtype, "--save_dir", tmp, "--save_interval", 10 ** 9, "--num_workers", 0,
                 "--seed", args.seed, "--gradient_checkpointing", args.gradient_checkpointing,
-                "--lora_rank", args.lora_rank]
+                "--lora_rank", args.lora_rank, "--max_tokens_per_micro_batch", args.max_tokens_per_micro_batch,
+                "--compile", args.compile]
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
             run = train_ppo.build_run(train_ppo.parse_args([str(a) for a in argv]))
             for lm in {id(unwrap_model(m).lm): unwrap_model(m).lm for m in (run.learner.actor, run.old_actor,
                                                                              run.ref_model)}.values():
-                force_full_length(lm, run.tokenizer.eos_token_id)
+                if args.lengths == "full":
+                    force_full_length(lm, run.tokenizer.eos_token_id)
+                else:
+                    force_varied_lengths(lm, run.tokenizer.eos_token_id, args.max_gen_len)
             policy_params = sum(p.numel() for p in unwrap_model(run.learner.actor).lm.parameters())
             train_ppo.finish(run, train_ppo.train(run))
         metrics = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
     if len(metrics) < args.steps:  # stopped by a signal (--signal_test): nothing to summarise
         return dict(config=config_of(args), stopped_after_steps=len(metrics))
     lengths = {m["avg_response_len"] for m in metrics}
-    if lengths != {float(args.max_gen_len)}:
+    if args.lengths == "full" and lengths != {float(args.max_gen_len)}:
         raise RuntimeError(f"responses did not run to --max_gen_len {args.max_gen_len}: lengths {lengths}")
     timed = metrics[1:]  # step 1 warms up
 
     def median(key):
         return statistics.median(m[key] for m in timed)
 
-    tokens = args.batch_size * args.max_gen_len  # generated per step, all real
+    tokens = args.batch_size * median("avg_response_len")  # generated per step, all real
     step_s = [m["time_step_s"] for m in timed]
     result = dict(config=config_of(args),
                   s_per_step=dict(median=median("time_step_s"), min=min(step_s), max=max(step_s)),
+                  first_step_s=metrics[0]["time_step_s"],  # warm-up: allocator, and compilation with --compile
                   rollout_tokens_per_s=tokens / median("time_rollout_s"),
                   end_to_end_tokens_per_s=tokens / median("time_step_s"),
+                  forward_tokens_per_s=median("forward_tokens_per_s"),  # real prompt + response tokens scored
+                  forward_padding_share=median("forward_padding_share"),
                   phase_s=dict(rollout=median("time_rollout_s"), forwards=median("time_forward_s"),
                                reward=median("time_reward_s"), update=median("time_update_s")),
                   avg_response_len=timed[-1]["avg_response_len"], policy_params=policy_params,

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 # (title, keys, from evaluation lines?): training lines are smoothed, evaluations drawn point by point
 PANELS = [
-    ("reward", ["reward", "reward_format", "reward_tags", "reward_rm"], False),
+    ("reward", None, False),  # the total and the run's own parts (reward_<part>, diagnostics "/" aside)
     ("KL to reference", ["kl_ref"], False),
     ("entropy (nats / token)", ["entropy"], False),
     ("response length (tokens)", ["avg_response_len"], False),
@@ -49,12 +49,14 @@ def moving_average(y, window):
 
 
 def plot(records, out, smooth):
-    """Draw the panels into `out`; returns the metric keys drawn."""
+    """Draw the panels into `out`; returns (the metric keys drawn, the figure)."""
     evals = [r for r in records if "eval_eos_rate" in r]  # evaluation lines (evaluation.is_eval_record)
     train = [r for r in records if "eval_eos_rate" not in r]
     fig, axes = plt.subplots(2, 4, figsize=(20, 7.5))
     drawn = []
+    parts = sorted({k for r in train for k in r if k.startswith("reward_") and "/" not in k})
     for ax, (title, keys, from_evals) in zip(axes.flat, PANELS):
+        keys = keys or ["reward", *parts]
         rows = evals if from_evals else train
         for key in keys:
             points = [(r["step"], r[key]) for r in rows if key in r]
@@ -71,10 +73,12 @@ def plot(records, out, smooth):
         ax.set_xlabel("PPO step (rollout)")
         ax.grid(alpha=0.3)
         if len(keys) > 1 and ax.get_legend_handles_labels()[0]:  # runs without evaluation leave its panels empty
-            ax.legend(fontsize=8)
+            low, high = ax.get_ylim()
+            ax.set_ylim(low, high + 0.4 * (high - low))  # headroom: the legend sits above the curves, not on them
+            ax.legend(fontsize=7, loc="upper center", ncol=3, framealpha=0.7)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
-    return drawn
+    return drawn, fig
 
 
 def main(argv=None):
@@ -84,7 +88,7 @@ def main(argv=None):
     p.add_argument("--smooth", type=int, default=10, help="moving-average window in steps")
     args = p.parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "metrics.png")
-    drawn = plot(read_metrics(args.metrics), out, args.smooth)
+    drawn, _ = plot(read_metrics(args.metrics), out, args.smooth)
     print(f"wrote {out}")
     return drawn
 

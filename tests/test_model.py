@@ -337,3 +337,58 @@ def test_save_pretrained_round_trip(tmp_path):
     ids, mask = left_padded_batch()
     assert torch.allclose(model(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits, atol=1e-6)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("arch", ["minimind", "minimind-moe", "llama", "gpt2"])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_finished_rows_leave_the_decode_batch_with_the_same_tokens(arch, greedy):
+    """Rows that ended their turn are dropped from the decode batch (and their cache rows) instead of being decoded
+    as padding: the same tokens and log-probs as decoding the whole batch to the end, for a fixed seed."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_models import tiny_hf_model
+    torch.manual_seed(0)
+    model = (MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, use_moe=arch.endswith("moe")))
+             if arch.startswith("minimind") else tiny_hf_model(arch)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 6400, (8, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, :3] = mask[5, :1] = 0
+    stop_ids = torch.arange(3, 6400, 40)  # 1 token in 40 ends a turn: rows stop at many different steps
+    if greedy:  # greedy decoding of a random model repeats itself: odd rows end on their first token
+        stop_ids = sample_responses(model, ids, mask, 1, -1, 0, greedy=True)[0][1::2, 0]
+    runs = {}
+    for compact_at in (0.0, 0.25):
+        runs[compact_at] = sample_responses(model, ids, mask, 24, stop_ids, 0, greedy=greedy, compact_at=compact_at,
+                                            generator=torch.Generator().manual_seed(7))
+    (a_ids, a_mask, a_lp), (b_ids, b_mask, b_lp) = runs[0.0], runs[0.25]
+    assert torch.equal(a_ids, b_ids) and torch.equal(a_mask, b_mask)
+    assert torch.allclose(a_lp, b_lp, atol=1e-5)
+    lengths = a_mask.sum(1)
+    assert lengths.min() < 12 and lengths.max() > lengths.min() + 4  # ragged: the batch did shrink
+
+
+@pytest.mark.parametrize("arch", ["minimind", "llama"])
+def test_compiled_blocks_decode_and_score_as_eager(arch):
+    """--compile compiles each decoder block (dynamic shapes); traced by dynamo (the "eager" backend: the graph
+    capture without code generation, which takes minutes on a CPU), greedy responses and log-probs are eager's."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_models import tiny_hf_model
+    from model.lora import compile_blocks
+    from model.policy import Policy
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = (MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)) if arch == "minimind"
+             else tiny_hf_model(arch)).eval()
+    ids = torch.randint(3, 6400, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    eager = sample_responses(model, ids, mask, 10, -1, 0, greedy=True)
+    full = torch.cat([ids, eager[0]], 1), torch.cat([mask, eager[1]], 1)
+    eager_logprobs = Policy(model)(*full, 10)[0]
+    compile_blocks(model, backend="eager")
+    compiled = sample_responses(model, ids, mask, 10, -1, 0, greedy=True)
+    assert torch.equal(compiled[0], eager[0]) and torch.allclose(compiled[2], eager[2], atol=1e-6)
+    assert torch.allclose(Policy(model)(*full, 10)[0], eager_logprobs, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the blocks really ran compiled

@@ -1,5 +1,6 @@
 """train_ppo end to end on tiny models: files written, resume, ratio == 1, DDP equivalence."""
 import json
+import math
 import os
 import re
 import shutil
@@ -159,6 +160,22 @@ def test_plot_metrics_writes_png(tmp_path):
     plot_main([str(tmp_path / "metrics.jsonl")])
     png = (tmp_path / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+
+
+def test_plot_legend_leaves_the_reward_curve_visible(tmp_path):
+    """A run's reward rises fast from its first steps (the demo's shape) and the legend lists the run's own parts:
+    it must not cover the curve's start, where the learning shows."""
+    from scripts.plot_metrics import plot
+    records = [{"step": s, "reward": 3.3 - 2.2 * math.exp(-s / 8), "reward_format": 0.5 - 0.2 * math.exp(-s / 8),
+                "reward_tags": 1.0, "reward_rm": 1.9 - 2.0 * math.exp(-s / 8), "reward_custom/acc": 0.5}
+               for s in range(1, 141)]
+    drawn, fig = plot(records, str(tmp_path / "m.png"), 10)
+    assert {"reward", "reward_format", "reward_tags", "reward_rm"} <= set(drawn) and "reward_custom/acc" not in drawn
+    ax = fig.axes[0]
+    box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
+    for line in ax.get_lines():
+        xy = ax.transData.transform(line.get_xydata()[:14])  # the first 10% of the steps
+        assert not any(box.contains(x, y) for x, y in xy), line.get_label()
 
 
 def test_plain_text_prompts_with_a_tokenizer_without_template(tiny_kit, tmp_path):
