@@ -257,13 +257,17 @@ def minimind3_rules(response, tokens=WORD_TOKENS):
     return parts, answer
 
 
+HISTORY_FRAMING = "\n以上是对话历史。我的新问题是：\n"  # minimind-3's, between the history and the new question
+
+
 def collapse_history(messages):
-    """minimind-3 scores (history as one user message, answer) (MINIMIND_FACTS 7): every message but the last as
-    `{role}: {content}` lines joined by newlines, then `{history}\n以上是对话历史。我的新问题是：\n{last content}`;
+    """minimind-3 scores (history as one user message, answer) (MINIMIND_FACTS 7): every message but the last
+    as `{role}: {content}` lines joined by newlines, then `{history}` + HISTORY_FRAMING + `{last content}`;
     just the last message's content when there is no history. Returns [that user message]."""
     history = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])
     last = messages[-1]["content"] if messages else ""
-    return [{"role": "user", "content": f"{history}\n以上是对话历史。我的新问题是：\n{last}" if history else last}]
+    return [{"role": "user", "content": f"{history}{HISTORY_FRAMING}{last}" if history else last}]
+
 
 
 class Reward:

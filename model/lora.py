@@ -92,8 +92,9 @@ def load_trainable_state_dict(model, state):
 def enable_gradient_checkpointing(model):
     """Recompute each decoder block's activations in the backward pass instead of keeping them. MiniMind (and a
     critic on its backbone) per block, with torch.utils.checkpoint (non-reentrant); a transformers model through
-    its own activation_checkpointing_enable (gradient_checkpointing_enable in 4.x). transformers' blocks checkpoint only in training mode, while the
-    trainer runs every model in eval mode (dropout off): the blocks alone are flagged as training, their
+    its own activation_checkpointing_enable (gradient_checkpointing_enable in 4.x). transformers' blocks
+    checkpoint only in training mode, while the trainer runs every model in eval mode (dropout off): the
+    blocks alone are flagged as training, their
     submodules (dropout among them) stay in eval."""
     inner = getattr(model, "base_model_prefix", None) and getattr(model, model.base_model_prefix, None)
     minimind = model if hasattr(model, "gradient_checkpointing") and hasattr(model, "layers") else inner

@@ -198,7 +198,8 @@ def force_varied_lengths(model, eos_token_id, max_gen_len):
     def hook(module, inputs, logits):
         others = logits.index_fill(-1, torch.tensor([eos_token_id], device=logits.device), float("-inf"))
         eos = others.float().logsumexp(-1) + math.log(hazard / (1 - hazard))
-        return logits.index_copy(-1, torch.tensor([eos_token_id], device=logits.device), eos[..., None].to(logits.dtype))
+        index = torch.tensor([eos_token_id], device=logits.device)
+        return logits.index_copy(-1, index, eos[..., None].to(logits.dtype))
     model.lm_head.register_forward_hook(hook)
     return model
 

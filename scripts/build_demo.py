@@ -48,9 +48,9 @@ OPS = {"+": (lambda a, b: a + b, "plus", "加", "加上")}
 PHRASINGS = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "What is {a} {en} {b}?",
              "{a} {zh} {b} 等于多少？", "计算 {a} {op} {b}。", "{a} {zh2} {b} 是多少？"]
 # Phrasings the kit never trains on, for dataset/rlaif-novel.jsonl: does PPO teach the task or the six phrasings?
-NOVEL_PHRASINGS = ["How much is {a} + {b}?", "Add {a} and {b}.", "Please work out {a} + {b}.", "{a} + {b} = ?",
-                   "What do you get if you add {a} and {b}?", "求 {a} 与 {b} 的和。", "{a} 和 {b} 相加是多少？",
-                   "请帮我算 {a} + {b}。"]
+NOVEL_PHRASINGS = ["How much is {a} + {b}?", "Add {a} and {b}.", "Please work out {a} + {b}.",
+                   "{a} + {b} = ?", "What do you get if you add {a} and {b}?", "求 {a} 与 {b} 的和。",
+                   "{a} 和 {b} 相加是多少？", "请帮我算 {a} + {b}。"]
 # What the SFT data does wrong, per phrasing, with probability --quirk_prob: (layout, answer offset).
 # The crossing gives every mix: right, broken format, wrong answer, both.
 QUIRKS = [("good", 0), ("no_think", 0), ("good", 1), ("no_newlines", -1), ("good", 1), ("extra_text", 0)]
@@ -239,7 +239,8 @@ def write_novel_prompts(path, seed, per_phrasing=25):
     SFT data, the training prompts or rlaif-eval.jsonl), MiniMind rlaif lines with the ground truth."""
     rng = random.Random(f"novel:{seed}")
     pairs = [(a, b) for a in range(10) for b in range(10)]
-    rows = [(phrasing.format(a=a, b=b), a + b) for phrasing in NOVEL_PHRASINGS for a, b in rng.sample(pairs, per_phrasing)]
+    rows = [(phrasing.format(a=a, b=b), a + b) for phrasing in NOVEL_PHRASINGS
+            for a, b in rng.sample(pairs, per_phrasing)]
     lines = [json.dumps({"conversations": [{"role": "user", "content": text}] + assistant("无"), "answer": str(value)},
                         ensure_ascii=False) for text, value in rows]
     with open(path + ".tmp", "w", encoding="utf-8") as f:

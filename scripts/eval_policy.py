@@ -126,8 +126,8 @@ def main(argv=None):
         results[name], datasets[name] = dict(path=weight, rules=reward.rules, **metrics), samples
         del model
     n = len(next(iter(datasets.values())))
-    print(f"{n} prompts from {args.data_path}, {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}"
-          f", max {args.max_gen_len} new tokens; reward rules: "
+    decoding = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+    print(f"{n} prompts from {args.data_path}, {decoding}, max {args.max_gen_len} new tokens; reward rules: "
           + ", ".join(f"{name} {result['rules']}" for name, result in results.items()) + "\n")
     print(markdown_table({f"{name} ({result['path']})": result for name, result in results.items()}))
     for i in range(min(args.show, n)):

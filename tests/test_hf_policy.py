@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
@@ -408,3 +409,42 @@ def test_the_closing_hint_runs_as_printed_after_a_transformers_run_on_plain_prom
     both = eval_policy.main(["--base", str(ROOT / "demo" / "full_sft_128.pth"), "--trained", hint[5], "--limit", "4"])
     assert (both["base"]["rules"], both["trained"]["rules"]) == ("minimind2", "none")
     assert both["trained"]["reward"] == pytest.approx(eval_policy.main(hint[2:] + ["--limit", "4"])["trained"]["reward"])
+
+
+def test_readme_download_and_data_commands_run_after_the_readmes_install():
+    """Every `hf` and `python -c` line of the README's shell blocks can run after `pip install -r requirements.txt`:
+    the Hub CLI knows the subcommand and its flags (checked offline with --help), and the one-liners compile and
+    import only installed packages."""
+    import ast
+    import importlib.util
+    import shlex
+    import subprocess
+    text = open(ROOT / "README.md", encoding="utf-8").read()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    hub = [shlex.split(line) for line in lines if line.startswith("hf ")]
+    one_liners = [shlex.split(line)[2] for line in lines if line.startswith("python -c ")]
+    assert hub and one_liners
+    cli = "import sys; from huggingface_hub.cli.hf import main; sys.argv[0] = 'hf'; sys.exit(main())"
+    for command in hub:  # the `hf` of this interpreter's huggingface_hub (a venv's bin/ may not be on PATH)
+        help_text = subprocess.run([sys.executable, "-c", cli, command[1], "--help"], capture_output=True, text=True,
+                                   timeout=60)
+        assert help_text.returncode == 0, help_text.stderr
+        assert all(flag in help_text.stdout for flag in command if flag.startswith("--")), command
+    for code in one_liners:
+        tree = ast.parse(code)
+        modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for alias in node.names}
+        assert modules and all(importlib.util.find_spec(m) for m in modules), modules
+
+
+def test_the_tokenizer_check_speaks_to_a_transformers_user_of_their_own_folder(tiny_kit, tmp_path):
+    """A transformers policy that does not read the given tokenizer (a random one reads none): the message points at
+    the tokenizer saved in the model's own folder, not at a MiniMind checkout."""
+    folder = save_tiny_hf_model("llama", tmp_path / "llama", TOKENIZER)
+    flags = hf_run_args(folder, tmp_path / "run", tiny_kit["data"], "--max_steps", "1", "--reward_model_path",
+                        tiny_kit["reward_model"])
+    with pytest.raises(ValueError, match=r"a transformers model reads the tokenizer saved with it, in its own folder "
+                                         r"\(\S+llama; the default when --tokenizer_path is not given\)") as error:
+        train_ppo.main(train_ppo.parse_args([f for f in flags if f not in ("--check_tokenizer", "0")]))
+    assert "MiniMind" not in str(error.value)
