@@ -11,14 +11,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+import fsdp
 from dataset.lm_dataset import RLAIFDataset
 from model.loading import model_signature
 from model.lora import load_trainable_state_dict, merged_state_dict, trainable_state_dict
 from reward import Reward
-from trainer_utils import (atomic_folder, gather_rng_states, get_rank, get_world_size, hf_folder_path, InputError,
-                           is_hf_folder, is_main_process, load_resume, Logger, lora_folder_path, OutputError,
-                           resolve_weight, resume_file_pattern, resume_path, save_hf_folder, save_resume, save_weights,
-                           set_rng_state, setup_seed, truncate_metrics, unwrap_model, weight_file_pattern, weight_path)
+from trainer_utils import (all_reduce_sum, atomic_folder, gather_rng_states, get_rank, get_world_size, hf_folder_path,
+                           InputError, is_hf_folder, is_main_process, load_resume, Logger, lora_folder_path,
+                           OutputError, resolve_weight, resume_file_pattern, resume_path, save_hf_folder, save_resume,
+                           save_weights, set_rng_state, setup_seed, truncate_metrics, unwrap_model,
+                           weight_file_pattern, weight_path)
 
 
 @dataclass
@@ -94,9 +96,11 @@ def policy_path(args, config):
 def weights_fingerprint(model):
     """[tensors, 2] float64: each frozen parameter's sum and sum of absolute values, to tell one set of weights
     from another (a resume checks that its reference, a LoRA policy's base included, is the one the run
-    started from)."""
-    return torch.stack([torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)])
-                        for t in model.parameters() if not t.requires_grad]).cpu()
+    started from). A sharded model's are summed over its shards: the same on every rank (a collective)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    sums = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)])
+                        for t in map(fsdp.local_tensor, frozen)])
+    return (all_reduce_sum(sums) if fsdp.is_sharded(model) else sums).cpu()
 
 
 def check_outputs(args):
@@ -113,10 +117,11 @@ def check_outputs(args):
             clash = (os.path.dirname(start) == os.path.realpath(args.save_dir)
                      and weight_file_pattern(args.save_weight).fullmatch(os.path.basename(start)) is not None)
         if clash:
-            raise InputError(f"--from_weight {args.from_weight} is {start}, the very {'folder' if is_hf_folder(start) else 'file'} "
-                             f"this run saves its policy to ({output}: --save_dir {args.save_dir}, --save_weight "
-                             f"{args.save_weight}); the first save would overwrite the starting weights and the "
-                             f"reference. Give another --save_weight or --save_dir")
+            kind = "folder" if is_hf_folder(start) else "file"
+            raise InputError(f"--from_weight {args.from_weight} is {start}, the very {kind} this run saves its policy "
+                             f"to ({output}: --save_dir {args.save_dir}, --save_weight {args.save_weight}); the first "
+                             f"save would overwrite the starting weights and the reference. Give another --save_weight "
+                             f"or --save_dir")
     if is_main_process():  # fail now rather than at the first save, after the training it was meant to keep
         for flag, folder in [("--save_dir", args.save_dir), ("--checkpoint_dir", args.checkpoint_dir)]:
             check_writable(folder, flag)
@@ -138,23 +143,40 @@ def check_writable(folder, flag):
         raise OutputError(f"{flag} {folder!r} is not writable ({e.strerror or e})") from e
 
 
+def sharded_parts(run):
+    """The sharded models of a --fsdp 1 run with their optimizers, by the names their checkpoint tensors go under:
+    the actor, the critic (none for the critic-free estimators), the old actor where it is a copy of its own."""
+    learner = run.learner
+    parts = dict(actor=(learner.actor, learner.actor_opt))
+    if learner.critic is not None:
+        parts["critic"] = (learner.critic, learner.critic_opt)
+    if run.old_actor is not learner.actor:
+        parts["old_actor"] = (run.old_actor, None)
+    return parts
+
+
 def checkpoint_record(run):
-    """The resume file's contents (rank 0's view; every rank's RNG is added by save_checkpoint)."""
+    """The resume file's contents (rank 0's view; every rank's RNG is added by save_checkpoint). Sharded models
+    (--fsdp 1): the small state alone, the tensors being written by every rank (fsdp.save_sharded); every rank
+    calls it then (the reference's fingerprint is a collective)."""
     learner = run.learner
     policy = unwrap_model(learner.actor)
     critic = learner.critic is not None
+    record = dict(scheduler=learner.actor_sched.state_dict(),
+                  critic_scheduler=learner.critic_sched.state_dict() if critic else None,
+                  grad_scaler=learner.scaler.state_dict() if learner.scaler else None, kl_coef=run.kl_ctl.value,
+                  reference=weights_fingerprint(run.ref_model),
+                  model_config=model_signature(unwrap_model(learner.actor).config), world_size=get_world_size(),
+                  **{flag: getattr(run.args, flag) for flag in RESUME_FLAGS}, **asdict(run.progress))
+    if fsdp.is_sharded(policy):
+        return record
     # the trained weights only (a LoRA policy's adapters: its base is --from_weight, checked by `reference`); the
     # old actor when it is a copy of its own (--update_old_actor_freq > 1); no critic for the critic-free estimators
-    return dict(model=trainable_state_dict(policy.lm),
+    return dict(record, model=trainable_state_dict(policy.lm),
                 critic_model=trainable_state_dict(unwrap_model(learner.critic)) if critic else None,
                 old_actor=None if run.old_actor is policy else run.old_actor.lm.state_dict(),
-                optimizer=learner.actor_opt.state_dict(), scheduler=learner.actor_sched.state_dict(),
-                critic_optimizer=learner.critic_opt.state_dict() if critic else None,
-                critic_scheduler=learner.critic_sched.state_dict() if critic else None,
-                grad_scaler=learner.scaler.state_dict() if learner.scaler else None, kl_coef=run.kl_ctl.value,
-                reference=weights_fingerprint(run.ref_model),
-                model_config=model_signature(unwrap_model(learner.actor).config), world_size=get_world_size(),
-                **{flag: getattr(run.args, flag) for flag in RESUME_FLAGS}, **asdict(run.progress))
+                optimizer=learner.actor_opt.state_dict(),
+                critic_optimizer=learner.critic_opt.state_dict() if critic else None)
 
 
 def load_checkpoint_record(run, state):
@@ -174,13 +196,18 @@ def load_checkpoint_record(run, state):
                          f"would silently move. Resume with the weights the run started from")
     learner = run.learner
     policy = unwrap_model(learner.actor)
-    load_trainable_state_dict(policy.lm, state["model"])
-    if run.old_actor is not policy:
-        run.old_actor.lm.load_state_dict(state["old_actor"] or policy.lm.state_dict())
-    pairs = [(learner.actor_opt, "optimizer"), (learner.actor_sched, "scheduler")]
-    if learner.critic is not None:
-        load_trainable_state_dict(unwrap_model(learner.critic), state["critic_model"])
-        pairs += [(learner.critic_opt, "critic_optimizer"), (learner.critic_sched, "critic_scheduler")]
+    pairs = [(learner.actor_sched, "scheduler")] + \
+        ([(learner.critic_sched, "critic_scheduler")] if learner.critic is not None else [])
+    if "sharded_folder" in state:  # --fsdp 1: DCP reshards the tensors to this run's world size
+        fsdp.load_sharded(state["sharded_folder"], sharded_parts(run), state["sharded_optimizers"])
+    else:
+        load_trainable_state_dict(policy.lm, state["model"])
+        if run.old_actor is not policy:
+            run.old_actor.lm.load_state_dict(state["old_actor"] or policy.lm.state_dict())
+        pairs.append((learner.actor_opt, "optimizer"))
+        if learner.critic is not None:
+            load_trainable_state_dict(unwrap_model(learner.critic), state["critic_model"])
+            pairs.append((learner.critic_opt, "critic_optimizer"))
     for obj, key in pairs:
         obj.load_state_dict(state[key])
     if learner.scaler is not None and state["grad_scaler"]:
@@ -195,14 +222,20 @@ def save_checkpoint(run, rng_state):
     `rng_state` is this rank's RNG state at the start of the next step to run."""
     args, learner = run.args, run.learner
     rng_states = gather_rng_states(rng_state)  # collective: every rank calls it
+    lm = unwrap_model(learner.actor).lm
+    config = lm.config
+    hidden, moe = config.hidden_size, getattr(config, "use_moe", False)
+    path = resume_path(args.checkpoint_dir, args.save_weight, hidden, moe)
+    sharded = fsdp.is_sharded(learner.actor)
+    if sharded:  # every rank: the policy gathered on rank 0, and each rank's shard of the resume checkpoint
+        weights = fsdp.full_lm_state_dict(learner.actor)
+        record = dict(checkpoint_record(run), rng_states=rng_states)
     if is_main_process():
-        lm = unwrap_model(learner.actor).lm
-        config = lm.config
-        hidden, moe = config.hidden_size, getattr(config, "use_moe", False)
         if learner.actor_peft is not None:  # the adapter, and the merged policy where users look for the policy
             with atomic_folder(lora_folder_path(args.save_dir, args.save_weight)) as folder:
                 learner.actor_peft.save_pretrained(folder)
-        weights = merged_state_dict(lm) if learner.actor_peft is not None else lm.state_dict()
+        if not sharded:
+            weights = merged_state_dict(lm) if learner.actor_peft is not None else lm.state_dict()
         if is_hf_folder(args.from_weight):
             save_hf_folder(lm, run.tokenizer, policy_path(args, config), state_dict=weights)
         else:
@@ -210,8 +243,10 @@ def save_checkpoint(run, rng_state):
             if args.save_hf:
                 save_hf_folder(lm, run.tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe),
                                state_dict=weights)
-        save_resume(dict(checkpoint_record(run), rng_states=rng_states),
-                    resume_path(args.checkpoint_dir, args.save_weight, hidden, moe), keep=args.keep_checkpoints)
+        if not sharded:
+            save_resume(dict(checkpoint_record(run), rng_states=rng_states), path, keep=args.keep_checkpoints)
+    if sharded:
+        fsdp.save_sharded(record, sharded_parts(run), fsdp.sharded_path(path), args.keep_checkpoints)
     if dist.is_initialized():
         dist.barrier()
 
@@ -256,11 +291,20 @@ def resume_if_asked(run):
     args = run.args
     config = unwrap_model(run.learner.actor).config
     path = resume_path(args.checkpoint_dir, args.save_weight, config.hidden_size, getattr(config, "use_moe", False))
-    state, loaded_from = load_resume(path)
+    sharded = fsdp.is_sharded(run.learner.actor)  # --fsdp 1: sharded checkpoint folders (x_resume.dcp) instead
+    state, loaded_from = fsdp.load_resume(fsdp.sharded_path(path)) if sharded else load_resume(path)
     if state is None:
+        # written the other way (--fsdp 0 files, --fsdp 1 folders): the formats are not converted
+        other = path if sharded else fsdp.sharded_path(path)
+        if os.path.exists(other):
+            raise InputError(f"--from_resume 1: {args.checkpoint_dir} holds {os.path.basename(other)}, written "
+                             f"{'without' if sharded else 'with'} --fsdp 1, and no resume checkpoint written "
+                             f"{'with' if sharded else 'without'} it; resume with --fsdp {0 if sharded else 1} as the "
+                             f"run was written, or start fresh with another --checkpoint_dir")
         # the file name holds the model size: a resume file for another size must not mean "start fresh"
         names = os.listdir(args.checkpoint_dir) if os.path.isdir(args.checkpoint_dir) else []
-        others = sorted(n for n in names if resume_file_pattern(args.save_weight).fullmatch(n))
+        others = sorted(n for n in names if resume_file_pattern(args.save_weight).fullmatch(
+            n[:-len(".dcp")] + ".pth" if n.endswith(".dcp") else n))
         if others:
             raise InputError(f"--from_resume 1: no resume file for this actor ({os.path.basename(path)}), but "
                              f"{args.checkpoint_dir} holds {', '.join(others)} from another model size; "

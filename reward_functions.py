@@ -16,7 +16,6 @@ class NonFiniteRolloutError(ValueError):
     """A NaN or infinite reward or value in a rollout: the trainer gives that rollout no update."""
 
 
-
 VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
 OPENRLHF_ARGS = ("queries", "prompts", "labels")
 PLAIN_ARGS = ("prompts", "responses", "answers")
@@ -120,7 +119,7 @@ class RewardFunction:
     def _recognise(self):
         """(kind, named parameters, the data columns a TRL function requires by name, whether it takes **kwargs)."""
         def refuse(shown):
-            return ValueError(f"{self.where}: unrecognised signature {self.name}{shown}; accepted: "
+            return InputError(f"{self.where}: unrecognised signature {self.name}{shown}; accepted: "
                               + "; ".join(SIGNATURES.values()))
         try:
             signature = inspect.signature(self.fn)

@@ -5,7 +5,7 @@ rollout (an Experience) -> update -> building the run -> one training step -> th
 The reward lives in reward.py, the held-out evaluation in evaluation.py, the critic, model
 loading and the sampler in model/, the run's state and checkpoints in checkpoint.py,
 distributed, logging and file helpers in trainer_utils.py. Run with `python train_ppo.py` (one process) or
-`torchrun --nproc_per_node N train_ppo.py` (DDP; NCCL on GPUs, gloo on CPU).
+`torchrun --nproc_per_node N train_ppo.py` (DDP, or FSDP with --fsdp 1; NCCL on GPUs, gloo on CPU).
 Formulas follow "The N Implementation Details of RLHF with PPO" (Huang et al.), TRL, verl and OpenRLHF.
 """
 import argparse
@@ -28,9 +28,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from checkpoint import check_outputs, Learner, policy_path, Progress, resume_if_asked, Run, save_checkpoint
 from dataset.lm_dataset import PromptCollator, RLAIFDataset, decode_responses, thinking_flag
 from evaluation import evaluate_on_ranks, eval_table, log_eval
+from fsdp import check_flags, full_tensor, shard_models, sharded_grad_scaler, unsharded
 from model.critic import build_critic
-from model.loading import check_position_limit, check_tokenizer_fit, default_tokenizer_path, init_model, is_moe, load_tokenizer
-from model.lora import add_lora, enable_gradient_checkpointing, keep_frozen_in
+from model.loading import (check_position_limit, check_tokenizer_fit, default_tokenizer_path, init_model, is_moe,
+                           load_tokenizer)
+from model.lora import add_lora, compile_blocks, enable_gradient_checkpointing, keep_frozen_in
 from model.policy import Policy
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
 from reward import add_reward_flags, build_reward, reward_model_from_flags
@@ -147,11 +149,17 @@ def parse_args(argv=None):
     memory.add_argument("--lora_rank", type=int, default=0,
                         help="train a LoRA adapter of this rank (peft) instead of the whole policy; the reference is "
                              "the same base with the adapter off (no copy); 0 = off")
-    memory.add_argument("--lora_alpha", type=float, default=16, help="LoRA scale alpha (the update is alpha / rank * BA)")
+    memory.add_argument("--lora_alpha", type=float, default=16,
+                        help="LoRA scale alpha (the update is alpha / rank * BA)")
     memory.add_argument("--lora_target_modules", default="all-linear",
                         help="the modules that get adapters: all-linear (every linear layer of the decoder blocks; "
                              "not the embedding, the LM head or the value head) or names, comma-separated "
                              "(q_proj,v_proj)")
+    memory.add_argument("--fsdp", type=int, default=0, choices=[0, 1],
+                        help="under torchrun: shard actor, critic (with their AdamW states), reference and old actor "
+                             "over the ranks per decoder block (FSDP2; bf16 compute, fp32 reduction on CUDA), so each "
+                             "GPU holds 1/N of them; resume files become sharded checkpoint folders. 0 = DDP (every "
+                             "rank holds everything)")
     memory.add_argument("--lora_critic", type=int, default=1, choices=[0, 1],
                         help="with --lora_rank: 1 = the critic trains its own adapter on its backbone and its value "
                              "head in full; 0 = a full critic")
@@ -213,6 +221,9 @@ def parse_args(argv=None):
                         help="autocast precision (default: bfloat16 on CUDA, float32 on CPU). On CPU, "
                              "bfloat16/float16 run under torch.autocast('cpu') (float16 with a loss scaler) to check "
                              "the mixed-precision path: slow on CPUs without bf16/fp16 instructions")
+    system.add_argument("--compile", type=int, default=0, choices=[0, 1],
+                        help="torch.compile each decoder block (dynamic shapes) of the policy, reference and critic: "
+                             "sampling, scoring and training; pays off on GPUs (minutes of compile time on a CPU)")
     system.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     system.add_argument("--seed", type=int, default=42, help="rank r seeds with seed + r")
     system.add_argument("--log_interval", type=int, default=1, help="rollouts between printed lines")
@@ -243,7 +254,7 @@ def parse_args(argv=None):
         args.eval_data_path = None
     if args.n_samples_per_prompt < 1:
         p.error(f"--n_samples_per_prompt must be >= 1, got {args.n_samples_per_prompt}")
-    if args.adv_estimator in GROUP_ESTIMATORS and args.n_samples_per_prompt < 2:
+    if args.adv_estimator in OUTCOME_ESTIMATORS and args.n_samples_per_prompt < 2:
         p.error(f"--adv_estimator {args.adv_estimator} compares the responses to a prompt with each other: it needs "
                 f"--n_samples_per_prompt >= 2, got {args.n_samples_per_prompt}")
     if args.kl_mode == "reward" and args.adv_estimator in OUTCOME_ESTIMATORS:
@@ -303,11 +314,10 @@ def masked_whiten(x, mask, eps=1e-8):
     return ((x - mean) / math.sqrt(var + eps)) * mask
 
 
-# the critic-free estimators that credit each response with one advantage from its score alone, and those of them
-# that compare the responses to one prompt (PPO_FACTS "Critic-free advantage estimators")
+# the critic-free estimators that credit each response with one advantage from its score alone, compared with
+# the other responses to its prompt (PPO_FACTS "Critic-free advantage estimators")
 OUTCOME_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-GROUP_ESTIMATORS = OUTCOME_ESTIMATORS
-DEFAULT_KL_MODE = "reward"  # for gae and reinforce_pp: k1 in the reward (measured on the demo: README)
+DEFAULT_KL_MODE = "loss"  # k3 in the loss for every estimator (measured on the demo against k1 in the reward: README)
 
 
 # What each placement of the KL penalty optimises, with tokens sampled from pi (PPO_FACTS "KL estimators"):
@@ -450,6 +460,7 @@ class Experience:
     responses: list = None  # B decoded responses
     sampler_gap: torch.Tensor = None  # mean |sampler log-prob - old_logprobs| over real tokens
     seconds: dict = None  # generate, forward, reward
+    scored_positions: int = 0  # token positions in one scoring pass over the rollout, padding included
 
 
 def critic_values(critic, input_ids, attention_mask, response_len):
@@ -516,7 +527,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     stop_ids = stop_token_ids(old_actor.lm, tokenizer)
     t0 = synced_time(device)
-    with autocast:
+    with autocast, unsharded(old_actor):  # sharded (--fsdp 1): gathered once, no collective per decoded token
         response_ids, response_mask, sampler_logprobs = sample_responses(
             old_actor.lm, prompt_ids, prompt_mask, args.max_gen_len, stop_ids, tokenizer.pad_token_id,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -526,9 +537,11 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     mask = response_mask.float()
     old_logprobs, ref_logprobs, values = (torch.zeros(B, R, device=device) for _ in range(3))
+    scored = 0  # token positions through each scoring forward, padding included
     for minibatch in rollout_micro_batches(orders[0], attention_mask, mask, args):
         for rows in minibatch:
             ids, am, R_kept = unpadded(input_ids, attention_mask, mask, rows)  # [b, P' + R'], no all-pad columns
+            scored += ids.numel()
             with autocast:
                 old_logprobs[rows, :R_kept] = old_actor(ids, am, R_kept, args.temperature)[0]
                 ref_logprobs[rows, :R_kept] = ref_model(ids, am, R_kept, args.temperature)[0]
@@ -554,7 +567,7 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
                       token_rewards=token_rewards, scores=scores, reward_parts=parts, groups=batch["groups"],
                       has_eos=has_eos, responses=responses,
                       sampler_gap=((sampler_logprobs - old_logprobs).abs() * mask).sum() / mask.sum(),
-                      seconds=dict(generate=t1 - t0, forward=t2 - t1, reward=t3 - t2))
+                      seconds=dict(generate=t1 - t0, forward=t2 - t1, reward=t3 - t2), scored_positions=scored)
 
 
 def add_advantages(experience, estimator, gamma, lam):
@@ -588,11 +601,11 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
 
     The policy loss is aggregated by --loss_agg_mode (aggregate_loss), the value loss is a token mean;
     every normaliser counts the whole minibatch of every rank and each rank's share is multiplied by the
-    world size, which DDP's averaging divides again, so N ranks take the same step as one process on the
-    global batch. With train_actor=False (critic warm-up) only the value loss is computed and only the
-    critic steps; without a critic (the critic-free estimators) only the policy. With a float16 loss
-    scaler, steps whose gradients overflowed are the scaler's business (it lowers the scale): they are
-    counted as `scaler_skipped_steps`, not as skipped.
+    world size, which DDP's all-reduce (FSDP's reduce-scatter) averages again, so N ranks take the same
+    step as one process on the global batch. With train_actor=False (critic warm-up) only the value loss is
+    computed and only the critic steps; without a critic (the critic-free estimators) only the policy. With a
+    float16 loss scaler, steps whose gradients overflowed are the scaler's business (it lowers the scale): they
+    are counted as `scaler_skipped_steps`, not as skipped.
     """
     exp, scaler = experience, learner.scaler
     world = get_world_size()
@@ -637,7 +650,7 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
                         token_stats.update(approx_kl=0.5 * log_ratio ** 2, policy_loss=pg_loss, entropy=entropy,
                                            clipfrac=((ratio - 1).abs() > args.clip_epsilon).float(),
                                            kl_actor_ref=kl_ref, ratio_dev=(ratio - 1).abs())
-                    loss = loss * world  # this rank's share of the global mean; DDP averages over the ranks
+                    loss = loss * world  # this rank's share of the global mean; DDP (FSDP) averages over the ranks
                     if aux_loss is not None:
                         loss = loss + aux_loss / len(minibatch)
                     (scaler.scale(loss) if scaler else loss).backward()
@@ -661,7 +674,9 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
                 for opt in optimizers:
                     scaler.unscale_(opt)
             # the norm is computed either way (a non-finite one skips the step); max_norm inf clips nothing
-            norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip or math.inf) for m in models]
+            # (over sharded gradients too: FSDP's norm is a DTensor, its full value the same on every rank)
+            norms = [full_tensor(torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip or math.inf))
+                     for m in models]
             finite_loss = sums["non_finite_loss"] == 0
             if finite_loss and all(bool(torch.isfinite(n)) for n in norms):
                 for opt in optimizers:
@@ -749,7 +764,8 @@ def build_models(args, reward_functions):
     """Actor (trained), old actor (samples, gives pi_old), reference (KL anchor), critic (None for the critic-free
     estimators: one model less) and the reward; and peft's model around the actor's LM when it trains a LoRA
     adapter (None otherwise)."""
-    lm, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, args.device,
+    build_device = "cpu" if args.fsdp else args.device  # --fsdp 1: each rank moves only its shards to its GPU
+    lm, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, build_device,
                                hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                                use_moe=None if args.use_moe is None else bool(args.use_moe))
     warning = check_position_limit(lm, args.max_seq_len, args.max_gen_len)  # a too-short table is refused
@@ -758,7 +774,7 @@ def build_models(args, reward_functions):
     # dropout off (eval mode) everywhere, as TRL disables it: PPO's ratio compares two forwards of one policy,
     # and dropout masks would make them differ (no first ratio of 1, noisy log-probs and KL)
     lm.eval()
-    critic = build_critic(lm, args.critic_weight, tokenizer).to(args.critic_device or args.device).eval() \
+    critic = build_critic(lm, args.critic_weight, tokenizer).to(args.critic_device or build_device).eval() \
         if args.adv_estimator == "gae" else None
     # the reference: a frozen copy, or, for a LoRA policy, the policy itself with its adapters off (no copy)
     reference = None if args.lora_rank else frozen_copy(lm)
@@ -769,6 +785,10 @@ def build_models(args, reward_functions):
         for model in (lm, critic.model if critic is not None else None):
             if model is not None:
                 enable_gradient_checkpointing(model)
+    if args.compile:  # each decoder block, for sampling, scoring and training (compiled at first use)
+        for model in (lm, critic.model if critic is not None else None, reference):
+            if model is not None:
+                compile_blocks(model)
     if args.device.startswith("cuda") and args.dtype != "float32":  # frozen weights need no float32 master copy
         for model in (lm, critic, reference):  # the reference; with LoRA the bases; trained weights stay float32
             if model is not None:
@@ -816,6 +836,7 @@ def build_run(args):
     if dist.is_initialized() and args.critic_device:
         raise InputError("--critic_device is for one process (the two-GPU layout); under torchrun each rank "
                          "keeps its models on its own GPU")
+    check_flags(args)  # --fsdp 1 with what it cannot serve
     rank, world = get_rank(), get_world_size()
     if dist.is_initialized() and args.device.startswith("cuda"):
         args.device = f"cuda:{local_rank}"
@@ -837,6 +858,8 @@ def build_run(args):
     sampler, steps_per_epoch, total_rollouts = plan_steps(args, dataset, rank, world)
     check_outputs(args)
     actor, old_actor, ref_model, critic, reward, tokenizer, actor_peft = build_models(args, reward_functions)
+    if args.fsdp:  # in place, before the optimizers: they hold the shards
+        shard_models(args, actor, old_actor, ref_model, critic)
     if args.check_tokenizer and args.from_weight != "none":
         Logger(check_tokenizer_fit(ref_model, [dataset[i]["prompt_ids"] for i in range(min(8, len(dataset)))],
                                    tokenizer.pad_token_id, args.tokenizer_path, args.from_weight))
@@ -844,21 +867,23 @@ def build_run(args):
     total_opt_steps = total_rollouts * opt_steps_per_rollout
     # fused: one pass over each parameter instead of ~10 elementwise kernels; the step is
     # memory-bound, so on CPU this cuts it ~4x (hidden 512: 110 -> 24 ms per optimizer step)
-    actor_opt = torch.optim.AdamW(trained_parameters(actor), lr=args.learning_rate, fused=True)
-    critic_opt = torch.optim.AdamW(trained_parameters(critic), lr=args.critic_learning_rate, fused=True) \
+    fused = not (args.fsdp and dtype == torch.float16)  # (torch 2.13's fused AdamW takes no loss scaler over shards)
+    actor_opt = torch.optim.AdamW(trained_parameters(actor), lr=args.learning_rate, fused=fused)
+    critic_opt = torch.optim.AdamW(trained_parameters(critic), lr=args.critic_learning_rate, fused=fused) \
         if critic is not None else None
     learner = Learner(actor, critic, actor_opt, critic_opt,
                       # the actor's schedule spans only the rollouts after the critic warm-up
                       build_cosine_scheduler(actor_opt, total_opt_steps - args.critic_warmup_steps *
                                              opt_steps_per_rollout, args.warmup_steps),
                       build_cosine_scheduler(critic_opt, total_opt_steps, args.warmup_steps) if critic_opt else None,
-                      torch.amp.GradScaler(device_type) if dtype == torch.float16 else None, actor_peft)
+                      (sharded_grad_scaler if args.fsdp else torch.amp.GradScaler)(device_type)
+                      if dtype == torch.float16 else None, actor_peft)
     run = Run(args, tokenizer, dataset, sampler, eval_samples, learner, old_actor, ref_model, reward, autocast,
               AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon), Progress(), steps_per_epoch,
               total_rollouts)
     if args.from_resume:
         resume_if_asked(run)
-    if dist.is_initialized():  # every loss-bearing forward goes through these wrappers
+    if dist.is_initialized() and not args.fsdp:  # every loss-bearing forward goes through these wrappers
         # broadcast_buffers=False: the only buffers are RoPE tables (or the like), identical on every rank by
         # construction; broadcasting them costs ~17 MB per forward at hidden 512
         # find_unused_parameters for MoE models: an expert that received no token has no gradient
@@ -939,7 +964,8 @@ def log_update(run, batch, experience, update, train_actor, t0, t1, t2):
     metrics = rollout_metrics(experience)
     kl_coef_used = run.kl_ctl.value
     run.kl_ctl.update(metrics["kl_ref_per_response"], len(experience.responses) * get_world_size())  # nats/response
-    tokens = all_reduce_sum(experience.response_mask.sum()).item()
+    tokens, real, scored = all_reduce_sum(torch.stack([experience.response_mask.sum(), experience.attention_mask.sum(
+    ).float(), torch.tensor(float(experience.scored_positions), device=args.device)])).tolist()
     seconds = experience.seconds
     metrics.update(update.stats, step=p.global_step, epoch=p.epoch, kl_coef=kl_coef_used,
                    actor_lr=learner.actor_sched.get_last_lr()[0],
@@ -947,6 +973,9 @@ def log_update(run, batch, experience, update, train_actor, t0, t1, t2):
                    optimizer_steps=update.optimizer_steps, skipped_steps=update.skipped_steps,
                    early_stopped=int(update.early_stopped), critic_warmup=int(not train_actor),
                    rollout_tokens_per_s=tokens / max(seconds["generate"], 1e-9), time_rollout_s=seconds["generate"],
+                   # the scoring forwards: the share of the positions they computed that were padding, and speed
+                   forward_padding_share=1 - real / max(scored, 1), forward_tokens_per_s=real / max(seconds["forward"],
+                                                                                                     1e-9),
                    time_forward_s=seconds["forward"], time_reward_s=seconds["reward"], time_update_s=t2 - t1,
                    time_step_s=t2 - t0)
     if is_main_process():
@@ -966,10 +995,11 @@ def log_update(run, batch, experience, update, train_actor, t0, t1, t2):
 # ----------------------------------------------------------------------------- the loop
 def evaluate_and_log(run):
     """The held-out evaluation at run.progress.global_step: every rank evaluates its share; rank 0 writes."""
-    args = run.args
-    record = dict(step=run.progress.global_step, **evaluate_on_ranks(
-        unwrap_model(run.learner.actor).lm, run.tokenizer, run.eval_samples, run.reward, args.batch_size, args.max_gen_len,
-        args.device, run.autocast))
+    args, policy = run.args, unwrap_model(run.learner.actor)
+    with unsharded(policy):  # each rank decodes its own share of the prompts: no collective inside
+        record = dict(step=run.progress.global_step, **evaluate_on_ranks(
+            policy.lm, run.tokenizer, run.eval_samples, run.reward, args.batch_size, args.max_gen_len, args.device,
+            run.autocast))
     if is_main_process():
         log_eval(record, run.metrics_path, run.swanlab_run)
 
@@ -985,7 +1015,7 @@ def train(run, after_step=None):
            f"({args.adv_estimator}), {run.total_rollouts * args.ppo_epochs * (rows // args.mini_batch_size)} "
            f"optimizer steps, "
            f"device {args.device} ({args.dtype}), {get_world_size()} process(es)")
-    with StopSignal() as stop:
+    with StopSignal(interrupt_rollouts=not args.fsdp) as stop:  # sharded: a rollout ends before the agreed stop
         if run.eval_samples and not run.resumed:
             evaluate_and_log(run)  # the policy before any update
         saved_step = None  # the global step whose state the newest resume file holds

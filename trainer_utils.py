@@ -119,11 +119,16 @@ def all_reduce_dict(sums):
     return dict(zip(names, all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()))
 
 
-def no_sync(*ddp_models):
-    """Every DDP model's no_sync() at once: gradients accumulate locally, no all-reduce."""
+def no_sync(*models):
+    """Gradients accumulate locally, with no reduction, for every model at once: DDP's no_sync(), or for an FSDP2
+    model set_requires_gradient_sync(False), switched back on at the end of the block."""
     stack = contextlib.ExitStack()
-    for m in ddp_models:
-        stack.enter_context(m.no_sync())
+    for m in models:
+        if hasattr(m, "set_requires_gradient_sync"):  # an FSDPModule (not imported here: that takes seconds)
+            m.set_requires_gradient_sync(False)
+            stack.callback(m.set_requires_gradient_sync, True)
+        else:
+            stack.enter_context(m.no_sync())
     return stack
 
 
@@ -576,10 +581,14 @@ class StopSignal:
     raises RolloutInterrupted at once, so the rollout is dropped and the state after the last
     finished step is saved: torchrun SIGKILLs its workers 30 s after forwarding SIGTERM, less than
     one real-size step. Elsewhere (the update, a save) it only records the signal: the update
-    finishes, the step is saved, and the run exits."""
+    finishes, the step is saved, and the run exits.
+    interrupt_rollouts=False (sharded models, --fsdp 1: their rollout forwards are collectives, which a rank that
+    left would leave the others waiting in) only records it inside a rollout too: the rollout runs to its end, and
+    the ranks then agree to drop it, as they do after an interrupted one."""
 
-    def __init__(self):
+    def __init__(self, interrupt_rollouts=True):
         self.signum, self.in_rollout, self.previous = None, False, {}
+        self.interrupt_rollouts = interrupt_rollouts
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -591,7 +600,7 @@ class StopSignal:
 
     def handle(self, signum, frame):
         self.signum = signum
-        if self.in_rollout:
+        if self.in_rollout and self.interrupt_rollouts:
             raise RolloutInterrupted(signum)
 
     def agreed(self, device):
@@ -600,7 +609,7 @@ class StopSignal:
 
     def interruptible(self, fn, *args):
         """fn(*args), or None when a stop signal comes in meanwhile (fn must change no state and run
-        no collective). Other exceptions pass through."""
+        no collective); without interrupt_rollouts always fn(*args). Other exceptions pass through."""
         try:
             try:
                 self.in_rollout = True

@@ -49,20 +49,21 @@ def adapters_disabled(model):
 @torch.no_grad()
 def merged_state_dict(model):
     """`model`'s weights with every LoRA adapter merged in (W + scale * B A, peft's get_delta_weight) under the
-    base model's own key names: what MiniMind's .pth and save_pretrained hold. `model` is left as it is."""
+    base model's own key names, on the CPU (a merged copy on the GPU would need the model's size again at each
+    save): what MiniMind's .pth and save_pretrained hold. `model` is left as it is."""
     from peft.tuners.lora import LoraLayer
     merged = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
             delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-            merged[f"{name}.weight"] = base.weight.detach() + delta.to(base.weight.dtype)
+            merged[f"{name}.weight"] = (base.weight.detach() + delta.to(base.weight.dtype)).cpu()
     state = {}
     for key, value in model.state_dict().items():
         if ".lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")
-        state[clean] = merged.get(clean, value)
+        state[clean] = merged[clean] if clean in merged else value.cpu()
     return state
 
 

@@ -20,10 +20,13 @@ small 1.95 s/step, 262 generated tokens/s end to end, peak RSS 907 MB; mm2 5.2 s
 """
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import math
 import os
 import random
+import re
 import resource
 import signal
 import statistics
@@ -179,6 +182,31 @@ def build_llama_policy(folder, hidden_size, num_hidden_layers, seed=0):
     return str(folder)
 
 
+def reset_peak_memory(device):
+    """From here on, peak memory counts what training holds, not the transients of building the models (a random
+    model written to a folder and loaded back): the CUDA allocator's peak, and on Linux the process's peak resident
+    set (VmHWM, reset through /proc/self/clear_refs once freed memory went back to the system)."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak of the whole process
+        pass
+
+
+def peak_rss_mb():
+    """The process's peak resident set since reset_peak_memory (VmHWM), or since it started where unavailable."""
+    try:
+        status = open("/proc/self/status").read()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def force_full_length(model, eos_token_id):
     """Pin the EOS logit to -1e4 so sampling never stops early. Finite, not -inf: the update's entropy term
     sums softmax * logits, and 0 * -inf is NaN. Put on the actor, the old actor and the reference, so
@@ -242,7 +270,14 @@ def bench_run(args):
                 else:
                     force_varied_lengths(lm, run.tokenizer.eos_token_id, args.max_gen_len)
             policy_params = sum(p.numel() for p in unwrap_model(run.learner.actor).lm.parameters())
-            train_ppo.finish(run, train_ppo.train(run))
+            reset_peak_memory(args.device)  # the peak of the training steps, the models in memory included
+            peaks = {}  # after each step, before that step's save: the steps' own peak, not the final save's
+
+            def record_peak(run):
+                peaks["rss_mb"] = peak_rss_mb()
+                if args.device.startswith("cuda"):
+                    peaks["cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            train_ppo.finish(run, train_ppo.train(run, after_step=record_peak))
         metrics = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl"))]
     if len(metrics) < args.steps:  # stopped by a signal (--signal_test): nothing to summarise
         return dict(config=config_of(args), stopped_after_steps=len(metrics))
@@ -266,9 +301,9 @@ def bench_run(args):
                   phase_s=dict(rollout=median("time_rollout_s"), forwards=median("time_forward_s"),
                                reward=median("time_reward_s"), update=median("time_update_s")),
                   avg_response_len=timed[-1]["avg_response_len"], policy_params=policy_params,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+                  peak_rss_mb=peaks["rss_mb"])
     if args.device.startswith("cuda"):
-        result["cuda_peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        result["cuda_peak_alloc_mb"] = peaks["cuda_mb"]
     return result
 
 
@@ -490,7 +525,8 @@ def run_ablations(args):
         ablate("reward_scoring", "RewardModel.score: one padded batch", "RewardModel.score: one call per sample",
                lambda: reward_model.score(chats), lambda: torch.cat([reward_model.score([c]) for c in chats]), args)
         # (5) drawing one token per row, as each generation step does (different draws: timing only)
-        probs = model(full_ids[:, :-1], attention_mask=full_mask[:, :-1], logits_to_keep=1).logits[:, -1].float().softmax(-1)
+        logits = model(full_ids[:, :-1], attention_mask=full_mask[:, :-1], logits_to_keep=1).logits[:, -1]
+        probs = logits.float().softmax(-1)
         ablate("token_sampling", "sample_categorical: one uniform + binary search per row",
                "torch.multinomial: an exponential draw per vocabulary entry",
                lambda: sample_categorical(probs), lambda: torch.multinomial(probs, 1).squeeze(-1), args, compare=False)

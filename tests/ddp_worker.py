@@ -6,6 +6,9 @@ as --adv_estimator and --loss_agg_mode): each rank runs one PPO update on its ha
 on the whole batch.
 mode "train": the real build_run and train, checking after every step that all ranks hold
 identical actor and critic weights.
+mode "fsdp_update" (arguments: architectures, comma-separated, then trainer flags): the "update" of each
+architecture twice, under DDP and with the models sharded (fsdp.shard_models); rank 0 saves both results, gathered
+(tests/test_fsdp.py starts it as children of its forkserver: fsdp_update_rank).
 """
 import json
 import os
@@ -89,6 +92,45 @@ def tiny_models(arch="minimind"):
     return Policy(actor), critic
 
 
+def fsdp_update(out_dir, archs, *flags):
+    """Mode "fsdp_update": for each architecture (comma-separated), the "update" under DDP and with the models
+    sharded (fsdp.shard_models); rank 0 saves both, gathered, to out_dir/fsdp_update.pt."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    from fsdp import shard_models
+    init_distributed_mode("cpu")
+    rank, world = get_rank(), dist.get_world_size()
+    share, results = 4 // world, {}
+    for arch in archs.split(","):
+        for kind in ("ddp", "fsdp"):
+            actor, critic = tiny_models(arch)
+            rollout = fixed_rollout(actor, 4, 6, 5)
+            mine = {k: v[rank * share:(rank + 1) * share] for k, v in rollout.items()}
+            args = update_args(share, 2, *flags, "--fsdp", str(int(kind == "fsdp")))
+            if kind == "ddp":
+                ddp = torch.nn.parallel.DistributedDataParallel
+                results[f"{arch}_ddp"] = one_update(ddp(actor), ddp(critic), mine, args)
+            else:
+                shard_models(args, actor, actor, None, critic)
+                one_update(actor, critic, mine, args)
+                full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                results[f"{arch}_fsdp"] = tuple(get_model_state_dict(m, options=full) for m in (actor, critic))
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "fsdp_update.pt"))
+    dist.destroy_process_group()
+
+
+def fsdp_update_rank(rank, world, port, log, out_dir, archs, *flags):
+    """fsdp_update as rank `rank` of `world` gloo processes on localhost (a child of the tests' forkserver, which
+    starts in milliseconds where torchrun takes seconds); its output to the file `log`."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    fsdp_update(out_dir, archs, *flags)
+
+
 def main():
     mode, out_dir = sys.argv[1], sys.argv[2]
     if mode == "update":
@@ -104,6 +146,8 @@ def main():
         if rank == 0:
             torch.save({"actor": actor_sd, "critic": critic_sd}, os.path.join(out_dir, "ddp_update.pt"))
         dist.destroy_process_group()
+    elif mode == "fsdp_update":
+        fsdp_update(out_dir, sys.argv[3], *sys.argv[4:])
     else:  # train
         checks = []
 
@@ -112,7 +156,7 @@ def main():
             flat = torch.cat([p.detach().flatten() for m in (actor, critic) for p in m.parameters()])
             gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, flat)
-            # identical weights on every rank, and no buffer broadcast per forward (RoPE tables are equal by construction)
+            # identical weights on every rank, and no buffer broadcast per forward (RoPE tables equal by construction)
             checks.append(all(torch.equal(gathered[0], g) for g in gathered)
                           and actor.broadcast_buffers is False and critic.broadcast_buffers is False)
         run = train_ppo.build_run(train_ppo.parse_args(sys.argv[3:]))

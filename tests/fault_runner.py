@@ -16,6 +16,10 @@ with SIGKILL, SIGTERM or SIGINT, but starts in milliseconds instead of seconds.
                      the k-th forward of the sampling model, "reward" as the reward model is called
   signal_save: n     the process sends itself SIGTERM during its n-th weights save (between rollouts)
   rank, world, port: join a gloo group of `world` processes on localhost as `rank`
+  hang_dcp: n        (--fsdp 1) on the n-th sharded save, once every rank has written its shard and before rank 0
+                     renames the folder into place: create the file `marker` and sleep (rank 0; the others wait)
+  dump_state: path   (--fsdp 1) after build_run (and its resume), the models' and optimizers' state gathered in
+                     full, saved by rank 0 to `path`
 """
 import io
 import json
@@ -24,8 +28,15 @@ import signal
 import time
 
 import torch
+import torch.distributed.checkpoint.state_dict  # noqa: F401  (--fsdp 1: imported once by the forkserver, not per run)
+import torch.distributed.fsdp  # noqa: F401
 
 import train_ppo
+# what every run would import lazily (the data reader, transformers' model and tokenizer code: seconds per run on a
+# small machine), imported once by the forkserver instead
+import datasets  # noqa: F401,E402
+import model.model_minimind  # noqa: F401,E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401,E402
 
 
 def _hang(marker):
@@ -136,6 +147,29 @@ def _install_run_faults(run, faults):
         run.reward = LoggedPrompts(run.reward, os.path.join(faults["log_prompts"], f"prompts_rank{rank}.jsonl"))
 
 
+def _install_fsdp(faults):
+    """Faults of sharded checkpoints: a save that hangs before its folder is published."""
+    import fsdp
+    if "hang_dcp" in faults:
+        calls, real = [0], fsdp.publish
+
+        def publish(*args):
+            calls[0] += 1
+            if calls[0] == faults["hang_dcp"]:
+                _hang(faults["marker"])
+            return real(*args)
+        fsdp.publish = publish
+
+
+def _dump_state(run, path):
+    import checkpoint
+    import fsdp
+    from trainer_utils import is_main_process
+    state = fsdp.gathered_state_dicts(checkpoint.sharded_parts(run))  # every rank: a collective
+    if is_main_process():
+        torch.save(state, path)
+
+
 def run(argv, log_path, faults=None):
     faults = faults or {}
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -146,6 +180,9 @@ def run(argv, log_path, faults=None):
         os.environ.update(RANK=str(faults["rank"]), LOCAL_RANK=str(faults["rank"]), WORLD_SIZE=str(faults["world"]),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(faults["port"]))
     _install(faults)
+    _install_fsdp(faults)
     run = train_ppo.build_run(train_ppo.parse_args(argv))
+    if "dump_state" in faults:
+        _dump_state(run, faults["dump_state"])
     _install_run_faults(run, faults)
     train_ppo.finish(run, train_ppo.train(run))

@@ -475,7 +475,8 @@ def test_bad_input_names_the_culprit_and_writes_nothing(tiny_kit, tmp_path, case
 def test_mini_batch_size_must_divide_batch_size(tiny_kit, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_ppo.parse_args(tiny_run_args(tiny_kit, tmp_path, "--batch_size", "4", "--mini_batch_size", "3"))
-    assert "--mini_batch_size 3 must divide --batch_size 4" in capsys.readouterr().err
+    assert "--mini_batch_size 3 must divide the 4 responses of a rollout (--batch_size 4 x --n_samples_per_prompt 1)" \
+        in capsys.readouterr().err
 
 
 def test_long_prompts_are_truncated_counted_and_reported(tiny_kit, tmp_path, capsys):

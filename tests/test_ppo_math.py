@@ -245,8 +245,8 @@ def expected_kl_gradient(logits, ref_logprobs, kl_mode, estimator, beta=0.1):
     old = logp.detach()
     if kl_mode == "reward":
         token_rewards = -beta * kl_penalty(old, ref_logprobs, estimator)[:, None]  # [V, 1]: one response per token
-        advantages, _ = compute_advantages(token_rewards, torch.zeros_like(token_rewards), torch.ones_like(token_rewards),
-                                           1.0, 1.0)
+        zeros, ones = torch.zeros_like(token_rewards), torch.ones_like(token_rewards)
+        advantages, _ = compute_advantages(token_rewards, zeros, ones, 1.0, 1.0)
         loss, _ = policy_loss_per_token(logp[:, None], old[:, None], advantages, 0.2)
     else:
         loss = beta * kl_penalty(logp, ref_logprobs, estimator)[:, None]
@@ -333,3 +333,13 @@ def test_advantage_mean_and_std_are_logged_before_whitening():
     assert metrics["advantage_mean"] == pytest.approx(real.mean().item(), rel=1e-5)
     assert metrics["advantage_std"] == pytest.approx(real.std(unbiased=False).item(), rel=1e-5)
     assert abs(metrics["advantage_mean"]) > 0.5  # visibly not the whitened mean
+
+
+def test_the_default_kl_placement_is_a_sound_pair():
+    """k1 in the reward, or k2 / k3 in the loss: whatever the estimator, the defaults pull towards the reference."""
+    sound = {("reward", "k1"), ("loss", "k2"), ("loss", "k3")}
+    for flags in ([], ["--adv_estimator", "reinforce_pp"], ["--adv_estimator", "grpo", "--n_samples_per_prompt", "2"],
+                  ["--kl_mode", "reward"], ["--kl_mode", "loss"]):
+        args = parse_args(flags)
+        assert (args.kl_mode, args.kl_estimator) in sound, flags
+    assert (parse_args([]).kl_mode, parse_args([]).kl_estimator) == ("loss", "k3")

@@ -10,6 +10,7 @@ import torch
 
 import train_ppo
 from model import loading
+from children import timeless
 from conftest import tiny_run_args
 from trainer_utils import load_resume, load_state_dict_file
 
@@ -118,8 +119,7 @@ def test_mixed_precision_on_cpu(tiny_kit, tmp_path, dtype):
     shutil.copy(full / "checkpoints" / "ppo_actor_64_resume.1.pth", part / "checkpoints" / "ppo_actor_64_resume.pth")
     run(tiny_run_args(tiny_kit, part, "--max_steps", "4", "--from_resume", "1", *extra))
     for a, b in zip(metrics[2:], read_metrics(part)):
-        assert {k: v for k, v in a.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"} == \
-            {k: v for k, v in b.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
+        assert timeless(a) == timeless(b)
     wa, wb = load_state_dict_file(full / "ppo_actor_64.pth"), load_state_dict_file(part / "ppo_actor_64.pth")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -221,8 +221,7 @@ def test_pad_token_equal_to_eos_or_missing_trains_the_same(tmp_path):
                        ("no_pad", str(tmp_path / "no_pad"))]:
         run(["--tokenizer_path", path, "--max_steps", "2", "--batch_size", "8", "--mini_batch_size", "4",
              "--eval_data_path", "none", "--save_dir", str(tmp_path / name), "--device", "cpu"])
-        runs[name] = [{k: v for k, v in m.items() if not k.startswith("time_") and k != "rollout_tokens_per_s"}
-                      for m in read_metrics(tmp_path / name)]
+        runs[name] = [timeless(m) for m in read_metrics(tmp_path / name)]
     assert loading.load_tokenizer(str(tmp_path / "no_pad")).pad_token == "<|im_end|>"
     assert runs["pad_eos"] == runs["own"] and runs["no_pad"] == runs["own"]
     assert all(m["eos_rate"] > 0.9 for m in runs["own"])  # the demo actor ends its responses with EOS
