@@ -31,7 +31,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from trainer_utils import _fsync_dir, atomic_save, get_world_size, InputError, is_main_process, Logger
+from trainer_utils import (_fsync_dir, atomic_save, first_line, get_world_size, InputError, is_main_process, Logger,
+                           numbered_path, resume_candidates)
 
 STATE_FILE = "state.pth"  # the non-tensor part of a sharded resume checkpoint (progress, RNG states, schedulers...)
 
@@ -217,35 +218,15 @@ def sharded_path(resume_file):
     return os.path.splitext(resume_file)[0] + ".dcp"
 
 
-def _numbered(path, index):
-    if index == 0:
-        return path
-    root, ext = os.path.splitext(path)
-    return f"{root}.{index}{ext}"
-
-
-def _candidates(path):
-    """`path` and its numbered older copies that exist, newest first."""
-    found = []
-    folder, root, ext = os.path.dirname(path), *os.path.splitext(os.path.basename(path))
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    indices = sorted(int(n[len(root) + 1:-len(ext)]) for n in names
-                     if n.startswith(root + ".") and n.endswith(ext) and n[len(root) + 1:-len(ext)].isdigit())
-    for index in [0] + [i for i in indices if i > 0]:
-        if os.path.isdir(_numbered(path, index)):
-            found.append(_numbered(path, index))
-    return found
-
-
 def publish(tmp, path, keep):
     """Rank 0, after every rank has written its shard into `tmp`: the older checkpoints shift one slot
     (path -> path.1 -> path.2 ...; each an atomic rename onto a free name, the oldest first), `tmp` becomes `path`,
     and those beyond `keep` go. At every moment each complete checkpoint sits under a name that load_resume tries."""
-    for older in reversed(_candidates(path)):
+    for older in reversed(resume_candidates(path)):
         index = 0 if older == path else int(os.path.splitext(older)[0].rsplit(".", 1)[1])
-        os.replace(older, _numbered(path, index + 1))
+        os.replace(older, numbered_path(path, index + 1))
     os.replace(tmp, path)
-    for stale in _candidates(path)[keep:]:
+    for stale in resume_candidates(path)[keep:]:
         os.replace(stale, stale + ".trash")  # out of the candidates' names first, then deleted
         shutil.rmtree(stale + ".trash", ignore_errors=True)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -305,8 +286,7 @@ def load_resume(path):
     folder as state["sharded_folder"]); (None, None) when there is none. One that is unreadable, or whose shard files
     are missing or shorter than its metadata says, is skipped with a warning, as a corrupt resume file is. Every rank
     calls it and every rank takes the same one (rank 0 lists them)."""
-    from trainer_utils import first_line
-    candidates = [_candidates(path)]
+    candidates = [resume_candidates(path)]
     dist.broadcast_object_list(candidates, src=0)
     errors = []
     for candidate in candidates[0]:

@@ -441,16 +441,16 @@ def set_rng_state(state):
 
 # ---------------------------------------------------------------- resume files with rotation
 
-def _numbered(path, index):
-    """`x_resume.pth` -> `x_resume.1.pth`; index 0 is `path` itself."""
+def numbered_path(path, index):
+    """`x_resume.pth` -> `x_resume.1.pth` (a folder `x_resume.dcp` -> `x_resume.1.dcp`); index 0 is `path` itself."""
     if index == 0:
         return path
     root, ext = os.path.splitext(path)
     return f"{root}.{index}{ext}"
 
 
-def _resume_candidates(path):
-    """`path` and its numbered older copies that exist on disk, newest first."""
+def resume_candidates(path):
+    """`path` and its numbered older copies (files or folders) that exist on disk, newest first."""
     folder = os.path.dirname(os.path.abspath(path))
     root, ext = os.path.splitext(os.path.basename(path))
     pattern = re.compile(re.escape(root) + r"\.(\d+)" + re.escape(ext))
@@ -459,7 +459,7 @@ def _resume_candidates(path):
     except FileNotFoundError:
         return []
     indices = sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m and int(m.group(1)) > 0)
-    return [c for c in [path] + [_numbered(path, i) for i in indices] if os.path.isfile(c)]
+    return [c for c in [path] + [numbered_path(path, i) for i in indices] if os.path.exists(c)]
 
 
 def save_resume(state, path, keep=2):
@@ -475,13 +475,13 @@ def save_resume(state, path, keep=2):
     tmp = _write_temp(state, path)
     try:
         for i in range(keep - 1, 0, -1):
-            if os.path.isfile(_numbered(path, i - 1)):
-                os.replace(_numbered(path, i - 1), _numbered(path, i))
+            if os.path.isfile(numbered_path(path, i - 1)):
+                os.replace(numbered_path(path, i - 1), numbered_path(path, i))
         os.replace(tmp, path)
     except BaseException:
         _remove_if_exists(tmp)
         raise
-    for stale in _resume_candidates(path)[keep:]:  # left over from a run with a larger `keep`
+    for stale in resume_candidates(path)[keep:]:  # left over from a run with a larger `keep`
         _remove_if_exists(stale)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
@@ -491,7 +491,7 @@ def load_resume(path, map_location="cpu"):
     (None, None) when none exists. Corrupt files are skipped with a warning."""
     path = os.fspath(path)
     errors = []
-    for candidate in _resume_candidates(path):
+    for candidate in resume_candidates(path):
         try:
             state = torch.load(candidate, map_location=map_location, weights_only=True)
             if not isinstance(state, dict):
