@@ -1,12 +1,15 @@
-"""PPO for language models: actor, old actor, frozen reference, critic and a reward, token-level PPO.
+"""PPO for language models: actor, old actor, frozen reference, critic and a reward, token-level PPO (and the
+critic-free estimators GRPO, Dr.GRPO, RLOO, REINFORCE++ one flag away).
 
-The policy is MiniMind or any transformers causal LM. Read top to bottom: flags -> PPO maths ->
-rollout (an Experience) -> update -> building the run -> one training step -> the loop -> main.
-The reward lives in reward.py, the held-out evaluation in evaluation.py, the critic, model
-loading and the sampler in model/, the run's state and checkpoints in checkpoint.py,
-distributed, logging and file helpers in trainer_utils.py. Run with `python train_ppo.py` (one process) or
-`torchrun --nproc_per_node N train_ppo.py` (DDP, or FSDP with --fsdp 1; NCCL on GPUs, gloo on CPU).
-Formulas follow "The N Implementation Details of RLHF with PPO" (Huang et al.), TRL, verl and OpenRLHF.
+The policy is MiniMind or any transformers causal LM. Read top to bottom: flags -> PPO maths (KL placement,
+advantage estimators, loss aggregation) -> rollout (an Experience) -> update -> building the run -> one
+training step -> the loop -> main. What is not the algorithm lives in its own room: the reward in reward.py
+and reward_functions.py, the data in dataset/, the held-out evaluation in evaluation.py, the models in model/
+(the Policy's log-probs, the sampler, the critic, loading, LoRA and checkpointing), the run's state and
+checkpoints in checkpoint.py, sharding in fsdp.py, distributed, logging and file helpers in trainer_utils.py.
+Run with `python train_ppo.py` (one process) or `torchrun --nproc_per_node N train_ppo.py` (DDP, or FSDP with
+--fsdp 1; NCCL on GPUs, gloo on CPU). Formulas follow "The N Implementation Details of RLHF with PPO" (Huang
+et al.), TRL, verl and OpenRLHF.
 """
 import argparse
 import contextlib
@@ -32,7 +35,7 @@ from fsdp import check_flags, full_tensor, shard_models, sharded_grad_scaler, un
 from model.critic import build_critic
 from model.loading import (check_position_limit, check_tokenizer_fit, default_tokenizer_path, init_model, is_moe,
                            load_tokenizer)
-from model.lora import add_lora, compile_blocks, enable_gradient_checkpointing, keep_frozen_in
+from model.lora import fit_models
 from model.policy import Policy
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
 from reward import add_reward_flags, build_reward, reward_model_from_flags
@@ -778,21 +781,8 @@ def build_models(args, reward_functions):
         if args.adv_estimator == "gae" else None
     # the reference: a frozen copy, or, for a LoRA policy, the policy itself with its adapters off (no copy)
     reference = None if args.lora_rank else frozen_copy(lm)
-    actor_peft = add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules) if args.lora_rank else None
-    if args.lora_rank and args.lora_critic and critic is not None:  # its own adapter; the value head in full
-        add_lora(critic.model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-    if args.gradient_checkpointing:
-        for model in (lm, critic.model if critic is not None else None):
-            if model is not None:
-                enable_gradient_checkpointing(model)
-    if args.compile:  # each decoder block, for sampling, scoring and training (compiled at first use)
-        for model in (lm, critic.model if critic is not None else None, reference):
-            if model is not None:
-                compile_blocks(model)
-    if args.device.startswith("cuda") and args.dtype != "float32":  # frozen weights need no float32 master copy
-        for model in (lm, critic, reference):  # the reference; with LoRA the bases; trained weights stay float32
-            if model is not None:
-                keep_frozen_in(model, getattr(torch, args.dtype))
+    # LoRA adapters, recomputed activations, compiled blocks, frozen weights in the compute precision
+    actor_peft = fit_models(args, lm, critic, reference)
     actor = Policy(lm)
     # with a sync every rollout the old actor is the actor itself: it samples and scores pi_old before the update
     old_actor = actor if args.update_old_actor_freq == 1 else Policy(frozen_copy(lm))

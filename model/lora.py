@@ -1,5 +1,6 @@
-"""LoRA through peft, for MiniMind and any transformers causal LM (and a critic's backbone), and the two
-memory savers beside it: gradient checkpointing and frozen weights kept in the compute precision.
+"""LoRA through peft, for MiniMind and any transformers causal LM (and a critic's backbone), and the other
+memory and speed options beside it: gradient checkpointing, frozen weights kept in the compute precision,
+compiled decoder blocks (fit_models applies the flags).
 
 A LoRA policy is its base model with peft's adapter layers injected in place: it samples and scores as
 the model it was, the reference is the same model with its adapters switched off (no copy), and what
@@ -135,3 +136,26 @@ def compile_blocks(model, backend="inductor"):
     cache change length), for sampling, scoring and training alike; the first calls pay the compile time."""
     for block in decoder_blocks(model):
         block.compile(dynamic=True, backend=backend)
+
+
+def fit_models(args, lm, critic, reference):
+    """What the memory and speed flags do to the models, in place: --lora_rank (adapters on the policy's LM, and
+    on the critic's backbone with --lora_critic, its value head trained in full), --gradient_checkpointing (the
+    LM and the critic), --compile (their decoder blocks, the reference's too), and on CUDA with --dtype bf16/fp16
+    the frozen weights (the reference, the LoRA bases) kept in that dtype. `critic` and `reference` may be None.
+    Returns peft's model around the LM (it saves the adapter), or None without LoRA."""
+    backbone = critic.model if critic is not None else None
+    lm_peft = add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules) if args.lora_rank else None
+    if args.lora_rank and args.lora_critic and backbone is not None:
+        add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+    for model in (lm, backbone) if args.gradient_checkpointing else ():
+        if model is not None:
+            enable_gradient_checkpointing(model)
+    for model in (lm, backbone, reference) if args.compile else ():  # compiled at first use
+        if model is not None:
+            compile_blocks(model)
+    if args.device.startswith("cuda") and args.dtype != "float32":  # a float32 master copy of frozen weights
+        for model in (lm, critic, reference):  # costs memory and nothing else: autocast casts them anyway
+            if model is not None:
+                keep_frozen_in(model, getattr(torch, args.dtype))
+    return lm_peft
