@@ -31,8 +31,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from trainer_utils import (_fsync_dir, atomic_save, first_line, get_world_size, InputError, is_main_process, Logger,
-                           numbered_path, resume_candidates)
+from trainer_utils import (atomic_save, first_line, get_world_size, InputError, is_main_process, Logger,
+                           resume_candidates, rotate_into_place)
 
 STATE_FILE = "state.pth"  # the non-tensor part of a sharded resume checkpoint (progress, RNG states, schedulers...)
 
@@ -218,20 +218,6 @@ def sharded_path(resume_file):
     return os.path.splitext(resume_file)[0] + ".dcp"
 
 
-def publish(tmp, path, keep):
-    """Rank 0, after every rank has written its shard into `tmp`: the older checkpoints shift one slot
-    (path -> path.1 -> path.2 ...; each an atomic rename onto a free name, the oldest first), `tmp` becomes `path`,
-    and those beyond `keep` go. At every moment each complete checkpoint sits under a name that load_resume tries."""
-    for older in reversed(resume_candidates(path)):
-        index = 0 if older == path else int(os.path.splitext(older)[0].rsplit(".", 1)[1])
-        os.replace(older, numbered_path(path, index + 1))
-    os.replace(tmp, path)
-    for stale in resume_candidates(path)[keep:]:
-        os.replace(stale, stale + ".trash")  # out of the candidates' names first, then deleted
-        shutil.rmtree(stale + ".trash", ignore_errors=True)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def save_sharded(record, parts, path, keep):
     """A resume checkpoint folder at `path`: the tensors of `parts` ({name: (model, optimizer or None)}) written by
     DCP, every rank its own shard, and `record` (the non-tensor state, rank 0's) as STATE_FILE. Written into
@@ -258,7 +244,7 @@ def save_sharded(record, parts, path, keep):
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # returns once the metadata is written
     if is_main_process():
         atomic_save(dict(record, sharded_optimizers=saved_optimizers), os.path.join(tmp, STATE_FILE))
-        publish(tmp, path, keep)
+        rotate_into_place(tmp, path, keep)
 
 
 def load_sharded(folder, parts, optimizers):

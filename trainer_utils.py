@@ -449,8 +449,8 @@ def numbered_path(path, index):
     return f"{root}.{index}{ext}"
 
 
-def resume_candidates(path):
-    """`path` and its numbered older copies (files or folders) that exist on disk, newest first."""
+def _indexed_candidates(path):
+    """(index, path) of `path` (index 0) and its numbered older copies (files or folders) on disk, newest first."""
     folder = os.path.dirname(os.path.abspath(path))
     root, ext = os.path.splitext(os.path.basename(path))
     pattern = re.compile(re.escape(root) + r"\.(\d+)" + re.escape(ext))
@@ -459,31 +459,44 @@ def resume_candidates(path):
     except FileNotFoundError:
         return []
     indices = sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m and int(m.group(1)) > 0)
-    return [c for c in [path] + [numbered_path(path, i) for i in indices] if os.path.exists(c)]
+    return [(i, numbered_path(path, i)) for i in [0] + indices if os.path.exists(numbered_path(path, i))]
+
+
+def resume_candidates(path):
+    """`path` and its numbered older copies (files or folders) that exist on disk, newest first."""
+    return [candidate for _, candidate in _indexed_candidates(path)]
+
+
+def rotate_into_place(tmp, path, keep):
+    """`tmp`, a complete checkpoint (a file, or a folder of shards), becomes `path`. The older ones first shift one
+    slot (path -> path.1 -> path.2 ..., the oldest first, each an atomic rename onto a free name), so every complete
+    checkpoint always sits under a name load_resume tries; then those beyond `keep` go (also leftovers of a run with
+    a larger `keep`). A folder is renamed out of the candidates' names before it is deleted."""
+    for index, older in reversed(_indexed_candidates(path)):
+        os.replace(older, numbered_path(path, index + 1))
+    os.replace(tmp, path)
+    for stale in resume_candidates(path)[keep:]:
+        if os.path.isdir(stale):
+            os.replace(stale, stale + ".trash")
+            shutil.rmtree(stale + ".trash", ignore_errors=True)
+        else:
+            _remove_if_exists(stale)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def save_resume(state, path, keep=2):
-    """Write a resume checkpoint and keep the `keep - 1` previous ones as path.1, path.2, ...
-
-    Order: (1) write the new file to a synced temp; (2) shift the old files one slot older,
-    newest last, each an atomic rename, so every complete file always sits under some name;
-    (3) rename the temp onto `path`; (4) drop files beyond `keep`. A crash at any point
-    leaves all previously saved checkpoints loadable (load_resume falls back to path.1)."""
+    """Write a resume checkpoint and keep the `keep - 1` previous ones as path.1, path.2, ...: the new file is
+    written to a synced temp, then rotated into place (rotate_into_place). A crash at any point leaves all
+    previously saved checkpoints loadable (load_resume falls back to path.1)."""
     if keep < 1:
         raise InputError(f"keep must be >= 1, got {keep}")
     path = os.fspath(path)
     tmp = _write_temp(state, path)
     try:
-        for i in range(keep - 1, 0, -1):
-            if os.path.isfile(numbered_path(path, i - 1)):
-                os.replace(numbered_path(path, i - 1), numbered_path(path, i))
-        os.replace(tmp, path)
+        rotate_into_place(tmp, path, keep)
     except BaseException:
         _remove_if_exists(tmp)
         raise
-    for stale in resume_candidates(path)[keep:]:  # left over from a run with a larger `keep`
-        _remove_if_exists(stale)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def load_resume(path, map_location="cpu"):

@@ -151,14 +151,14 @@ def _install_fsdp(faults):
     """Faults of sharded checkpoints: a save that hangs before its folder is published."""
     import fsdp
     if "hang_dcp" in faults:
-        calls, real = [0], fsdp.publish
+        calls, real = [0], fsdp.rotate_into_place
 
-        def publish(*args):
+        def rotate_into_place(*args):
             calls[0] += 1
             if calls[0] == faults["hang_dcp"]:
                 _hang(faults["marker"])
             return real(*args)
-        fsdp.publish = publish
+        fsdp.rotate_into_place = rotate_into_place
 
 
 def _dump_state(run, path):
