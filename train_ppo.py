@@ -226,7 +226,7 @@ def parse_args(argv=None):
                              "the mixed-precision path: slow on CPUs without bf16/fp16 instructions")
     system.add_argument("--compile", type=int, default=0, choices=[0, 1],
                         help="torch.compile each decoder block (dynamic shapes) of the policy, reference and critic: "
-                             "sampling, scoring and training; pays off on GPUs (minutes of compile time on a CPU)")
+                             "sampling, scoring and training; meant for GPUs (not measured there yet), slower on a CPU")
     system.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     system.add_argument("--seed", type=int, default=42, help="rank r seeds with seed + r")
     system.add_argument("--log_interval", type=int, default=1, help="rollouts between printed lines")
