@@ -47,7 +47,7 @@ from model.loading import init_model
 from model.sampling import sample_categorical, sample_responses
 from reward import load_reward_model
 from model.policy import Policy
-from train_ppo import compute_advantages
+from core_algos import compute_advantages
 from trainer_utils import unwrap_model
 
 PRESETS = {

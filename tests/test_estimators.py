@@ -11,7 +11,8 @@ import torch
 import train_ppo
 from children import timeless, torchrun
 from conftest import tiny_run_args
-from train_ppo import add_advantages, aggregate_loss, Experience, group_advantages, LOSS_AGG_MODES
+from core_algos import aggregate_loss, group_advantages, LOSS_AGG_MODES
+from train_ppo import add_advantages, Experience
 from trainer_utils import load_state_dict_file
 
 

@@ -6,8 +6,8 @@ import torch
 
 from conftest import reward_of
 from reward import RewardModel, resolve_reward_dtype
-from train_ppo import (compute_advantages, kl_penalty, masked_whiten, micro_batches, parse_args, policy_loss_per_token,
-                       value_loss_per_token, AdaptiveKLController)
+from core_algos import compute_advantages, kl_penalty, masked_whiten, policy_loss_per_token, value_loss_per_token
+from train_ppo import AdaptiveKLController, micro_batches, parse_args
 
 
 def gae_brute_force(rewards, values, lengths, gamma, lam):
