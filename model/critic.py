@@ -18,13 +18,13 @@ class CriticModel(nn.Module):
     def __init__(self, backbone, hidden_size):
         super().__init__()
         self.model = backbone
-        backbone.config.use_cache = False  # training forwards: no key/value cache to build
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, position_ids):
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
+        # no key/value cache to build (and none that a recomputed block would fill twice)
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)[0]
         return self.value_head(hidden).squeeze(-1)  # [B, T]
 
 

@@ -10,6 +10,8 @@ merged weights, under the base model's own key names.
 import contextlib
 
 import torch
+import torch.utils.checkpoint
+
 from trainer_utils import InputError
 
 
@@ -92,24 +94,23 @@ def load_trainable_state_dict(model, state):
 
 
 def enable_gradient_checkpointing(model):
-    """Recompute each decoder block's activations in the backward pass instead of keeping them. MiniMind (and a
-    critic on its backbone) per block, with torch.utils.checkpoint (non-reentrant); a transformers model through
-    its own activation_checkpointing_enable (gradient_checkpointing_enable in 4.x). transformers' blocks
-    checkpoint only in training mode, while the trainer runs every model in eval mode (dropout off): the
-    blocks alone are flagged as training, their
-    submodules (dropout among them) stay in eval."""
-    inner = getattr(model, "base_model_prefix", None) and getattr(model, model.base_model_prefix, None)
-    minimind = model if hasattr(model, "gradient_checkpointing") and hasattr(model, "layers") else inner
-    if minimind is not None and type(minimind).__name__ == "MiniMindModel":
-        minimind.gradient_checkpointing = True
-        return
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name (the old one warns)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for module in model.modules():
-        if module is not model and getattr(module, "gradient_checkpointing", False):
-            module.training = True
+    """Recompute each decoder block's activations in the backward pass instead of keeping them: every block's
+    forward runs inside torch.utils.checkpoint (non-reentrant) whenever autograd records it, and as it is
+    otherwise. One mechanism for MiniMind and every transformers model, on purpose not transformers' own
+    gradient_checkpointing_enable: that acts only on modules in training mode, and a block flagged as training
+    drops its key/value cache and turns functional dropout on (OPT, Falcon), so sampling and scoring would no
+    longer be the policy's. Here the models stay in eval mode and nothing but the update's backward changes:
+    sampling, scoring and evaluation run without grad and are untouched."""
+    for block in decoder_blocks(model):
+        block.forward = _checkpointed(block.forward)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
 
 
 def keep_frozen_in(model, dtype):

@@ -10,7 +10,6 @@ import re
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -306,7 +305,6 @@ class MiniMindModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.gradient_checkpointing = False  # recompute each block in the backward pass (memory for compute)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -314,8 +312,9 @@ class MiniMindModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None):
-        """Returns final-normed hidden states [B, T, hidden] and the summed MoE aux loss.
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=False):
+        """Returns final-normed hidden states [B, T, hidden] and the summed MoE aux loss. Keys and values are
+        cached only into a given `past_key_values` (`use_cache` is taken, as transformers' base models take it).
 
         `position_ids` [B, T] place each row's tokens for RoPE (left-padded rows: see
         model.sampling.position_ids_from_mask); default: past length + 0..T-1 for every row.
@@ -334,11 +333,7 @@ class MiniMindModel(nn.Module):
         x = self.embed_tokens(input_ids)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and torch.is_grad_enabled():  # keeps only each block's input
-                x, aux = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, past_key_values, i,
-                                                           use_reentrant=False)
-            else:
-                x, aux = layer(x, cos, sin, mask, past_key_values, i)
+            x, aux = layer(x, cos, sin, mask, past_key_values, i)
             if aux is not None:
                 aux_loss = aux_loss + aux
         if past_key_values is not None:

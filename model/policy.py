@@ -10,7 +10,6 @@ again, recomputed, in the backward. The numbers are those of the full computatio
 import contextlib
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -94,7 +93,7 @@ class Policy(nn.Module):
             logprobs, ent = token_logprobs(out.logits, nn.Identity(), targets, temperature, entropy)
             aux = getattr(out, "aux_loss", None)  # MiniMind's comes weighted by its generation's alpha
             return logprobs, ent, aux * coef if coef and aux is not None else aux
-        out = self.backbone()(input_ids, attention_mask=attention_mask, position_ids=positions)
+        out = self.backbone()(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
         hidden = out[0][:, T - response_len - 1:T - 1]  # [B, R, H]: the states that predict the response tokens
         aux = out[1] if isinstance(out, tuple) and len(out) > 1 and torch.is_tensor(out[1]) else None  # MiniMind's
         head = self.lm.get_output_embeddings()

@@ -2,7 +2,7 @@
 the project's tokenizer, as `save_pretrained` leaves a real checkpoint."""
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          MixtralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from model.loading import load_tokenizer
 
@@ -11,7 +11,8 @@ ARCHITECTURES = ("gpt2", "qwen2", "llama")
 
 def tiny_hf_model(arch, vocab_size=6400, hidden=32, layers=2, seed=0, positions=256, **config):
     """A random tiny causal LM of the given architecture (token ids as the project's tokenizer); `config`: more
-    config fields. "mixtral" (4 experts, top 2) is a transformers MoE."""
+    config fields. "mixtral" (4 experts, top 2) is a transformers MoE; "opt" applies its dropout (0.1, as OPT's
+    configs) functionally whenever a block is in training mode."""
     torch.manual_seed(seed)
     ids = dict(bos_token_id=1, eos_token_id=2)
     if arch == "gpt2":  # learned absolute positions: left padding changes its output without position ids
@@ -23,6 +24,10 @@ def tiny_hf_model(arch, vocab_size=6400, hidden=32, layers=2, seed=0, positions=
         return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **shape))
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**shape))
+    if arch == "opt":
+        return OPTForCausalLM(OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                                        num_attention_heads=4, max_position_embeddings=positions, word_embed_proj_dim=hidden,
+                                        dropout=0.1, attention_dropout=0.1, pad_token_id=0, **ids, **config))
     if arch == "mixtral":
         return MixtralForCausalLM(MixtralConfig(**{"num_local_experts": 4, "num_experts_per_tok": 2, **shape}))
     raise ValueError(arch)

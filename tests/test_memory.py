@@ -17,6 +17,7 @@ from model.critic import build_critic
 from model.lora import add_lora, adapter_layers, enable_gradient_checkpointing, keep_frozen_in, merged_state_dict
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.policy import Policy
+from model.sampling import sample_responses
 from trainer_utils import load_resume, load_state_dict_file, unwrap_model
 
 TOKENIZER = str(ROOT / "model")
@@ -72,6 +73,40 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
         recomputed.clear()
         loss_and_grads(Policy(lm), critic, ids, mask, R)
     assert mm > sum(n for f, n in recomputed.items() if "mm" in str(f))  # the blocks ran again in the backward
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "opt"])
+def test_gradient_checkpointing_leaves_sampling_and_scoring_as_they_were(arch):
+    """Checkpointing acts in the update's backward only: the tokens and log-probs of sampling, and the log-probs
+    of the scoring forwards (without grad) and of the update's (with grad), equal the model's without it, exactly,
+    and no module leaves eval mode. (Blocks flagged as training made transformers drop the key/value cache while
+    sampling, and turned OPT's functional dropout on.)"""
+    lm = tiny_lm(arch)
+    lm2 = copy.deepcopy(lm)
+    enable_gradient_checkpointing(lm2)
+    assert not any(m.training for m in lm2.modules())
+    ids, mask, R = batch()
+    sampled = [sample_responses(model, ids, mask, 12, [2], 0, generator=torch.Generator().manual_seed(3))
+               for model in (lm, lm2)]
+    for plain, recomputed in zip(*sampled):
+        assert torch.equal(plain, recomputed)
+    full = torch.cat([ids, sampled[0][0]], 1)
+    full_mask = torch.cat([mask, sampled[0][1]], 1)
+    with torch.no_grad():
+        assert torch.equal(Policy(lm)(full, full_mask, 12)[0], Policy(lm2)(full, full_mask, 12)[0])
+    assert torch.equal(Policy(lm)(full, full_mask, 12)[0], Policy(lm2)(full, full_mask, 12)[0])
+
+
+def test_gradient_checkpointing_keeps_a_transformers_run_on_policy(tmp_path, tiny_kit):
+    """A run of OPT (dropout 0.1 in its config) with --gradient_checkpointing 1: the sampler's log-probs are the
+    scoring forward's and the first ratio is exactly 1."""
+    folder = save_tiny_hf_model("opt", tmp_path / "opt", TOKENIZER)
+    train_ppo.main(train_ppo.parse_args([
+        "--from_weight", folder, "--reward_model_path", tiny_kit["reward_model"], "--data_path", tiny_kit["data"],
+        "--save_dir", str(tmp_path / "out"), "--batch_size", "4", "--mini_batch_size", "2", "--max_gen_len", "8",
+        "--max_steps", "2", "--device", "cpu", "--check_tokenizer", "0", "--gradient_checkpointing", "1"]))
+    for step in read_metrics(tmp_path / "out"):
+        assert step["sampler_logprob_gap"] < 1e-6 and step["first_minibatch_ratio_dev"] == 0.0, step
 
 
 def test_gradient_checkpointing_resume_is_exact(tiny_kit, tmp_path):
