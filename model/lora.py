@@ -8,6 +8,7 @@ is saved is the adapter (a folder `peft.PeftModel.from_pretrained(base, folder)`
 merged weights, under the base model's own key names.
 """
 import contextlib
+import re
 
 import torch
 import torch.utils.checkpoint
@@ -49,24 +50,36 @@ def adapters_disabled(model):
             layer.enable_adapters(True)
 
 
+def base_key(name):
+    """A module or tensor name in the base model's own terms: peft's `.base_layer` segments (nested when two
+    parameters of one module are wrapped, as a transformers 5 MoE's fused experts) taken out."""
+    return re.sub(r"(\.base_layer)+(?=\.|$)", "", name)
+
+
 @torch.no_grad()
 def merged_state_dict(model):
-    """`model`'s weights with every LoRA adapter merged in (W + scale * B A, peft's get_delta_weight) under the
-    base model's own key names, on the CPU (a merged copy on the GPU would need the model's size again at each
-    save): what MiniMind's .pth and save_pretrained hold. `model` is left as it is."""
+    """`model`'s weights with every LoRA adapter merged in (W + scale * B A, peft's get_delta_weight), for every
+    module peft wraps: linear layers, and single parameters (peft's ParamWrapper: the fused experts and routers of
+    a transformers 5 MoE), under the base model's own key names, on the CPU (a merged copy on the GPU would
+    need the model's size again at each save). The sum is taken in float32 and every floating tensor comes back
+    in float32, the precision the trainer holds the policy in: a small update added to bfloat16 weights (the
+    frozen base on CUDA, keep_frozen_in) would round away. What MiniMind's .pth and save_pretrained hold.
+    `model` is left as it is."""
     from peft.tuners.lora import LoraLayer
     merged = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-            merged[f"{name}.weight"] = (base.weight.detach() + delta.to(base.weight.dtype)).cpu()
+            parameter = getattr(module, "parameter_name", None) or "weight"
+            weight = getattr(module.get_base_layer(), parameter)
+            delta = sum(module.get_delta_weight(adapter).float() for adapter in module.active_adapters)
+            merged[f"{base_key(name)}.{parameter}"] = (weight.detach().float() + delta).cpu()
     state = {}
     for key, value in model.state_dict().items():
         if ".lora_" in key:
             continue
-        clean = key.replace(".base_layer.", ".")
-        state[clean] = merged[clean] if clean in merged else value.cpu()
+        clean = base_key(key)
+        value = merged[clean] if clean in merged else value.cpu()
+        state[clean] = value.float() if value.is_floating_point() else value
     return state
 
 
@@ -114,11 +127,18 @@ def _checkpointed(forward):
 
 
 def keep_frozen_in(model, dtype):
-    """Frozen parameters (a LoRA base, a reference) in `dtype` (the compute precision on CUDA): autocast would
-    cast them for every matmul anyway, so a float32 master copy only costs memory. Trained ones stay float32."""
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
-            p.data = p.data.to(dtype)
+    """The frozen weights and biases of linear layers (a LoRA base, a reference) in `dtype`, the compute precision
+    on CUDA: autocast casts them to it for every matmul anyway, so the model computes exactly what it computed
+    with them in float32 and a float32 master copy only costs memory. Embeddings (and a head tied to one), norms
+    and every trained parameter stay in float32, as autocast leaves them: a reference built this way gives the
+    policy's log-probs bit for bit, and the first KL is exactly 0."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (autocast casts their addmm too)
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad and p.is_floating_point() and id(p) not in embedded:
+                    p.data = p.data.to(dtype)
     return model
 
 

@@ -198,16 +198,17 @@ def test_lora_trains_the_adapter_only_and_the_reference_is_the_base(tiny_kit, tm
         assert torch.equal(state[k.replace("_proj.weight", "_proj.base_layer.weight")], v.float()), k
 
 
-@pytest.mark.parametrize("arch", ["minimind", "llama"])
+@pytest.mark.parametrize("arch", ["minimind", "llama", "mixtral"])
 def test_lora_saves_an_adapter_peft_loads_and_the_merged_policy(arch, tiny_kit, tmp_path):
     """{save_weight}_lora/ loaded onto the base with peft gives the trainer's logits; the merged policy (MiniMind's
-    .pth with MiniMind's keys, or the transformers folder) equals base + adapter."""
+    .pth with MiniMind's keys, or the transformers folder) equals base + adapter. Mixtral: under transformers 5
+    peft wraps its fused experts and routers as single parameters (ParamWrapper), merged and saved too."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     if arch == "minimind":
         flags, base_path = lora_flags(tiny_kit, tmp_path / "run", "--max_steps", "2"), tiny_kit["actor"]
     else:
-        base_path = save_tiny_hf_model("llama", tmp_path / "llama", TOKENIZER)
+        base_path = save_tiny_hf_model(arch, tmp_path / arch, TOKENIZER)
         flags = llama_lora_flags(base_path, tiny_kit, tmp_path / "run", "--max_steps", "2")
     run = train_ppo.build_run(train_ppo.parse_args(flags))
     train_ppo.finish(run, train_ppo.train(run))
@@ -217,7 +218,7 @@ def test_lora_saves_an_adapter_peft_loads_and_the_merged_policy(arch, tiny_kit, 
         want = lm(ids, attention_mask=mask).logits
 
         def fresh_base():
-            if arch == "llama":
+            if arch != "minimind":
                 return AutoModelForCausalLM.from_pretrained(base_path).eval()
             model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).eval()
             model.load_state_dict(load_state_dict_file(base_path))
@@ -273,21 +274,37 @@ def test_lora_under_two_ranks_equals_one_process(tmp_path):
             assert torch.allclose(ref[k], got[k], atol=1e-6, rtol=1e-5), (name, k)
 
 
-def test_frozen_weights_in_the_compute_precision_under_autocast():
-    """keep_frozen_in: a LoRA base (and a reference) in bfloat16, the adapters in float32; the policy still runs
-    under autocast and its log-probs stay close to the float32 ones."""
-    lm = tiny_lm("minimind")
+@pytest.mark.parametrize("arch", ["minimind", "gpt2", "qwen2", "llama"])
+def test_frozen_weights_in_the_compute_precision_give_the_policy_exactly(arch):
+    """keep_frozen_in (CUDA with --dtype bfloat16; here under CPU autocast, which casts the same ops): a frozen
+    reference with its linear layers in bfloat16 gives the float32 policy's log-probs bit for bit, so the first
+    KL is exactly 0; embeddings (a tied head: Qwen2, MiniMind), norms and trained parameters stay float32."""
+    lm = tiny_lm(arch)
+    reference = keep_frozen_in(copy.deepcopy(lm).requires_grad_(False), torch.bfloat16)
+    low = [n for n, p in reference.named_parameters() if p.dtype == torch.bfloat16]
+    assert low and all("norm" not in n and "embed" not in n and "wte" not in n and "wpe" not in n for n in low)
+    assert reference.get_input_embeddings().weight.dtype == torch.float32
     ids, mask, R = batch()
-    with torch.no_grad():
-        full = Policy(lm)(ids, mask, R)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(Policy(reference)(ids, mask, R)[0], Policy(lm)(ids, mask, R)[0])
+
+
+def test_lora_merged_in_float32_keeps_a_small_update_over_a_bfloat16_base():
+    """With the LoRA base in bfloat16 (keep_frozen_in), the merged weights are base + B A summed in float32 and
+    returned in float32: an update far below bfloat16's resolution survives (in bfloat16 it rounds away)."""
+    lm = tiny_lm("llama")
     add_lora(lm, 4, 8)
     keep_frozen_in(lm, torch.bfloat16)
-    dtypes = {n: p.dtype for n, p in lm.named_parameters()}
-    assert all(d == torch.float32 for n, d in dtypes.items() if ".lora_" in n)
-    assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".lora_" not in n)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        low = Policy(lm)(ids, mask, R)[0]
-    assert (low - full).abs().max() < 0.1
+    for layer in adapter_layers(lm):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=1e-4)
+    merged = merged_state_dict(lm)
+    assert all(v.dtype == torch.float32 for v in merged.values() if v.is_floating_point())
+    layer = lm.model.layers[0].self_attn.q_proj
+    base, delta = layer.base_layer.weight, layer.get_delta_weight("default")
+    assert base.dtype == torch.bfloat16
+    assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"] - base.float(), delta, atol=1e-7)
+    kept_in_bf16 = (base + delta.to(torch.bfloat16)).float() - base.float()
+    assert (kept_in_bf16 == 0).float().mean() > 0.3  # what merging in bfloat16 did
 
 
 # ----------------------------------------------------------------------------- a critic from a reward model
