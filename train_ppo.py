@@ -125,8 +125,12 @@ def parse_args(argv=None):
                       help="default: from the weights (8 for a random MiniMind)")
     size.add_argument("--use_moe", type=int, default=None, choices=[0, 1],
                       help="MiniMind's mixture of experts; default: from the weights (a name picks the one file)")
-    size.add_argument("--max_seq_len", type=int, default=64,
-                      help="max prompt tokens (longer prompts lose their left part)")
+    size.add_argument("--max_seq_len", type=int, default=None,
+                      help="max prompt tokens; a longer prompt is never cut (see --overlong_prompts). Default: 64 "
+                           "for the demo's data, else the longest prompt of --data_path and --eval_data_path")
+    size.add_argument("--overlong_prompts", default="drop", choices=["drop", "error"],
+                      help="prompts longer than --max_seq_len: drop = leave their rows out and say how many at "
+                           "start-up (verl's filter_overlong_prompts); error = stop, naming the first")
     size.add_argument("--max_gen_len", type=int, default=48, help="max new tokens per response")
     schedule = p.add_argument_group("schedule")
     schedule.add_argument("--epochs", type=int, default=10, help="passes over --data_path (the demo: 10 x 14 rollouts)")
@@ -292,6 +296,8 @@ def parse_args(argv=None):
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.thinking_ratio is not None and not 0 <= args.thinking_ratio <= 1:
         p.error(f"--thinking_ratio must be in [0, 1], got {args.thinking_ratio}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        p.error(f"--max_seq_len must be >= 1, got {args.max_seq_len}")
     for flag in ("eval_limit", "log_samples", "critic_warmup_steps", "lora_rank", "max_tokens_per_micro_batch"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
@@ -636,13 +642,18 @@ def rollout_metrics(experience):
 def load_data(args, tokenizer, reward_functions):
     """The training prompts and the held-out ones: what does not fit stops here, before any model is built."""
     # every rank sees its own shard of one global shuffled order (build_run); bad lines stop the run here
-    keys = dict(prompt_key=args.prompt_key, label_key=args.label_key)
-    dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len, thinking_ratio=args.thinking_ratio,
-                           seed=args.seed, **keys)
+    if args.max_seq_len is None and os.path.abspath(args.data_path) == DEMO_DATA:
+        args.max_seq_len = 64
+    keys = dict(prompt_key=args.prompt_key, label_key=args.label_key, max_length=args.max_seq_len,
+                thinking_ratio=args.thinking_ratio, seed=args.seed, overlong=args.overlong_prompts)
+    dataset = RLAIFDataset(args.data_path, tokenizer, **keys)
+    eval_set = RLAIFDataset(args.eval_data_path, tokenizer, **keys) if args.eval_data_path else None
+    if args.max_seq_len is None:  # fit the data: no prompt left out
+        args.max_seq_len = max(data.longest for data in (dataset, eval_set) if data is not None)
+        Logger(f"--max_seq_len {args.max_seq_len}: the longest prompt of --data_path"
+               f"{' and --eval_data_path' if eval_set else ''} (give it to leave longer prompts out)")
     eval_samples = []
-    if args.eval_data_path:
-        eval_set = RLAIFDataset(args.eval_data_path, tokenizer, max_length=args.max_seq_len,
-                                thinking_ratio=args.thinking_ratio, seed=args.seed, **keys)
+    if eval_set:
         check_labels(eval_set, reward_functions, 0.0)  # routing and what the functions need, as below
         eval_samples = eval_set.samples[:args.eval_limit or None]  # epoch 0's draws
     # what the rewards need from each row (a label, a routed data_source); last, as it binds each function to

@@ -82,16 +82,17 @@ class RLAIFDataset(Dataset):
     functions. Bad rows stop the load naming the file, the row (jsonl: its line) and the key. Tokenised
     once at load time.
 
-    Prompts longer than `max_length` tokens keep their last `max_length` ids: the end holds
-    the user's latest turn and the generation prompt, which the policy must see.
+    A prompt longer than `max_length` tokens (None: no limit) is never cut: with `overlong="drop"` (verl's
+    filter_overlong_prompts) its row is left out and the load says how many were, with `"error"` the load
+    stops naming the first such row; it stops too when no prompt is left. `longest` is the longest prompt kept.
     With a template that has a thinking switch (see `thinking_flag`), each prompt is rendered both ways
     and a share `thinking_ratio` (default 0.9) of them is served with the think block open, drawn per
     prompt and epoch from `seed` (`set_epoch`), as minimind-3's PPO draws it; resumed and distributed
     runs draw the same. Plain-text rows take no thinking ratio."""
 
     def __init__(self, path, tokenizer, max_length=512, system_prompt=None, skip_bad_lines=False,
-                 thinking_ratio=None, seed=0, prompt_key=None, label_key=None):
-        if not isinstance(max_length, int) or max_length < 1:
+                 thinking_ratio=None, seed=0, prompt_key=None, label_key=None, overlong="drop"):
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise InputError(f"max_length must be a positive integer, got {max_length!r}")
         self.path = os.fspath(path)
         numbered = self._read_records(skip_bad_lines, prompt_key, label_key)  # (number, (content, answer))
@@ -115,7 +116,6 @@ class RLAIFDataset(Dataset):
         # the chat each prompt renders (None for plain text): what the reward model reads as the query
         self.messages = [self._with_system(content, system_prompt) if self.chat else None for content, _ in records]
         self.variants = [{} for _ in records]  # per prompt: {switch: (prompt text, ids)}
-        truncated = set()
         for switch in ([False, True] if self.flag else [None]):  # the think block closed / open
             texts = [content if not self.chat else
                      tokenizer.apply_chat_template(self._with_system(content, system_prompt), tokenize=False,
@@ -125,15 +125,32 @@ class RLAIFDataset(Dataset):
             # a rendered template holds its special tokens already; plain text gets the tokenizer's own (a BOS)
             all_ids = tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
             for i, (text, ids) in enumerate(zip(texts, all_ids)):
-                if len(ids) > max_length:
-                    ids = ids[-max_length:]
-                    text = tokenizer.decode(ids)
-                    truncated.add(i)
                 self.variants[i][switch] = (text, ids)
-        self.num_truncated = len(truncated)
-        if self.num_truncated:
-            print(f"warning: {self.path}: {self.num_truncated} of {len(self.variants)} prompts are longer "
-                  f"than max_length={max_length} tokens and were truncated from the left", flush=True)
+        self._leave_out_overlong(max_length, overlong)
+
+    def _leave_out_overlong(self, max_length, overlong):
+        """Rows whose prompt (its longer rendering, where there are two) exceeds max_length tokens: left out and
+        counted ("drop"), or the load stops at the first ("error"). A cut prompt would lose its question or its
+        generation prompt, and the policy would be trained on a prompt the data never held."""
+        lengths = [max(len(ids) for _, ids in variant.values()) for variant in self.variants]
+        over = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
+        if over and (overlong == "error" or len(over) == len(lengths)):
+            first = over[0]
+            raise InputError(f"{self.wheres[first]}: the prompt is {lengths[first]} tokens, longer than --max_seq_len "
+                             f"{max_length}" + ("" if overlong == "error" else f", as are all {len(lengths)} prompts")
+                             + "; raise --max_seq_len (a prompt is never cut: it would lose its question)"
+                             + (", or --overlong_prompts drop leaves such rows out" if overlong == "error" else ""))
+        if over:
+            first, dropped = self.wheres[over[0]], set(over)
+            keep = [i for i in range(len(lengths)) if i not in dropped]
+            for name in ("variants", "answers", "messages", "rows", "labels", "wheres"):
+                values = getattr(self, name)
+                setattr(self, name, [values[i] for i in keep])
+            print(f"note: {self.path}: {len(over)} of {len(lengths)} prompts are longer than --max_seq_len "
+                  f"{max_length} tokens (up to {max(lengths[i] for i in over)}; first: {first})"
+                  f" and are left out, not cut", flush=True)
+        self.num_dropped = len(over)
+        self.longest = max(len(ids) for variant in self.variants for _, ids in variant.values())
 
     def set_epoch(self, epoch):
         self.epoch = epoch

@@ -51,7 +51,9 @@ def parser():
     p.add_argument("--tokenizer_path", default=None,
                    help="for MiniMind weights (default: the run's, else the project's model/); a transformers "
                         "folder reads its own")
-    p.add_argument("--max_seq_len", type=int, default=64, help="max prompt tokens, as in train_ppo")
+    p.add_argument("--max_seq_len", type=int, default=None,
+                   help="max prompt tokens, as in train_ppo: longer prompts are left out, never cut (default: the "
+                        "run's, else no limit)")
     p.add_argument("--max_gen_len", type=int, default=48, help="max new tokens, as in train_ppo")
     p.add_argument("--batch_size", type=int, default=32, help="prompts per generation batch (train_ppo's evaluation "
                                                               "uses its --batch_size)")

@@ -73,21 +73,26 @@ def test_system_prompt_inserted_only_when_missing(tmp_path, tokenizer):
     assert ds[1]["prompt"] == chatml(("system", "Own."), ("user", "Hi"))
 
 
-def test_left_truncation_keeps_the_tail(tmp_path, tokenizer, capsys):
+def test_overlong_prompts_are_left_out_never_cut(tmp_path, tokenizer, capsys):
+    """A prompt longer than max_length is not cut (its question would be lost): its row is left out and counted,
+    with its ground truth and columns; "error" stops at it, naming its line; all too long stops the load."""
     long = record(("user", "one two three four five six seven eight nine ten " * 5 + "END"), ("assistant", "无"))
-    path = write_jsonl(tmp_path, [GOOD, long])
+    path = write_jsonl(tmp_path, [dict(GOOD, answer="a"), dict(long, answer="b"), dict(GOOD, answer="c")])
     full_ids = tokenizer(chatml(("user", long["conversations"][0]["content"])), add_special_tokens=False)["input_ids"]
-    ds = RLAIFDataset(path, tokenizer, max_length=16)
-    gen_ids = tokenizer(GEN_PROMPT, add_special_tokens=False)["input_ids"]
-    item = ds[1]
     assert len(full_ids) > 16
-    assert item["prompt_ids"] == full_ids[-16:]
-    assert item["prompt_ids"][-len(gen_ids):] == gen_ids
-    assert item["prompt"].endswith("END<|im_end|>\n" + GEN_PROMPT)
-    assert ds[0]["prompt"] == chatml(("user", "Hi"))  # short prompts untouched
-    assert ds.num_truncated == 1
+    ds = RLAIFDataset(path, tokenizer, max_length=16)
+    assert len(ds) == 2 and [ds[i]["answer"] for i in range(2)] == ["a", "c"] and ds.num_dropped == 1
+    assert ds.wheres == [f"{path}:1", f"{path}:3"] and ds.longest == len(ds[0]["prompt_ids"])
     out = capsys.readouterr().out
-    assert path in out and "1 of 2" in out
+    assert f"{path}: 1 of 3 prompts are longer than --max_seq_len 16 tokens (up to {len(full_ids)}; first: {path}:2)" \
+        in out and "left out, not cut" in out
+    assert len(RLAIFDataset(path, tokenizer, max_length=None)) == 3
+    with pytest.raises(ValueError, match=rf"{path}:2: the prompt is {len(full_ids)} tokens, longer than --max_seq_len "
+                                         r"16; raise --max_seq_len .*--overlong_prompts drop"):
+        RLAIFDataset(path, tokenizer, max_length=16, overlong="error")
+    with pytest.raises(ValueError, match=rf"{path}:1: the prompt is \d+ tokens, longer than --max_seq_len 2, as are all "
+                                         r"3 prompts"):
+        RLAIFDataset(path, tokenizer, max_length=2)
 
 
 def test_max_length_must_be_positive(tmp_path, tokenizer):

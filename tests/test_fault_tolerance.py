@@ -479,11 +479,22 @@ def test_mini_batch_size_must_divide_batch_size(tiny_kit, tmp_path, capsys):
         in capsys.readouterr().err
 
 
-def test_long_prompts_are_truncated_counted_and_reported(tiny_kit, tmp_path, capsys):
+def test_long_prompts_are_left_out_counted_and_reported(tiny_kit, tmp_path, capsys):
     run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1", "--max_seq_len", "24"))
-    assert re.search(r"prompts_sample\.jsonl: \d+ of 24 prompts are longer than max_length=24 tokens and were "
-                     r"truncated from the left", capsys.readouterr().out)
+    assert re.search(r"prompts_sample\.jsonl: \d+ of 24 prompts are longer than --max_seq_len 24 tokens .* and are "
+                     r"left out, not cut", capsys.readouterr().out)
     assert len(read_metrics(tmp_path)) == 1
+
+
+def test_max_seq_len_fits_the_users_data_by_default(tiny_kit, tmp_path, capsys):
+    """Not the demo's data: --max_seq_len defaults to the longest prompt (none left out); the demo's stays 64."""
+    args = [a for a in tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1") if a not in ("--max_seq_len", "48")]
+    run(args)
+    saved = json.load(open(tmp_path / "run_args.json"))
+    assert saved["max_seq_len"] == 75  # the longest rendered prompt of prompts_sample.jsonl
+    out = capsys.readouterr().out
+    assert "--max_seq_len 75: the longest prompt of --data_path" in out and "left out" not in out
+    assert train_ppo.parse_args([]).max_seq_len is None  # resolved at load: 64 for the demo's data
 
 
 # ----------------------------------------------------------------------------- security
