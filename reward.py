@@ -51,8 +51,9 @@ class RewardModel:
     (the first token for encoders, the last non-pad token for decoders).
     """
 
-    def __init__(self, model, tokenizer, input_format, label=0):
+    def __init__(self, model, tokenizer, input_format, label=0, path=None):
         self.model, self.tokenizer, self.input_format, self.label = model, tokenizer, input_format, label
+        self.path = path or type(model).__name__
 
     @torch.no_grad()
     def score(self, chats, batch_size=32):
@@ -150,7 +151,7 @@ def load_reward_model(path, device, dtype="auto", input_format="auto", label=Non
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    return RewardModel(model.to(device).eval().requires_grad_(False), tokenizer, input_format, label or 0)
+    return RewardModel(model.to(device).eval().requires_grad_(False), tokenizer, input_format, label or 0, path)
 
 
 # ----------------------------------------------------------------------------- rule rewards and the hybrid reward
@@ -193,6 +194,8 @@ def is_correct(response, truth):
 
 
 REWARD_RULES = ("minimind2", "minimind3", "minimind3_cjk", "none")
+RULE_PARTS = dict(minimind2=("format", "tags"), minimind3=("length", "think", "repetition"),
+                  minimind3_cjk=("length", "think", "repetition"))
 ASSISTANT_START = "<|im_start|>assistant\n"
 # minimind-3's repetition tokens (MINIMIND_FACTS 7): Unicode words and single punctuation marks; a run of CJK
 # characters without spaces is one token
@@ -350,6 +353,21 @@ class Reward:
             parts["missing_eos"] = -self.missing_eos_penalty * (~has_eos.cpu()).float()
         return sum(values for name, values in parts.items() if "/" not in name), parts  # diagnostics: not added
 
+    def describe(self):
+        """What this reward is made of, in one line (the start-up log)."""
+        parts = []
+        if self.reasoning and self.rules != "none":
+            parts.append(f"rules {self.rules} ({', '.join(RULE_PARTS[self.rules])})")
+        if self.reward_model is not None:
+            clip = f", clipped to +-{self.rm_clip:g}" if self.rm_clip else ""
+            parts.append(f"rm: the reward model {self.reward_model.path} ({self.reward_model.input_format}{clip})")
+        if self.correctness:
+            parts.append(f"correctness: {self.correctness:g} for an answer equal to the ground truth")
+        parts += [f"{name}: {scorer.describe()}" for name, scorer in self.function_parts]
+        if self.missing_eos_penalty:
+            parts.append(f"missing_eos: -{self.missing_eos_penalty:g} without an EOS")
+        return " + ".join(parts)
+
     def reward_model_part(self, chats, answer_chats, answer_rows, responses):
         B = len(chats)
         scores = self.reward_model.score(chats + answer_chats, self.batch_size)
@@ -374,9 +392,11 @@ def add_reward_flags(parser):
     """The flags that describe a Reward, shared by train_ppo.py and scripts/eval_policy.py (same names, same
     meaning): the reward model and how it reads, the rules, ground truth and functions from files."""
     group = parser.add_argument_group("reward")
-    group.add_argument("--reward_model_path", default=DEMO_REWARD_MODEL,
+    group.add_argument("--reward_model_path", default=None,
                        help="local folder: a get_score() model (internlm2-reward style) or a sequence classifier "
-                            "(decoder or encoder); 'none': rules, --correctness_reward and --reward_fn only")
+                            "(decoder or encoder); 'none': rules, --correctness_reward and --reward_fn only. Default: "
+                            "the demo's reward model (demo/reward_model) for the demo's data without --reward_fn, "
+                            "else none")
     group.add_argument("--reward_input", default="auto", choices=list(REWARD_INPUTS),
                        help="how the reward model reads (query, response): chat = its tokenizer's chat template, "
                             "pair = tokenizer(query, response), text = tokenizer(query + response), both with "
@@ -396,7 +416,8 @@ def add_reward_flags(parser):
                        help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking + "
                             "repetition, RM of (history as one user message, answer); minimind3_cjk: minimind3 with "
                             "repetition counted per CJK character (this project's); none: no rules, RM of the whole "
-                            "chat. Default: the generation of MiniMind weights, none for other models")
+                            "chat. Default: none with --reward_fn, else the generation of MiniMind weights (none for "
+                            "other models)")
     group.add_argument("--rm_clip", type=float, default=3.0,
                        help="reward-model scores are clipped to [-rm_clip, rm_clip]; 0 = no clipping")
     group.add_argument("--correctness_reward", type=float, default=0.0,
@@ -416,6 +437,13 @@ def add_reward_flags(parser):
     return group
 
 
+def default_reward_model(args, demo_data):
+    """--reward_model_path's default: the demo's reward model only for the demo's data and no --reward_fn (it knows
+    nothing of anyone else's task); otherwise none unless one is named."""
+    if args.reward_model_path is None:
+        args.reward_model_path = DEMO_REWARD_MODEL if demo_data and not args.reward_fn else "none"
+
+
 def reward_model_from_flags(args, device):
     """The reward model --reward_model_path names (None for 'none'), loaded as --reward_* say."""
     if args.reward_model_path.lower() == "none":
@@ -425,7 +453,8 @@ def reward_model_from_flags(args, device):
 
 def build_reward(args, policy_config, reward_model, functions):
     """The Reward of add_reward_flags' flags for a policy with `policy_config` (--reward_rules defaults to its
-    generation's), around an already loaded reward model and functions from files."""
-    rules = args.reward_rules or default_reward_rules(policy_config)
+    generation's, and to none beside a --reward_fn: a user's function is their task's reward, MiniMind's format
+    rules are not added to it unless named), around an already loaded reward model and functions from files."""
+    rules = args.reward_rules or ("none" if args.reward_fn else default_reward_rules(policy_config))
     return Reward(reward_model, rules, bool(args.reasoning), args.rm_clip, args.reward_batch_size,
                   args.correctness_reward, functions, args.missing_eos_penalty)

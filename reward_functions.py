@@ -146,6 +146,9 @@ class RewardFunction:
             return "plain", named, [], takes_any
         raise refuse(signature)
 
+    def describe(self):
+        return f"{self.name} from {self.path} ({self.kind}'s signature)"
+
     @property
     def needs_label(self):
         """Whether every row this function scores must carry a ground truth (checked at start-up)."""
@@ -288,6 +291,10 @@ class RoutedRewards:
                                  f"({self.routes[fn.source].where})")
             self.routes[fn.source] = fn
         self.functions = list(self.routes.values()) + ([default] if default else [])
+
+    def describe(self):
+        routes = [f"data_source {source}: {fn.describe()}" for source, fn in self.routes.items()]
+        return "; ".join(routes + ([f"other data sources: {self.default.describe()}"] if self.default else []))
 
     def function_for(self, row):
         source = None if row is None else row.get("data_source")

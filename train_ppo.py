@@ -39,7 +39,7 @@ from model.loading import (check_position_limit, check_tokenizer_fit, default_to
 from model.lora import fit_models
 from model.policy import Policy
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
-from reward import add_reward_flags, build_reward, reward_model_from_flags
+from reward import add_reward_flags, build_reward, default_reward_model, reward_model_from_flags
 from reward_functions import check_labels, NonFiniteRolloutError, RewardFunction
 from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, InputError, is_main_process, log_samples, log_step,
@@ -256,8 +256,10 @@ def parse_args(argv=None):
     args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.save_dir, "checkpoints")
     args.tokenizer_path = args.tokenizer_path or default_tokenizer_path(args.from_weight, os.path.join(ROOT, "model"))
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    demo_data = os.path.abspath(args.data_path) == DEMO_DATA
+    default_reward_model(args, demo_data)
     if args.eval_data_path is None:
-        args.eval_data_path = DEMO_EVAL_DATA if os.path.abspath(args.data_path) == DEMO_DATA else None
+        args.eval_data_path = DEMO_EVAL_DATA if demo_data else None
     elif args.eval_data_path.lower() == "none":
         args.eval_data_path = None
     if args.n_samples_per_prompt < 1:
@@ -708,10 +710,9 @@ def build_models(args, reward_functions):
            f"{', MoE' if getattr(config, 'use_moe', False) else ''}"
            f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}); trained parameters "
            f"({'actor + critic' if critic is not None else f'actor; {args.adv_estimator}: no critic'}): "
-           f"{trained / 1e6:.2f}M; reward model: {args.reward_model_path}; reward rules: "
-           f"{reward.rules if args.reasoning else 'none (--reasoning 0)'}"
+           f"{trained / 1e6:.2f}M"
            + (f"; think block open in {args.thinking_ratio:.0%} of prompts ({thinking_flag(tokenizer)})"
-              if thinking_flag(tokenizer) else ""))
+              if thinking_flag(tokenizer) else "") + f"\nreward = {reward.describe()}")
     return actor, old_actor, ref_model, critic, reward, tokenizer, actor_peft
 
 

@@ -25,7 +25,7 @@ import torch
 from dataset.lm_dataset import RLAIFDataset
 from evaluation import evaluate, markdown_table
 from model.loading import default_tokenizer_path, init_model
-from reward import add_reward_flags, build_reward, reward_model_from_flags
+from reward import add_reward_flags, build_reward, default_reward_model, reward_model_from_flags
 from reward_functions import RewardFunction
 from trainer_utils import is_hf_folder, user_errors
 
@@ -98,6 +98,7 @@ def parse_args(argv=None):
         p.set_defaults(**settings)
         args = p.parse_args(argv)  # flags given here still win
     args.run_args = run_args
+    default_reward_model(args, os.path.abspath(args.data_path) == DEMO_EVAL)  # the run's, when it has run_args
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
 

@@ -206,9 +206,10 @@ def test_reward_rules_default_to_the_weights_generation_and_log_each_part(tiny_k
     run(tiny_run_args(tiny_kit, tmp_path / "v3", "--max_steps", "1", "--log_samples", "1", "--from_weight",
                       str(tmp_path / "full_sft_64.pth")))
     out = capsys.readouterr().out.split("actor: ")
-    for name, rules, parts, log in [("v2", "minimind2", {"format", "tags", "rm"}, out[1]),
-                                    ("v3", "minimind3", {"length", "think", "repetition", "rm"}, out[2])]:
-        assert f"reward rules: {rules}" in log.splitlines()[0]
+    for name, rules, parts, log in [("v2", "minimind2 (format, tags)", {"format", "tags", "rm"}, out[1]),
+                                    ("v3", "minimind3 (length, think, repetition)",
+                                     {"length", "think", "repetition", "rm"}, out[2])]:
+        assert f"reward = rules {rules} + rm: the reward model {tiny_kit['reward_model']}" in log
         assert json.load(open(tmp_path / name / "run_args.json"))["reward_rules"] is None  # default: the weights'
         metrics = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
         sample = json.loads(open(tmp_path / name / "samples.jsonl").readline())

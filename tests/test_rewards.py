@@ -8,6 +8,7 @@ import torch
 from transformers import (BertForSequenceClassification, BertTokenizerFast, DistilBertForSequenceClassification,
                           DistilBertTokenizerFast)
 
+import reward
 import train_ppo
 from children import timeless
 from conftest import tiny_run_args
@@ -152,14 +153,15 @@ def test_reward_functions_from_a_file(tmp_path):
 
 
 def test_rule_only_run_with_a_reward_function_learns_on_the_demo_kit(tmp_path):
-    """No reward model: MiniMind2's format rules plus a ground-truth function from a file. Held-out accuracy
+    """No reward model (none by default beside a --reward_fn): MiniMind2's format rules, named, plus a
+    ground-truth function from a file. Held-out accuracy
     (greedy, 64 prompts) rises within 16 rollouts of 16 prompts (measured: 54.7% -> 89.1%)."""
     (tmp_path / "correct.py").write_text(
         "import re\n\n\ndef correct(prompts, responses, answers):\n"
         "    found = [re.search(r'<answer>(.*?)</answer>', r, re.S) for r in responses]\n"
         "    return [float(a is not None and m is not None and m.group(1).strip() == a)\n"
         "            for m, a in zip(found, answers)]\n")
-    run(["--reward_model_path", "none", "--reward_fn", f"{tmp_path / 'correct.py'}:correct", "--max_steps", "16",
+    run(["--reward_rules", "minimind2", "--reward_fn", f"{tmp_path / 'correct.py'}:correct", "--max_steps", "16",
          "--batch_size", "16", "--mini_batch_size", "8", "--eval_limit", "64", "--eval_interval", "16",
          "--save_dir", str(tmp_path / "out"), "--device", "cpu"])
     evals = [m for m in read_lines(tmp_path / "out" / "metrics.jsonl") if "eval_accuracy" in m]
@@ -196,3 +198,29 @@ def test_missing_eos_penalty_is_a_logged_part_and_the_parts_sum_to_the_reward(ti
         parts = [v for k, v in sample.items() if k.startswith("reward_")]
         assert sum(parts) == pytest.approx(sample["reward"], abs=1e-5)
         assert sample["reward_missing_eos"] in (0.0, pytest.approx(-0.7))
+
+
+# ----------------------------------------------------------------------------- what the reward is made of by default
+def test_a_users_task_gets_only_the_reward_it_names(tiny_kit, tmp_path, capsys):
+    """The demo's reward model and MiniMind's format rules belong to the demo: with a --reward_fn on the user's own
+    data, MiniMind weights get that function alone; without one, their generation's rules and no reward model.
+    The start-up line says what the reward is made of; the demo's data without flags keeps the demo's reward."""
+    (tmp_path / "fn.py").write_text("def length(prompts, responses, answers):\n"
+                                    "    return [len(r) / 10 for r in responses]\n")
+    base = [a for a in tiny_run_args(tiny_kit, tmp_path / "x", "--max_steps", "1", "--log_samples", "1")
+            if a != tiny_kit["reward_model"]]
+    base.remove("--reward_model_path")
+    for name, extra, parts, said in [
+            ("fn", ["--reward_fn", f"{tmp_path / 'fn.py'}:length"], {"custom"},
+             f"reward = custom: length from {tmp_path / 'fn.py'} (plain's signature)\n"),
+            ("rules", [], {"format", "tags"}, "reward = rules minimind2 (format, tags)\n")]:
+        flags = [a if a != str(tmp_path / "x") else str(tmp_path / name) for a in base] + extra
+        run(flags)
+        metrics = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
+        assert {k[len("reward_"):] for k in metrics if k.startswith("reward_")} == parts
+        assert said in capsys.readouterr().out
+    named = train_ppo.parse_args(base + ["--reward_fn", f"{tmp_path / 'fn.py'}:length", "--reward_model_path",
+                                          tiny_kit["reward_model"], "--reward_rules", "minimind2"])
+    assert named.reward_model_path == tiny_kit["reward_model"] and named.reward_rules == "minimind2"
+    demo = train_ppo.parse_args([])
+    assert demo.reward_model_path == reward.DEMO_REWARD_MODEL and demo.reward_rules is None
