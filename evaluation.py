@@ -11,6 +11,7 @@ import contextlib
 import json
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from dataset.lm_dataset import PromptCollator, decode_responses
@@ -52,15 +53,24 @@ def generate(model, tokenizer, samples, batch_size, max_gen_len, device, tempera
     return responses, torch.cat(has_eos), torch.cat(lengths).float()
 
 
+def with_accuracy(samples, reward):
+    """Whether the project's answer rule (reward.is_correct) is a held-out metric: when every prompt has a ground
+    truth and no reward function from a file defines correctness (its own score and keys are reported instead),
+    or when that rule is part of the reward (--correctness_reward)."""
+    has_truth = bool(samples) and all(s["answer"] for s in samples)
+    return has_truth and (reward is None or not reward.function_parts or bool(reward.correctness))
+
+
 def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, device, with_accuracy,
                     temperature=0.0, autocast=contextlib.nullcontext()):
     """Sums of every metric over `samples`, plus their count `n`: what ranks add up before dividing
-    (see `means`). `reward` is the trainer's Reward (or None). Returns (sums, responses).
-    `with_accuracy` must be the same on every rank."""
+    (see `means`). `reward` is the trainer's Reward (or None): its total and every part it gives (a reward
+    function's score and the keys it returns, e.g. `reward_custom/acc`). Returns (sums, responses).
+    `with_accuracy` must be the same on every rank; the parts of a reward function's diagnostics may not be
+    (see evaluate_on_ranks)."""
     layout = reward is not None and reward.reasoning and reward.rules == "minimind2"  # MiniMind2's tag layout
     keys = ["n", *(["format", "tags"] if layout else []), *(["accuracy"] if with_accuracy else []),
-            *(["reward"] if reward else []),
-            *(["reward_rm"] if reward and reward.reward_model is not None else []), "eos_rate", "response_len"]
+            *(["reward"] if reward else []), "eos_rate", "response_len"]
     if not samples:  # a rank with no share of a short eval file still joins the reduction
         return dict.fromkeys(keys, 0.0), []
     responses, has_eos, lengths = generate(model, tokenizer, samples, batch_size, max_gen_len, device,
@@ -72,15 +82,17 @@ def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, 
     if with_accuracy:
         sums["accuracy"] = sum(is_correct(r, s["answer"]) for r, s in zip(responses, samples))
     if reward:
-        sums["reward"] = sums["reward_rm"] = 0.0
+        sums["reward"] = 0.0
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
             total, parts = reward([s["prompt"] for s in chunk], responses[i:i + batch_size],
                                   [s["answer"] for s in chunk], [s.get("messages") for s in chunk],
                                   has_eos[i:i + batch_size], [s.get("row") for s in chunk])
             sums["reward"] += total.sum().item()
-            sums["reward_rm"] += parts["rm"].sum().item() if "rm" in parts else 0.0
-    return {k: float(sums[k]) for k in keys}, responses
+            for name, values in parts.items():
+                sums[f"reward_{name}"] = sums.get(f"reward_{name}", 0.0) + values.sum().item()
+    parts = sorted(k for k in sums if k.startswith("reward_"))
+    return {k: float(sums[k]) for k in keys + parts}, responses
 
 
 def means(sums):
@@ -91,9 +103,8 @@ def evaluate(model, tokenizer, samples, reward=None, batch_size=64, max_gen_len=
              autocast=contextlib.nullcontext()):
     """(metrics with their count `n`, responses) of one policy on a list of prompts, in one process."""
     samples = list(samples)
-    with_accuracy = bool(samples) and all(s["answer"] for s in samples)
     sums, responses = evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, device,
-                                      with_accuracy, temperature, autocast)
+                                      with_accuracy(samples, reward), temperature, autocast)
     return dict(n=int(sums["n"]), **means(sums)), responses
 
 
@@ -102,7 +113,9 @@ def markdown_table(results):
     names = list(results)
     header = ["metric", *names] + (["delta"] if len(names) == 2 else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, (label, percent, decimals) in METRICS.items():
+    parts = {k: (f"mean reward part {k[len('reward_'):]}", False, 3) for r in results.values() for k in r
+             if k.startswith("reward_") and k not in METRICS}  # a reward function's score and its keys
+    for key, (label, percent, decimals) in {**METRICS, **dict(sorted(parts.items()))}.items():
         if not all(key in results[name] for name in names):
             continue
         values = [results[name][key] * (100 if percent else 1) for name in names]
@@ -116,18 +129,28 @@ def markdown_table(results):
 def evaluate_on_ranks(model, tokenizer, samples, reward, batch_size, max_gen_len, device, autocast):
     """The trainer's greedy evaluation: each rank takes every world-th prompt and the sums are reduced.
     Returns {eval_<metric>: value} (METRICS)."""
-    with_accuracy = all(s["answer"] for s in samples)
     sums, _ = evaluation_sums(unwrap_model(model), tokenizer, samples[get_rank()::get_world_size()], reward,
-                              batch_size, max_gen_len, device, with_accuracy, autocast=autocast)
+                              batch_size, max_gen_len, device, with_accuracy(samples, reward), autocast=autocast)
+    sums = {k: sums.get(k, 0.0) for k in all_names(sums)}  # a function's diagnostics may come on some ranks only
     totals = all_reduce_dict({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in sums.items()})
     return {f"eval_{k}": v for k, v in means(totals).items()}
+
+
+def all_names(sums):
+    """The union of every rank's metric names (a collective under torch.distributed)."""
+    if not dist.is_initialized():
+        return sorted(sums)
+    names = [None] * get_world_size()
+    dist.all_gather_object(names, list(sums))
+    return sorted(set().union(*names))
 
 
 def log_eval(record, metrics_path, swanlab_run):
     """An evaluation as one metrics.jsonl line (and swanlab), printed as one line."""
     append_jsonl(metrics_path, record, swanlab_run)
     accuracy = f" accuracy {record['eval_accuracy']:.1%}" if "eval_accuracy" in record else ""
-    rm = f" (rm {record['eval_reward_rm']:.3f})" if "eval_reward_rm" in record else ""
+    parts = " ".join(f"{k[len('eval_reward_'):]} {v:.3f}" for k, v in record.items() if k.startswith("eval_reward_"))
+    rm = f" ({parts})" if parts else ""
     reward = f" | reward {record['eval_reward']:.3f}{rm}" if "eval_reward" in record else ""
     layout = f" | format {record['eval_format']:.1%} tags {record['eval_tags']:.1%}" if "eval_format" in record else ""
     Logger(f"eval step {record['step']}{layout}{accuracy}{reward} | len {record['eval_response_len']:.1f} "

@@ -83,6 +83,28 @@ def test_held_out_accuracy_uses_the_same_answer(monkeypatch):
     assert parts["correctness"].sum().item() == sums["accuracy"]
 
 
+def test_with_a_users_function_the_held_out_set_reports_its_score_and_keys(monkeypatch, tmp_path):
+    """A GSM8K-style task scored by verl's compute_score: the held-out evaluation reports that function's score
+    and the keys it returns (acc), not the project's answer rule, which would call every right answer written
+    as verl's '#### 42' wrong. With --correctness_reward the project's rule is the reward, and is reported."""
+    from reward_functions import RewardFunction
+    (tmp_path / "gsm8k.py").write_text(
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    right = solution_str.strip().endswith('#### ' + ground_truth)\n"
+        "    return {'score': float(right), 'acc': right}\n")
+    fn = RewardFunction(f"{tmp_path / 'gsm8k.py'}:compute_score")
+    fn.label_key = "answer"
+    samples = [{"prompt": "q", "answer": a, "messages": None, "row": {"data_source": "gsm8k"}} for a in ("42", "7")]
+    monkeypatch.setattr(evaluation, "generate", fixed_generate(["so #### 42", "#### 8"]))
+    metrics, _ = evaluation.evaluate(None, None, samples, reward.Reward(None, rules="none", functions=[fn]))
+    assert "accuracy" not in metrics
+    assert metrics["reward"] == metrics["reward_custom"] == metrics["reward_custom/acc"] == 0.5
+    assert "| mean reward part custom/acc | 0.500 |" in evaluation.markdown_table({"a": metrics})
+    metrics, _ = evaluation.evaluate(None, None, samples, reward.Reward(None, rules="none", functions=[fn],
+                                                                        correctness=1.0))
+    assert metrics["accuracy"] == 0.0  # the project's rule: '#### 42' is not '42'
+
+
 # ----------------------------------------------------------------------------- minimind-3's rules
 def m3(response, prompt=OPEN, rules="minimind3", rm=None):
     """(parts as floats, the chat the reward model saw) of one response under `rules`."""
