@@ -212,7 +212,8 @@ class RewardFunction:
 
     def _verl_kwargs(self, response, answer, row):
         given = dict(data_source=None if row is None else row.get("data_source"), solution_str=response,
-                     ground_truth=self.label(row, answer), extra_info=None if row is None else row.get("extra_info"))
+                     ground_truth=self.label(row, answer),
+                     extra_info=dict((row or {}).get("extra_info") or {}))  # always a dict, as verl passes it
         return {k: v for k, v in given.items() if k in self.params or self.takes_any}
 
     def _call_batch(self, prompts, responses, answers, messages, rows):

@@ -227,11 +227,27 @@ def resolve(record, key):
     return MISSING if value is None else value
 
 
-def detect_label_key(records, label_key=None):
-    """--label_key, or the first of LABEL_KEYS that some row has; None when no row has any."""
+def detect_label_key(table, label_key=None):
+    """--label_key, or the ground-truth column of the file's rows (`table`): verl's rows (a `reward_model` dict)
+    take `reward_model.ground_truth`, whatever other columns they kept (a worked `solution` is not the answer
+    verl's compute_score compares with); other rows the one of LABEL_KEYS they have. Two of those with different
+    values in one row are an error naming them (which one is the answer is the user's call); None when no row
+    has any."""
     if label_key:
         return label_key
-    return next((key for key in LABEL_KEYS if any(resolve(r, key) is not MISSING for r in records)), None)
+    records = [record for _, record in table.records]
+    verl = "reward_model.ground_truth"
+    if any(isinstance(r.get("reward_model"), dict) and resolve(r, verl) is not MISSING for r in records):
+        return verl
+    present = [key for key in LABEL_KEYS if any(resolve(r, key) is not MISSING for r in records)]
+    for number, record in table.records:
+        values = {key: label_text(resolve(record, key)) for key in present if resolve(record, key) is not MISSING}
+        if len(set(values.values())) > 1:
+            shown = ", ".join(f"{key} = {value[:40]!r}" for key, value in values.items())
+            raise InputError(f"{table.where(number)}: {len(values)} columns could be the ground truth and differ "
+                             f"({shown}); name the one the reward compares with: --label_key "
+                             f"{' or --label_key '.join(values)}")
+    return present[0] if present else None
 
 
 def label_text(value):

@@ -186,7 +186,7 @@ class RLAIFDataset(Dataset):
             if key and dicts and not any(resolve(record, key) is not MISSING for record in dicts):
                 raise InputError(f"{table.where(table.records[0][0])}: {flag} {key!r} is in no row of the file "
                                  f"(its columns: {', '.join(table.columns()) or 'none'})")
-        self.label_key = detect_label_key(dicts, label_key)
+        self.label_key = detect_label_key(table, label_key)
         records, self.rows, self.labels, self.wheres = [], [], [], []
         first = None  # (number, prompt column, chat?) of the first good row: the file's kind
         kinds = ("conversation", "plain-text prompt")

@@ -149,7 +149,7 @@ def test_prompt_and_label_keys_auto_detected_in_order_or_named(tmp_path, tokeniz
     both = [{"prompt": "plain text", "messages": CHAT + [{"role": "assistant", "content": "12"}],
              "solution": "s", "ground_truth": "g", "reward_model": {"ground_truth": "r"}}]
     ds = RLAIFDataset(write_rows(tmp_path / "a.jsonl", both, "jsonl"), tokenizer)
-    assert (ds.prompt_key, ds.label_key, ds.answers) == ("messages", "ground_truth", ["g"])
+    assert (ds.prompt_key, ds.label_key, ds.answers) == ("messages", "reward_model.ground_truth", ["r"])  # verl's row
     assert ds.messages == [CHAT] and "12" not in ds[0]["prompt"]  # TRL's completion is dropped
     assert set(ds[0]["row"]) == {"prompt", "solution", "ground_truth", "reward_model"}
     ds = RLAIFDataset(tmp_path / "a.jsonl", tokenizer, prompt_key="prompt", label_key="reward_model.ground_truth")
@@ -163,6 +163,33 @@ def test_prompt_and_label_keys_auto_detected_in_order_or_named(tmp_path, tokeniz
     assert (ds[0]["prompt"], ds.answers, ds.labels, ds[0]["row"]) == ("2 + 2 =", ["4"], [4], {"meta": {"gold": 4}})
     ds = RLAIFDataset(write_rows(tmp_path / "none.jsonl", [{"prompt": "x is"}], "jsonl"), tokenizer)
     assert ds.label_key is None and ds.answers == [""] and ds[0]["row"] == {}
+
+
+def test_verl_rows_take_their_ground_truth_and_ambiguous_labels_stop(tmp_path, tokenizer):
+    """A verl parquet that kept a worked `solution` column: reward_model.ground_truth is the ground truth (the
+    solution would score right answers 0); rows that are not verl's with two candidate columns that differ stop
+    the load naming both; two that agree are fine. extra_info reaches compute_score as a dict, {} without one."""
+    rows = [dict(row, solution="Natalia sold 48 / 2 = 24 clips in May, 48 + 24 = 72 in all.")
+            for row in kit.verl_rows("train")[:3]]
+    rows[1].pop("extra_info")
+    ds = RLAIFDataset(write_rows(tmp_path / "verl.parquet", rows, "parquet"), tokenizer)
+    assert ds.label_key == "reward_model.ground_truth"
+    assert ds.answers == [str(r["reward_model"]["ground_truth"]) for r in rows]
+    (tmp_path / "fn.py").write_text("seen = []\n\ndef compute_score(data_source, solution_str, ground_truth, "
+                                    "extra_info=None):\n    seen.append(extra_info)\n    return 0.0\n")
+    fn = RewardFunction(f"{tmp_path / 'fn.py'}:compute_score")
+    check_labels(ds, [fn], 0.0)
+    fn(["p"] * 3, ["r"] * 3, ds.answers, rows=ds.rows)
+    seen = fn.fn.__globals__["seen"]
+    assert seen[0] == rows[0]["extra_info"] and seen[1] == {}
+    two = [{"prompt": "q1", "answer": "72", "solution": "48 + 24 = 72"}, {"prompt": "q2", "answer": "5"}]
+    with pytest.raises(ValueError, match=r"two.jsonl:1: 2 columns could be the ground truth and differ \(answer = "
+                                         r"'72', solution = '48 \+ 24 = 72'\); .*--label_key answer or --label_key "
+                                         r"solution"):
+        RLAIFDataset(write_rows(tmp_path / "two.jsonl", two, "jsonl"), tokenizer)
+    two[0]["solution"] = "72"
+    assert RLAIFDataset(write_rows(tmp_path / "same.jsonl", two, "jsonl"), tokenizer).label_key == "answer"
+    assert RLAIFDataset(tmp_path / "two.jsonl", tokenizer, label_key="solution").answers == ["48 + 24 = 72", ""]
 
 
 # ----------------------------------------------------------------------------- signatures
@@ -243,7 +270,7 @@ def test_verl_signature_per_sample_with_the_rows_fields_and_diagnostics_outside_
     # without rows (a direct call) the ground truth is the string answer; a gsm8k-style scorer takes what it names
     calls.clear()
     Reward(None, reasoning=False, functions=[fn])(["p"], ["r"], ["7"])
-    assert calls == [dict(data_source=None, solution_str="r", ground_truth="7", extra_info=None)]
+    assert calls == [dict(data_source=None, solution_str="r", ground_truth="7", extra_info={})]  # a dict, as verl
     gsm8k, _ = load(tmp_path, "verl_gsm8k")
     assert gsm8k.kind == "verl" and gsm8k(["p"], ["is 7"], ["7"]).tolist() == [1.0]
 

@@ -49,7 +49,7 @@ def test_single_turn_rendering(tmp_path, tokenizer):
     assert item["prompt"] == chatml(("user", "What is 7 + 5?"))
     assert item["prompt_ids"] == tokenizer(item["prompt"], add_special_tokens=False)["input_ids"]
     assert item["answer"] == "12"
-    assert ds.num_truncated == 0 and ds.skipped == []
+    assert ds.num_dropped == 0 and ds.skipped == []
 
 
 def test_multi_turn_rendering_with_system(tmp_path, tokenizer):
