@@ -219,7 +219,7 @@ def rollout_correction(old_logprobs, sampler_logprobs, mask, level, mode, high, 
     no lower bound, as TRL). Weights are detached and 0 past each row's end.
     Returns (w, metrics): rollout_mismatch_metrics plus is_mean, is_max, is_min of w over the real tokens,
     is_share_truncated or is_share_masked (share of real tokens whose weight was changed) and is_ess, verl's
-    effective sample size 1 / mean((w / mean(w))^2); all 0-d tensors."""
+    effective sample size 1 / mean((w / mean(w))^2), 0 when every w is 0; all 0-d tensors."""
     if level not in ROLLOUT_CORRECTION_LEVELS or mode not in ROLLOUT_CORRECTION_MODES:
         raise ValueError(f"rollout correction: level in {ROLLOUT_CORRECTION_LEVELS} and mode in "
                          f"{ROLLOUT_CORRECTION_MODES}, got {level!r}, {mode!r}")

@@ -258,6 +258,20 @@ def test_lora_sigkill_then_resume_is_bit_exact(tiny_kit, forkserver, tmp_path):
     assert json.load(open(save_dir / "ppo_actor_lora" / "adapter_config.json"))["r"] == 4
 
 
+@pytest.mark.parametrize("flag, value", [("--lora_alpha", "16"), ("--lora_target_modules", "q_proj,v_proj"),
+                                         ("--lora_critic", "0")])
+def test_resume_refuses_a_changed_lora_flag(tiny_kit, tmp_path, flag, value):
+    """The adapters' scale and places change the function trained: a resume with another value stops, naming it
+    (a changed --lora_alpha used to rescale every update silently)."""
+    run = train_ppo.build_run(train_ppo.parse_args(lora_flags(tiny_kit, tmp_path, "--max_steps", "1")))
+    train_ppo.finish(run, train_ppo.train(run))
+    saved = json.load(open(tmp_path / "run_args.json"))[flag[2:]]
+    with pytest.raises(ValueError, match=rf"resume file was written with {flag} {saved}, this run has {flag} "
+                                         rf"{type(saved)(value)}"):
+        train_ppo.build_run(train_ppo.parse_args(lora_flags(tiny_kit, tmp_path, "--max_steps", "2",
+                                                            "--from_resume", "1", flag, value)))
+
+
 def test_lora_under_two_ranks_equals_one_process(tmp_path):
     """One PPO update of a LoRA policy (and LoRA critic) on two gloo ranks equals the update of one process on
     the whole batch."""
