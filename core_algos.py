@@ -61,7 +61,7 @@ def compute_advantages(token_rewards, values, response_mask, gamma, lam):
 
 
 def group_advantages(scores, groups, estimator):
-    """One advantage per response [B] of the critic-free estimators (PPO_FACTS), from its score [B] (the reward
+    """One advantage per response [B] of the critic-free estimators (docs/algorithms.md "Critic-free estimators"), from its score [B] (the reward
     without the KL part) and the group [B] of responses to the same prompt (group ids: any labels):
     grpo: (r - mean_g) / (std_g + 1e-6), unbiased std; dr_grpo: r - mean_g; rloo: r - the mean of the OTHER
     responses = n / (n - 1) * (r - mean_g); reinforce_pp_baseline: r - mean_g (whitened later, by the caller).
@@ -80,7 +80,7 @@ def group_advantages(scores, groups, estimator):
     return advantages
 
 
-# how a minibatch's per-token policy losses l [B, R] become one number (PPO_FACTS "Loss aggregation"); every
+# how a minibatch's per-token policy losses l [B, R] become one number (docs/algorithms.md "Loss aggregation"); every
 # normaliser is over the whole minibatch of every rank (tokens, responses), never per micro-batch
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -182,7 +182,7 @@ def policy_loss(mode, logprobs, old_logprobs, advantages, mask, clip_low, clip_h
 
 
 # rollout correction: the sampler (KV-cached decode, other kernels or dtype) is not exactly the trainer's pi_old;
-# log rho = old - sampler per token (PPO_FACTS "Rollout correction")
+# log rho = old - sampler per token (docs/algorithms.md "Rollout correction")
 ROLLOUT_CORRECTION_LEVELS = ("token", "sequence")
 ROLLOUT_CORRECTION_MODES = ("truncate", "mask")
 
@@ -248,7 +248,7 @@ def rollout_correction(old_logprobs, sampler_logprobs, mask, level, mode, high, 
     return weights, metrics
 
 
-# DAPO's data-side pieces (Yu et al. 2025, arXiv 2503.14476; PPO_FACTS "DAPO's data-side pieces")
+# DAPO's data-side pieces (Yu et al. 2025, arXiv 2503.14476; docs/algorithms.md "Dynamic sampling and overlong shaping")
 def overlong_penalty(response_lengths, max_len, buffer_len, penalty_factor):
     """DAPO's soft overlong punishment, as verl's DAPORewardManager: a response of length L in the last buffer_len
     tokens before max_len gets min(-(L - (max_len - buffer_len)) / buffer_len * penalty_factor, 0), added to its

@@ -38,7 +38,7 @@ REWARD_INPUTS = ("auto", "chat", "pair", "text")
 
 
 class RewardModel:
-    """A reward model and the way its authors score a (query, response) with it (HF_ECOSYSTEM_FACTS 2):
+    """A reward model and the way its authors score a (query, response) with it (docs/hf_ecosystem.md "Four kinds of reward models"):
 
     - get_score: the model's own get_score / get_scores over the chat (internlm2-reward);
     - chat: the reward tokenizer's chat template over the conversation plus the response
@@ -173,7 +173,7 @@ def tags_complete(response):
 
 def extract_answer(response):
     """Stripped content of the first <answer>...</answer> span, or None: what MiniMind2's answer-only reward-model
-    blend scores (MINIMIND_FACTS 6). "The answer" checked against ground truth is final_answer's."""
+    blend scores (docs/minimind.md "MiniMind2's reward rules"). "The answer" checked against ground truth is final_answer's."""
     match = ANSWER.search(response)
     return match.group(1).strip() if match else None
 
@@ -197,7 +197,7 @@ REWARD_RULES = ("minimind2", "minimind3", "minimind3_cjk", "none")
 RULE_PARTS = dict(minimind2=("format", "tags"), minimind3=("length", "think", "repetition"),
                   minimind3_cjk=("length", "think", "repetition"))
 ASSISTANT_START = "<|im_start|>assistant\n"
-# minimind-3's repetition tokens (MINIMIND_FACTS 7): Unicode words and single punctuation marks; a run of CJK
+# minimind-3's repetition tokens (docs/minimind.md "minimind-3's reward rules"): Unicode words and single punctuation marks; a run of CJK
 # characters without spaces is one token
 WORD_TOKENS = re.compile(r"\w+|[^\w\s]")
 # minimind3_cjk (this project's variant, not MiniMind's): the same, except that every CJK ideograph or kana
@@ -221,7 +221,7 @@ def scored_turn(prompt, response):
 
 
 def repetition(text, tokens=WORD_TOKENS, n=3, cap=0.5):
-    """minimind-3's repetition penalty (MINIMIND_FACTS 7), >= 0: over the n-grams (trigrams) of the tokens of
+    """minimind-3's repetition penalty (docs/minimind.md "minimind-3's reward rules"), >= 0: over the n-grams (trigrams) of the tokens of
     the lower-cased text, min(cap, (n-grams - distinct n-grams) * cap * 2 / n-grams); 0 with no n-gram.
     `tokens`: WORD_TOKENS (minimind-3's) or CJK_TOKENS (minimind3_cjk)."""
     units = tokens.findall(text.lower())
@@ -230,13 +230,13 @@ def repetition(text, tokens=WORD_TOKENS, n=3, cap=0.5):
 
 
 def minimind2_rules(turn):
-    """MiniMind2's PPO (MINIMIND_FACTS 6): 0.5 for the exact layout, 0.25 per tag present exactly once.
+    """MiniMind2's PPO (docs/minimind.md "MiniMind2's reward rules"): 0.5 for the exact layout, 0.25 per tag present exactly once.
     Returns (parts, the <answer> content the reward model also scores alone, or None)."""
     return dict(format=0.5 * format_ok(turn), tags=0.25 * sum(turn.count(t) == 1 for t in TAGS)), extract_answer(turn)
 
 
 def minimind3_rules(response, tokens=WORD_TOKENS):
-    """minimind-3's PPO (MINIMIND_FACTS 7). Returns (parts, the answer the reward model scores).
+    """minimind-3's PPO (docs/minimind.md "minimind-3's reward rules"). Returns (parts, the answer the reward model scores).
 
     The text measured is the response exactly as generated (decoded), as minimind-3 measures it: NOT
     scored_turn. With open_thinking the prompt ends with `<think>\n`, so the response starts inside the think
@@ -264,7 +264,7 @@ HISTORY_FRAMING = "\n以上是对话历史。我的新问题是：\n"  # minimin
 
 
 def collapse_history(messages):
-    """minimind-3 scores (history as one user message, answer) (MINIMIND_FACTS 7): every message but the last
+    """minimind-3 scores (history as one user message, answer) (docs/minimind.md "minimind-3's reward rules"): every message but the last
     as `{role}: {content}` lines joined by newlines, then `{history}` + HISTORY_FRAMING + `{last content}`;
     just the last message's content when there is no history. Returns [that user message]."""
     history = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])

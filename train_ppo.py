@@ -311,12 +311,12 @@ def parse_args(argv=None):
 # is in core_algos.py; what is here decides how the trainer uses it
 
 # the critic-free estimators that credit each response with one advantage from its score alone, compared with
-# the other responses to its prompt (PPO_FACTS "Critic-free advantage estimators")
+# the other responses to its prompt (docs/algorithms.md "Critic-free estimators")
 OUTCOME_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 DEFAULT_KL_MODE = "loss"  # k3 in the loss for every estimator (measured on the demo against k1 in the reward: README)
 
 
-# What each placement of the KL penalty optimises, with tokens sampled from pi (PPO_FACTS "KL estimators"):
+# What each placement of the KL penalty optimises, with tokens sampled from pi (docs/algorithms.md "KL estimators and where the KL goes"):
 # in the reward PPO keeps only the score-function term E[k * grad log pi], which is grad KL(pi||ref) for k1
 # alone; in the loss autograd differentiates k itself: k2 gives grad KL(pi||ref), k3 grad KL(ref||pi)
 # (close near the reference), k1 nothing (E_pi[grad log pi] = 0).

@@ -1,5 +1,5 @@
 """One definition of "the answer" (the correctness reward and the held-out accuracy), minimind-3's reward rules
-exactly as MINIMIND_FACTS 7 gives them (numbers computed by hand), the project's minimind3_cjk variant, and
+exactly as docs/minimind.md "minimind-3's reward rules" gives them (numbers computed by hand), the project's minimind3_cjk variant, and
 --rm_clip. Names are read off the `reward` module inside each test, so that each test fails on its own."""
 import pytest
 import torch

@@ -98,7 +98,7 @@ def test_overlong_penalty_matches_verl(case):
 
 # ----------------------------------------------------------------------------- CISPO as MiniMind-3 writes it
 def test_cispo_equals_minimind3_formula():
-    """MINIMIND_FACTS 9: per_token_loss = -(min(r, epsilon_high).detach() * A * logp), epsilon_high 5.0, each
+    """docs/minimind.md "MiniMind-3's GRPO and CISPO defaults": per_token_loss = -(min(r, epsilon_high).detach() * A * logp), epsilon_high 5.0, each
     sequence's token mean over its mask, then the mean over sequences; value and gradient."""
     g = torch.Generator().manual_seed(5)
     B, T, epsilon_high = 6, 10, 5.0

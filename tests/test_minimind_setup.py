@@ -18,7 +18,7 @@ from trainer_utils import load_state_dict_file, save_weights
 
 DEMO_ACTOR, DEMO_DATA = str(ROOT / "demo" / "full_sft_128.pth"), str(ROOT / "dataset" / "rlaif-mini.jsonl")
 
-# Templates written for these tests that behave as MINIMIND_FACTS 3 describes each generation's
+# Templates written for these tests that behave as docs/minimind.md "Tokenizer and chat templates" describes each generation's
 TURNS = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
          "{% endfor %}")
 TEMPLATES = {

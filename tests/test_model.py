@@ -238,7 +238,7 @@ GATE_LOGITS = torch.tensor([[[2.0, 0.5, -1.0, 0.1], [0.3, 1.7, 0.2, -0.4], [-0.5
 
 
 def expected_balance_loss(logits, top_k, alpha, per_sequence):
-    """MiniMind's load-balancing loss (MINIMIND_FACTS section 8) by explicit loops over b, t, e."""
+    """MiniMind's load-balancing loss (docs/minimind.md "MoE balance loss") by explicit loops over b, t, e."""
     B, T, E = len(logits), len(logits[0]), len(logits[0][0])
     p = [[[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in seq] for seq in logits]
     chosen = [[sorted(range(E), key=lambda e: -row[e])[:top_k] for row in seq] for seq in logits]
