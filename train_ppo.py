@@ -63,7 +63,14 @@ class ArgumentParser(argparse.ArgumentParser):
     """A bad flag is one `error: ...` line, not the usage of 80 flags (--help shows them)."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (python {self.prog} --help lists the flags)\n")
+        """A mistyped flag is answered with the closest ones (--lerning_rate: did you mean --learning_rate?)."""
+        import difflib
+        flags = [o for action in self._actions for o in action.option_strings]
+        typos = [w.split("=")[0] for w in message.partition("unrecognized arguments: ")[2].split() if w.startswith("--")]
+        hints = [f"{typo}: did you mean {' or '.join(close)}?" for typo in typos
+                 if (close := difflib.get_close_matches(typo, flags, n=2, cutoff=0.75))]
+        hint = f"; {'; '.join(hints)}" if hints else ""
+        self.exit(2, f"error: {message}{hint} (python {self.prog} --help lists the flags)\n")
 
 
 def parse_args(argv=None):

@@ -23,7 +23,11 @@ def add_lora(model, rank, alpha, target_modules="all-linear"):
     not the embedding or the LM head) or a comma-separated list of module names (q_proj,v_proj)."""
     from peft import LoraConfig, get_peft_model
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
+    # a transformers causal LM's adapter says CAUSAL_LM, so peft (and TRL, vLLM) load it as one; MiniMind's
+    # model and a critic's backbone have no generate() for peft's causal-LM wrapper: no task type
+    causal_lm = hasattr(model, "prepare_inputs_for_generation")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM" if causal_lm else None)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:  # peft names the modules it did not find

@@ -582,3 +582,10 @@ def test_remote_code_only_for_the_named_reward_folder_with_a_notice(tmp_path, ca
         for node in ast.walk(tree):
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
                 assert id(node) in allowed, f"{path.relative_to(ROOT)}:{node.value.lineno}"
+
+
+def test_a_mistyped_flag_is_answered_with_the_closest_one(capsys):
+    with pytest.raises(SystemExit):
+        train_ppo.parse_args(["--lerning_rate", "1e-5"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --lerning_rate 1e-5; --lerning_rate: did you mean --learning_rate" in err

@@ -223,6 +223,8 @@ def test_lora_saves_an_adapter_peft_loads_and_the_merged_policy(arch, tiny_kit, 
             model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).eval()
             model.load_state_dict(load_state_dict_file(base_path))
             return model.float()
+        saved = json.load(open(tmp_path / "run" / "ppo_actor_lora" / "adapter_config.json"))
+        assert saved["task_type"] == (None if arch == "minimind" else "CAUSAL_LM")
         adapter = PeftModel.from_pretrained(fresh_base(), tmp_path / "run" / "ppo_actor_lora").eval()
         assert torch.allclose(adapter(input_ids=ids, attention_mask=mask).logits, want, atol=1e-5)
         if arch == "minimind":
