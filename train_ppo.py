@@ -43,6 +43,7 @@ from reward import add_reward_flags, build_reward, default_reward_model, reward_
 from reward_functions import check_labels, NonFiniteRolloutError, RewardFunction
 from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, InputError, is_main_process, log_samples, log_step,
+                           lora_folder_path,
                            Logger, no_sync, resolve_weight, setup_seed, SkipBatchSampler, StopSignal, synced_time,
                            unwrap_model, user_errors)
 
@@ -984,11 +985,16 @@ def finish(run, stopped):
         if table:
             Logger(f"held-out evaluation ({len(run.eval_samples)} prompts of {args.eval_data_path}, greedy):\n{table}")
         base = "" if args.from_weight == "none" else \
-            f"--base {resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe)} "
+            f"--base {os.path.abspath(resolve_weight(args.from_weight, args.save_dir, args.hidden_size, args.use_moe))} "
         # eval_policy reads the run's settings (evaluation data, reward, lengths) from run_args.json beside `out`
-        Logger(f"done in {(time.time() - run.started) / 60:.1f} min. actor weights: {out}; metrics: "
-               f"{run.metrics_path}; samples: {run.samples_path}; resume: {args.checkpoint_dir}\nnext: python "
-               f"scripts/eval_policy.py {base}--trained {out}\n      python scripts/plot_metrics.py {run.metrics_path}")
+        adapter = f"; LoRA adapter (peft): {os.path.abspath(lora_folder_path(args.save_dir, args.save_weight))}" \
+            if args.lora_rank else ""
+        out, scripts = os.path.abspath(out), os.path.join(ROOT, "scripts")  # the commands work from any folder
+        Logger(f"done in {(time.time() - run.started) / 60:.1f} min. actor weights: {out}{adapter}; metrics: "
+               f"{os.path.abspath(run.metrics_path)}; samples: {os.path.abspath(run.samples_path)}; resume: "
+               f"{os.path.abspath(args.checkpoint_dir)}\nnext: python {os.path.join(scripts, 'eval_policy.py')} "
+               f"{base}--trained {out}\n      python {os.path.join(scripts, 'plot_metrics.py')} "
+               f"{os.path.abspath(run.metrics_path)}")
     if run.swanlab_run is not None:
         run.swanlab_run.finish()
     if dist.is_initialized():

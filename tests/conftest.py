@@ -42,8 +42,8 @@ def tiny_run_args(kit, save_dir, *extra):
     """Flags for a few-second CPU run of train_ppo on the tiny kit."""
     return ["--from_weight", kit["actor"], "--reward_model_path", kit["reward_model"], "--data_path", kit["data"],
             "--save_dir", str(save_dir), "--batch_size", "4", "--mini_batch_size", "2", "--max_gen_len", "8",
-            "--max_seq_len", "48", "--save_interval", "2", "--device", "cpu", "--seed", "1",
-            "--check_tokenizer", "0", *extra]  # random weights read no tokenizer
+            "--max_seq_len", "80", "--save_interval", "2", "--device", "cpu", "--seed", "1",
+            "--check_tokenizer", "0", *extra]  # random weights read no tokenizer; 80: every prompt of prompts_sample.jsonl (up to 75 tokens)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_two_rank_training_keeps_ranks_identical(tiny_kit, tmp_path):
     import eval_policy
     single = eval_policy.main(["--base", tiny_kit["actor"], "--data_path", eval_data, "--limit", "7",
                                "--reward_model_path", tiny_kit["reward_model"], "--max_gen_len", "8",
-                               "--max_seq_len", "48", "--device", "cpu"])["base"]
+                               "--max_seq_len", "80", "--device", "cpu"])["base"]
     for key in ["format", "tags", "accuracy", "reward", "reward_rm", "response_len", "eos_rate"]:
         assert evals[0][f"eval_{key}"] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
     args = json.load(open(tmp_path / "run" / "run_args.json"))

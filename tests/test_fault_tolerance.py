@@ -226,7 +226,7 @@ def test_resume_on_more_processes_trains_the_rest_at_a_fresh_runs_lr(tiny_kit, f
     # epoch 0: 16 prompts on one process, then the other 8 on two: every prompt exactly once
     first16 = [p for line in open(tmp_path / "p1" / "prompts_rank0.jsonl").readlines()[:4] for p in json.loads(line)]
     last8 = [p for r in range(2) for p in json.loads(open(tmp_path / "p2" / f"prompts_rank{r}.jsonl").readline())]
-    dataset = train_ppo.RLAIFDataset(tiny_kit["data"], AutoTokenizer.from_pretrained(ROOT / "model"), max_length=48)
+    dataset = train_ppo.RLAIFDataset(tiny_kit["data"], AutoTokenizer.from_pretrained(ROOT / "model"), max_length=80)
     assert sorted(first16 + last8) == sorted(s["prompt"] for s in dataset)
 
 
@@ -269,7 +269,7 @@ def test_world_size_change_continues_at_the_right_data_position(tiny_kit, forkse
     # 16 prompts on 2 ranks, then the other 8 of the epoch: every prompt exactly once
     seen = [p for f in [first / "prompts_rank0.jsonl", first / "prompts_rank1.jsonl", second / "prompts_rank0.jsonl"]
             for line in open(f) for p in json.loads(line)]
-    dataset = train_ppo.RLAIFDataset(tiny_kit["data"], AutoTokenizer.from_pretrained(ROOT / "model"), max_length=48)
+    dataset = train_ppo.RLAIFDataset(tiny_kit["data"], AutoTokenizer.from_pretrained(ROOT / "model"), max_length=80)
     assert sorted(seen) == sorted(s["prompt"] for s in dataset)
 
 
@@ -488,7 +488,7 @@ def test_long_prompts_are_left_out_counted_and_reported(tiny_kit, tmp_path, caps
 
 def test_max_seq_len_fits_the_users_data_by_default(tiny_kit, tmp_path, capsys):
     """Not the demo's data: --max_seq_len defaults to the longest prompt (none left out); the demo's stays 64."""
-    args = [a for a in tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1") if a not in ("--max_seq_len", "48")]
+    args = [a for a in tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1") if a not in ("--max_seq_len", "80")]
     run(args)
     saved = json.load(open(tmp_path / "run_args.json"))
     assert saved["max_seq_len"] == 75  # the longest rendered prompt of prompts_sample.jsonl

@@ -399,7 +399,7 @@ def test_the_closing_hint_runs_as_printed_after_a_transformers_run_on_plain_prom
     train_ppo.main(train_ppo.parse_args(hf_run_args(folder, tmp_path / "run", data, "--max_steps", "2",
                                                     "--eval_data_path", data, *reward)))
     hint = capsys.readouterr().out.split("next: ")[1].splitlines()[0].split()
-    assert hint[:2] == ["python", "scripts/eval_policy.py"]
+    assert hint[:2] == ["python", str(ROOT / "scripts" / "eval_policy.py")]  # works from any folder
     results = eval_policy.main(hint[2:])
     final = [m for m in read_metrics(tmp_path / "run") if "eval_eos_rate" in m][-1]
     assert "format" not in results["trained"] and "eval_format" not in final

@@ -165,7 +165,7 @@ def lora_flags(kit, save_dir, *extra):
 def llama_lora_flags(folder, kit, save_dir, *extra):
     return ["--from_weight", folder, "--data_path", kit["data"], "--reward_model_path", kit["reward_model"],
             "--save_dir", str(save_dir), "--batch_size", "4", "--mini_batch_size", "2", "--max_gen_len", "8",
-            "--max_seq_len", "48", "--device", "cpu", "--seed", "1", "--check_tokenizer", "0", "--lora_rank", "4",
+            "--max_seq_len", "80", "--device", "cpu", "--seed", "1", "--check_tokenizer", "0", "--lora_rank", "4",
             "--lora_alpha", "8", "--learning_rate", "5e-3", *extra]
 
 

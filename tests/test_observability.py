@@ -61,7 +61,7 @@ def test_evaluation_at_step_0_every_interval_and_the_end_equals_eval_policy(tiny
     results = eval_policy.main(["--base", tiny_kit["actor"], "--trained", str(save_dir / "checkpoints" /
                                 "ppo_actor_64_resume.pth"), "--data_path", EVAL_DATA, "--limit", "6", "--batch_size",
                                 "4", "--reward_model_path", tiny_kit["reward_model"], "--max_gen_len", "8",
-                                "--max_seq_len", "48", "--device", "cpu"])
+                                "--max_seq_len", "80", "--device", "cpu"])
     for line, name in [(evals[0], "base"), (evals[-1], "trained")]:
         for key in EVAL_KEYS:
             assert line[key] == pytest.approx(results[name][key[len("eval_"):]], rel=1e-6, abs=1e-7), (name, key)

@@ -11,7 +11,7 @@ import torch
 import train_ppo
 from model import loading
 from children import timeless
-from conftest import tiny_run_args
+from conftest import ROOT, tiny_run_args
 from trainer_utils import load_resume, load_state_dict_file
 
 
@@ -74,7 +74,7 @@ def test_weight_name_without_size_flags_and_a_next_hint_that_works(tiny_kit, tmp
     shutil.copy(tiny_kit["actor"], tmp_path / "full_sft_64.pth")
     run(tiny_run_args(tiny_kit, tmp_path, "--max_steps", "1", "--from_weight", "full_sft"))
     hint = capsys.readouterr().out.split("next: ")[1].splitlines()[0].split()
-    assert hint[:2] == ["python", "scripts/eval_policy.py"]
+    assert hint[:2] == ["python", str(ROOT / "scripts" / "eval_policy.py")]  # works from any folder
     assert hint[2:] == ["--base", str(tmp_path / "full_sft_64.pth"), "--trained", str(tmp_path / "ppo_actor_64.pth")]
     assert all(os.path.isfile(p) for p in hint[3::2])
 
