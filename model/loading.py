@@ -206,9 +206,6 @@ def check_tokenizer_fit(policy, prompts_ids, pad_token_id, tokenizer_path, weigh
                f"shuffled, {uniform:.2f} for a uniform guess)")
     if nll < min(shuffled - 1.0, uniform):
         return f"tokenizer check: the actor reads --tokenizer_path: {numbers}"
-    if nll > uniform - 0.5:  # a random-init model: no tokenizer to tell from another (a wrong one still has its
-        # trained unigram frequencies, well below a uniform guess)
-        return f"tokenizer check skipped: the actor predicts like a uniform guess, as an untrained model does: {numbers}"
     where = (f"a transformers model reads the tokenizer saved with it, in its own folder ({weight}; the default "
              f"when --tokenizer_path is not given)" if is_hf_folder(weight) else
              "real MiniMind weights need the tokenizer folder of your MiniMind checkout (minimind/model)")

@@ -406,9 +406,10 @@ def test_the_closing_hint_runs_as_printed_after_a_transformers_run_on_plain_prom
     assert results["trained"]["response_len"] <= 8  # the run's --max_gen_len, not eval_policy's own default
     for key in ("reward", "response_len", "eos_rate"):
         assert results["trained"][key] == pytest.approx(final[f"eval_{key}"], rel=1e-5), key
-    # a MiniMind base beside the transformers policy: each scored by the rules the trainer would give it
+    # a MiniMind base beside the transformers policy: each scored as the trainer would score it (the run has a
+    # --reward_fn, so no rules for either unless named)
     both = eval_policy.main(["--base", str(ROOT / "demo" / "full_sft_128.pth"), "--trained", hint[5], "--limit", "4"])
-    assert (both["base"]["rules"], both["trained"]["rules"]) == ("minimind2", "none")
+    assert (both["base"]["rules"], both["trained"]["rules"]) == ("none", "none")
     alone = eval_policy.main(hint[2:] + ["--limit", "4"])["trained"]
     assert both["trained"]["reward"] == pytest.approx(alone["reward"])
 

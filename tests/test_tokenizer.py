@@ -80,18 +80,3 @@ def test_script_reproduces_committed_files(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_bytes() == (MODEL_DIR / name).read_bytes(), name
 
-
-def test_an_untrained_transformers_model_is_not_checked(tmp_path):
-    """A random transformers model saved with its tokenizer predicts like a uniform guess: the check says it
-    skipped, as the README says random-init actors are not checked, instead of refusing the tokenizer."""
-    from conftest import ROOT
-    from hf_models import save_tiny_hf_model
-    from model.loading import check_tokenizer_fit, load_tokenizer
-    from model.policy import Policy
-    from transformers import AutoModelForCausalLM
-    folder = save_tiny_hf_model("llama", tmp_path / "llama", str(ROOT / "model"))
-    tokenizer = load_tokenizer(folder)
-    prompts = [tokenizer(t)["input_ids"] for t in ("What is 3 + 4? Think first.", "Compute 12 plus 30, then answer.")]
-    message = check_tokenizer_fit(Policy(AutoModelForCausalLM.from_pretrained(folder).eval()), prompts,
-                                  tokenizer.pad_token_id, folder, folder)
-    assert message.startswith("tokenizer check skipped: the actor predicts like a uniform guess")
