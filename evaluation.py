@@ -11,13 +11,12 @@ import contextlib
 import json
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from dataset.lm_dataset import PromptCollator, decode_responses
 from model.sampling import ends_with_stop, sample_responses, stop_token_ids
 from reward import format_ok, is_correct, scored_turn, tags_complete
-from trainer_utils import all_reduce_dict, append_jsonl, get_rank, get_world_size, Logger, unwrap_model
+from trainer_utils import all_names, all_reduce_dict, append_jsonl, get_rank, get_world_size, Logger, unwrap_model
 
 # metric -> (table label, shown as a percentage?, decimals), in table order; logged as eval_<metric>
 METRICS = {
@@ -134,15 +133,6 @@ def evaluate_on_ranks(model, tokenizer, samples, reward, batch_size, max_gen_len
     sums = {k: sums.get(k, 0.0) for k in all_names(sums)}  # a function's diagnostics may come on some ranks only
     totals = all_reduce_dict({k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in sums.items()})
     return {f"eval_{k}": v for k, v in means(totals).items()}
-
-
-def all_names(sums):
-    """The union of every rank's metric names (a collective under torch.distributed)."""
-    if not dist.is_initialized():
-        return sorted(sums)
-    names = [None] * get_world_size()
-    dist.all_gather_object(names, list(sums))
-    return sorted(set().union(*names))
 
 
 def log_eval(record, metrics_path, swanlab_run):

@@ -41,7 +41,7 @@ from model.policy import Policy
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
 from reward import add_reward_flags, build_reward, default_reward_model, reward_model_from_flags
 from reward_functions import check_labels, NonFiniteRolloutError, RewardFunction
-from trainer_utils import (all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
+from trainer_utils import (all_names, all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
                            get_world_size, init_distributed_mode, InputError, is_main_process, log_samples, log_step,
                            lora_folder_path,
                            Logger, no_sync, resolve_weight, setup_seed, SkipBatchSampler, StopSignal, synced_time,
@@ -640,10 +640,8 @@ def rollout_metrics(experience):
         err = exp.returns - exp.values
         local["value_explained_var"] = 1 - masked_mean((err - masked_mean(err, mask)) ** 2, mask) / \
             masked_mean((exp.returns - masked_mean(exp.returns, mask)) ** 2, mask).clamp(min=1e-8)
-    if dist.is_initialized():  # a reward function's diagnostics (custom/<key>) may come back on some ranks only
-        names = [None] * get_world_size()
-        dist.all_gather_object(names, list(local))
-        local = {k: local.get(k, torch.zeros(())) for k in sorted(set().union(*names))}
+    # a reward function's diagnostics (custom/<key>) may come back on some ranks only
+    local = {k: local.get(k, torch.zeros(())) for k in all_names(local)}
     values_ = all_reduce_sum(torch.stack([v.detach().double().cpu() for v in local.values()]).to(mask.device))
     return dict(zip(local, (values_ / get_world_size()).tolist()))
 

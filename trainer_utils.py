@@ -119,6 +119,16 @@ def all_reduce_dict(sums):
     return dict(zip(names, all_reduce_sum(torch.stack([sums[k] for k in names])).tolist()))
 
 
+def all_names(values):
+    """The union of every rank's names in `values` (a dict), sorted: metrics that only some ranks produced (a
+    reward function's diagnostics) still take part in one reduction. A collective under torch.distributed."""
+    if not dist.is_initialized():
+        return sorted(values)
+    names = [None] * get_world_size()
+    dist.all_gather_object(names, list(values))
+    return sorted(set().union(*names))
+
+
 def no_sync(*models):
     """Gradients accumulate locally, with no reduction, for every model at once: DDP's no_sync(), or for an FSDP2
     model set_requires_gradient_sync(False), switched back on at the end of the block."""
