@@ -101,13 +101,18 @@ def parse_args(argv=None):
                             "--from_weight none)")
     files.add_argument("--thinking_ratio", type=float, default=None,
                        help="share of prompts rendered with the think block open, for templates with a thinking "
-                            "switch (minimind-3's open_thinking, 2025-10's enable_thinking); default 0.9 with such a "
-                            "template")
+                            "switch (minimind-3's open_thinking, 2025-10's enable_thinking); default: 0.9 on "
+                            "MiniMind's data (a 'conversations' column), as minimind-3; on other data the "
+                            "template's own default")
     files.add_argument("--data_path", default=DEMO_DATA,
                        help="training prompts: jsonl, json, parquet, or a folder written by datasets' save_to_disk")
     files.add_argument("--prompt_key", default=None,
                        help="the column holding the prompt: a string (a plain prompt) or a list of chat messages "
-                            "(rendered by the chat template); default: the first of conversations, messages, prompt")
+                            "(rendered by the chat template); default: the first of conversations, messages, prompt. "
+                            "A 'prompt' chat ending with an assistant message is continued, as TRL does")
+    files.add_argument("--apply_chat_template", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+                       help="render plain-string prompts as one user message with the chat template (OpenRLHF's "
+                            "flag; a bare --apply_chat_template means 1); chat rows are always rendered")
     files.add_argument("--label_key", default=None,
                        help="the column holding the ground truth (a dotted path for nested fields, e.g. "
                             "reward_model.ground_truth); default: the first of answer, ground_truth, solution, "
@@ -653,7 +658,8 @@ def load_data(args, tokenizer, reward_functions):
     if args.max_seq_len is None and os.path.abspath(args.data_path) == DEMO_DATA:
         args.max_seq_len = 64
     keys = dict(prompt_key=args.prompt_key, label_key=args.label_key, max_length=args.max_seq_len,
-                thinking_ratio=args.thinking_ratio, seed=args.seed, overlong=args.overlong_prompts)
+                thinking_ratio=args.thinking_ratio, seed=args.seed, overlong=args.overlong_prompts,
+                apply_chat_template=bool(args.apply_chat_template))
     dataset = RLAIFDataset(args.data_path, tokenizer, **keys)
     eval_set = RLAIFDataset(args.eval_data_path, tokenizer, **keys) if args.eval_data_path else None
     if args.max_seq_len is None:  # fit the data: no prompt left out
@@ -667,7 +673,7 @@ def load_data(args, tokenizer, reward_functions):
     # what the rewards need from each row (a label, a routed data_source); last, as it binds each function to
     # the training file's label column
     check_labels(dataset, reward_functions, args.correctness_reward)
-    args.thinking_ratio = dataset.thinking_ratio  # the share drawn (the template's default when not given)
+    args.thinking_ratio = dataset.thinking_ratio  # the share drawn (None: the template's own default)
     return dataset, eval_samples
 
 
@@ -717,7 +723,9 @@ def build_models(args, reward_functions):
            f"{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}); trained parameters "
            f"({'actor + critic' if critic is not None else f'actor; {args.adv_estimator}: no critic'}): "
            f"{trained / 1e6:.2f}M"
-           + (f"; think block open in {args.thinking_ratio:.0%} of prompts ({thinking_flag(tokenizer)})"
+           + (("; think block as the template's default renders it (--thinking_ratio draws "
+               f"{thinking_flag(tokenizer)})" if args.thinking_ratio is None else
+               f"; think block open in {args.thinking_ratio:.0%} of prompts ({thinking_flag(tokenizer)})")
               if thinking_flag(tokenizer) else "") + f"\nreward = {reward.describe()}")
     return actor, old_actor, ref_model, critic, reward, tokenizer, actor_peft
 

@@ -25,11 +25,18 @@ def thinking_flag(tokenizer):
     return next((flag for flag in THINKING_FLAGS if flag in template), None)
 
 
+# chat columns whose trailing assistant message is not part of the prompt: MiniMind's placeholder ("无") in
+# `conversations`, the completion in TRL's conversational `messages` rows. In any other column (TRL's and
+# verl's `prompt`) a trailing assistant message is a prefix the response continues, as TRL renders it.
+COMPLETION_KEYS = ("conversations", "messages")
+
+
 def parse_chat(key, conversations):
     """The messages of a chat column (MiniMind's conversations, TRL's messages or prompt, verl's prompt) as
-    [{"role", "content"}]; raises ValueError(reason) on bad input. A trailing assistant message is dropped: it
-    is MiniMind's placeholder ("无") or, in TRL's `messages` rows, the completion, which the policy writes."""
-    messages = []
+    [{"role", "content"}] and whether a trailing assistant message was dropped; raises ValueError(reason) on
+    bad input. A trailing assistant message is dropped in COMPLETION_KEYS columns and when empty; elsewhere it
+    is kept, and the prompt is rendered to continue it (`continues_reply`)."""
+    messages, dropped = [], False
     for i, message in enumerate(conversations):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
@@ -39,14 +46,22 @@ def parse_chat(key, conversations):
             raise InputError(f"{key}[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if role == "system" and i > 0:
             raise InputError(f"{key}[{i}] is a system message; only the first message may be one")
-        is_placeholder = role == "assistant" and i == len(conversations) - 1
-        if not content.strip() and not is_placeholder:
+        trailing_reply = role == "assistant" and i == len(conversations) - 1
+        if not content.strip() and not trailing_reply:
             raise InputError(f"{key}[{i}] ({role}) has empty content")
-        if not is_placeholder:
+        if trailing_reply and (key in COMPLETION_KEYS or not content.strip()):
+            dropped = True
+        else:
             messages.append({"role": role, "content": content})
     if not any(m["role"] == "user" for m in messages):
         raise InputError("no user message")
-    return messages
+    return messages, dropped
+
+
+def continues_reply(messages):
+    """Whether a chat ends with an assistant message the response continues (rendered without a generation
+    prompt: transformers' continue_final_message)."""
+    return bool(messages) and messages[-1]["role"] == "assistant"
 
 
 def prompt_of(record, prompt_key=None):
@@ -88,18 +103,29 @@ class RLAIFDataset(Dataset):
     With a template that has a thinking switch (see `thinking_flag`), each prompt is rendered both ways
     and a share `thinking_ratio` (default 0.9) of them is served with the think block open, drawn per
     prompt and epoch from `seed` (`set_epoch`), as minimind-3's PPO draws it; resumed and distributed
-    runs draw the same. Plain-text rows take no thinking ratio."""
+    runs draw the same. That default is MiniMind's own and applies to MiniMind's data (a `conversations`
+    column); other chats are rendered with the template's own default unless `thinking_ratio` is given
+    (`thinking_ratio` None then). Plain-text rows take no thinking ratio, unless `apply_chat_template` makes
+    each a one-message chat (OpenRLHF's --apply_chat_template).
+
+    A chat in a `prompt` column (TRL's, verl's) that ends with an assistant message is continued: rendered
+    without a generation prompt, so the response extends that message, as TRL does. In `messages` (TRL's
+    conversational rows) such a message is the completion and is left out (the load says how many)."""
 
     def __init__(self, path, tokenizer, max_length=512, system_prompt=None, skip_bad_lines=False,
-                 thinking_ratio=None, seed=0, prompt_key=None, label_key=None, overlong="drop"):
+                 thinking_ratio=None, seed=0, prompt_key=None, label_key=None, overlong="drop",
+                 apply_chat_template=False):
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise InputError(f"max_length must be a positive integer, got {max_length!r}")
         self.path = os.fspath(path)
-        numbered = self._read_records(skip_bad_lines, prompt_key, label_key)  # (number, (content, answer))
+        # (number, (content, answer))
+        numbered = self._read_records(skip_bad_lines, prompt_key, label_key, apply_chat_template)
         first = numbered[0][0]
         if self.chat and not tokenizer.chat_template:
-            raise InputError(f"{self.where(first)}: a conversation row, but the tokenizer has no chat "
-                             f"template; use plain-text rows {{\"prompt\": ...}} or a tokenizer with a template")
+            raise InputError(f"{self.where(first)}: " + ("--apply_chat_template, " if apply_chat_template else
+                                                          "a conversation row, ")
+                             + "but the tokenizer has no chat template; use plain-text rows {\"prompt\": ...} "
+                             "or a tokenizer with a template")
         records = [record for _, record in numbered]
         self.flag = thinking_flag(tokenizer) if self.chat else None
         if thinking_ratio and not self.chat:
@@ -108,7 +134,9 @@ class RLAIFDataset(Dataset):
         if thinking_ratio and self.flag is None:
             raise InputError(f"--thinking_ratio {thinking_ratio}: the chat template of --tokenizer_path "
                              f"{tokenizer.name_or_path!r} has no thinking switch ({' or '.join(THINKING_FLAGS)})")
-        if thinking_ratio is None:  # minimind-3's PPO default where the template has the switch
+        if thinking_ratio is None and self.flag and self.prompt_key != "conversations":
+            self.flag = None  # not MiniMind's data: the template's own default, one rendering per prompt
+        elif thinking_ratio is None:  # minimind-3's PPO default on MiniMind's data, where the template has the switch
             thinking_ratio = DEFAULT_THINKING_RATIO if self.flag else 0.0
         self.thinking_ratio, self.seed, self.epoch = thinking_ratio, seed, 0
 
@@ -119,7 +147,8 @@ class RLAIFDataset(Dataset):
         for switch in ([False, True] if self.flag else [None]):  # the think block closed / open
             texts = [content if not self.chat else
                      tokenizer.apply_chat_template(self._with_system(content, system_prompt), tokenize=False,
-                                                   add_generation_prompt=True,
+                                                   add_generation_prompt=not continues_reply(content),
+                                                   continue_final_message=continues_reply(content),
                                                    **({self.flag: switch} if self.flag else {}))
                      for content, _ in records]
             # a rendered template holds its special tokens already; plain text gets the tokenizer's own (a BOS)
@@ -175,10 +204,11 @@ class RLAIFDataset(Dataset):
         """How messages name a row: `file:line` (jsonl) or `file: row i` (other formats, from 0)."""
         return f"{self.path}:{number}" if self.unit == "line" else f"{self.path}: row {number}"
 
-    def _read_records(self, skip_bad_lines, prompt_key, label_key):
+    def _read_records(self, skip_bad_lines, prompt_key, label_key, apply_chat_template=False):
         """The rows of the file (dataset/formats.py), checked: [(number, (messages or prompt text, answer))].
         Sets the prompt and label columns (`prompt_key`, `label_key`: given or detected), the kind of the
-        file (`chat`), and per kept row its `rows` (every other column), raw `labels` and `wheres`."""
+        file (`chat`; plain text made one-message chats with `apply_chat_template`), and per kept row its
+        `rows` (every other column), raw `labels` and `wheres`."""
         table = read_table(self.path, skip_bad_lines)
         self.unit, self.skipped = table.unit, list(table.skipped)  # (number, reason) of rows skipped
         dicts = [record for _, record in table.records]
@@ -189,6 +219,7 @@ class RLAIFDataset(Dataset):
         self.label_key = detect_label_key(table, label_key)
         records, self.rows, self.labels, self.wheres = [], [], [], []
         first = None  # (number, prompt column, chat?) of the first good row: the file's kind
+        completions = 0  # rows whose trailing assistant message was dropped
         kinds = ("conversation", "plain-text prompt")
         for number, record in table.records:
             try:
@@ -201,11 +232,11 @@ class RLAIFDataset(Dataset):
                     raise InputError(f"missing {first[1]!r} (the prompt column of {table.unit} {first[0]}; this "
                                      f"row has {key!r}); one prompt column per file")
                 if chat:
-                    content = parse_chat(key, value)
+                    content, dropped = parse_chat(key, value)
                 elif not value.strip():
                     raise InputError(f"{key!r} must be a non-empty string")
                 else:
-                    content = value
+                    content, dropped = [{"role": "user", "content": value}] if apply_chat_template else value, False
                 label = resolve(record, self.label_key) if self.label_key else MISSING
                 if self.label_key == "answer" and label is not MISSING and not isinstance(label, str):
                     # this project's own field has always been a string; other frameworks' labels are converted
@@ -219,12 +250,17 @@ class RLAIFDataset(Dataset):
                 self.skipped.append((number, str(e)))
                 continue
             first = first or (number, key, chat)
+            completions += dropped and key == "messages"
             records.append((number, (content, label_text(label))))
             self.rows.append({k: v for k, v in record.items() if k != key})
             self.labels.append(None if label is MISSING else label)
             self.wheres.append(table.where(number))
         self.prompt_key = first[1] if first else prompt_key
-        self.chat = bool(first and first[2])
+        self.chat = bool(first and (first[2] or apply_chat_template))
+        if completions:
+            print(f"note: {self.path}: {completions} rows of 'messages' end with an assistant message, the "
+                  f"completion in TRL's conversational rows: it is left out, and the policy writes its own "
+                  f"(a 'prompt' column ending with one is continued instead)", flush=True)
 
         rows, many = ("lines", "non-blank lines") if self.unit == "line" else ("rows", "rows")
         self.skipped.sort()

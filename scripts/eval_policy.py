@@ -32,7 +32,8 @@ from trainer_utils import is_hf_folder, user_errors
 DEMO_EVAL = os.path.join(ROOT, "dataset", "rlaif-eval.jsonl")
 # the run's settings this script reads from run_args.json (train_ppo's flags of the same names), and the
 # run's held-out file (or, without one, its training file) as --data_path
-FROM_RUN = ("prompt_key", "label_key", "max_seq_len", "max_gen_len", "batch_size", "seed", "thinking_ratio", "dtype",
+FROM_RUN = ("prompt_key", "label_key", "max_seq_len", "max_gen_len", "batch_size", "seed", "thinking_ratio",
+            "apply_chat_template", "dtype",
             "reward_model_path", "reward_input", "reward_label", "reward_dtype", "reward_batch_size", "reasoning",
             "reward_rules", "rm_clip", "correctness_reward", "reward_fn", "missing_eos_penalty")
 
@@ -59,6 +60,8 @@ def parser():
                                                               "uses its --batch_size)")
     p.add_argument("--seed", type=int, default=42, help="draws the think block open or closed, as train_ppo's")
     p.add_argument("--thinking_ratio", type=float, default=None, help="as train_ppo")
+    p.add_argument("--apply_chat_template", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+                   help="as train_ppo")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples, seeded")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -120,7 +123,7 @@ def main(argv=None):
         model, tokenizer = init_model(weight, args.save_dir, tokenizer_path, args.device)
         dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len,
                                thinking_ratio=args.thinking_ratio, seed=args.seed, prompt_key=args.prompt_key,
-                               label_key=args.label_key)
+                               label_key=args.label_key, apply_chat_template=bool(args.apply_chat_template))
         samples = dataset.samples[:args.limit or None]  # epoch 0's draws, as the trainer's evaluation
         # and the reward the trainer would give this model (its generation's rules unless --reward_rules)
         reward = build_reward(args, model.config, reward_model, functions)

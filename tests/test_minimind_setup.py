@@ -287,3 +287,92 @@ def test_eval_policy_renders_prompts_as_the_trainers_evaluation(tiny_kit, tokeni
     opened = [s["prompt"].endswith(OPEN) for s in RLAIFDataset(eval_data, AutoTokenizer.from_pretrained(
         tokenizers["minimind3"]), max_length=48, seed=1).samples[:12]]
     assert 0 < sum(opened) < 12  # both kinds of prompt were evaluated
+
+
+# ----------------------------------------------------------------------------- other frameworks' prompts
+QUESTIONS = [f"What is {a} plus {a}?" for a in range(6)]
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["minimind3", "2025-10"])
+def test_other_frameworks_chats_get_the_templates_own_thinking_default(tokenizers, tmp_path, name):
+    """minimind-3's 0.9 is MiniMind's choice for MiniMind's data; a verl/TRL `prompt` chat is rendered as the
+    template renders it by default (transformers' own call, no switch passed), unless --thinking_ratio is given."""
+    tok = AutoTokenizer.from_pretrained(tokenizers[name])
+    path = write_rows(tmp_path / "verl.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS])
+    data = RLAIFDataset(path, tok, max_length=64)
+    assert data.thinking_ratio is None
+    assert [s["prompt"] for s in data.samples] == [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS]
+    for ratio in (0.0, 1.0):  # given, the switch is drawn on any chat data
+        assert all(s["prompt"].endswith(CLOSED) == (ratio == 0.0)
+                   for s in RLAIFDataset(path, tok, max_length=64, thinking_ratio=ratio).samples)
+    conversations = write_rows(tmp_path / "mm.jsonl", [{"conversations": [{"role": "user", "content": q},
+                                                                           {"role": "assistant", "content": "无"}]}
+                                                       for q in QUESTIONS])
+    assert RLAIFDataset(conversations, tok, max_length=64).thinking_ratio == 0.9  # MiniMind's data: unchanged
+
+
+def test_apply_chat_template_renders_plain_prompts_as_one_user_message(tiny_kit, tokenizers, tmp_path):
+    """OpenRLHF's --apply_chat_template: a string prompt becomes one user message rendered by the template (as
+    transformers renders it); the run records the flag and eval_policy reads it back."""
+    tok = AutoTokenizer.from_pretrained(tokenizers["minimind2"])
+    path = write_rows(tmp_path / "openrlhf.jsonl", [{"input": q, "answer": str(2 * i)} for i, q in enumerate(QUESTIONS)])
+    data = RLAIFDataset(path, tok, max_length=64, prompt_key="input", apply_chat_template=True)
+    expected = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+                for q in QUESTIONS]
+    assert [s["prompt"] for s in data.samples] == expected
+    assert [s["prompt"] for s in RLAIFDataset(path, tok, max_length=64, prompt_key="input").samples] == QUESTIONS
+    with pytest.raises(ValueError, match=r"openrlhf\.jsonl:1: --apply_chat_template, but the tokenizer has no chat"):
+        RLAIFDataset(path, AutoTokenizer.from_pretrained(tokenizers["none"]), prompt_key="input",
+                     apply_chat_template=True)
+    assert train_ppo.parse_args(["--apply_chat_template"]).apply_chat_template == 1  # OpenRLHF's bare flag
+    flags = tiny_run_args(tiny_kit, tmp_path / "out", "--max_steps", "1", "--tokenizer_path", tokenizers["minimind2"],
+                          "--data_path", path, "--prompt_key", "input", "--apply_chat_template")
+    run(flags)
+    assert json.load(open(tmp_path / "out" / "run_args.json"))["apply_chat_template"] == 1
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import eval_policy
+    args = eval_policy.parse_args(["--trained", str(tmp_path / "out" / "checkpoints" / "ppo_actor_64_resume.pth")])
+    assert args.apply_chat_template == 1 and args.prompt_key == "input"
+
+
+class RecordingRewardModel:
+    """Stands in for a reward model: records the chats it is asked to score."""
+    path = "recording"
+
+    def __init__(self):
+        self.chats = []
+
+    def score(self, chats, batch_size):
+        self.chats += chats
+        return torch.zeros(len(chats))
+
+
+def test_a_prompt_ending_with_an_assistant_message_is_continued(tokenizers, tmp_path, capsys):
+    """TRL renders a `prompt` chat that ends with an assistant message with continue_final_message: the response
+    extends that message. The reward model scores the whole reply (prefix + response). In TRL's `messages` rows the
+    trailing assistant message is the completion: left out, and the load says so."""
+    from reward import Reward
+    tok = AutoTokenizer.from_pretrained(tokenizers["minimind2"])
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": "Let me add:"}] for q in QUESTIONS]
+    data = RLAIFDataset(write_rows(tmp_path / "trl.jsonl", [{"prompt": c} for c in chats]), tok, max_length=64)
+    prompts = [s["prompt"] for s in data.samples]
+    assert prompts == [tok.apply_chat_template(c, tokenize=False, continue_final_message=True) for c in chats]
+    assert all(p.endswith("<|im_start|>assistant\nLet me add:") for p in prompts)
+    recorder = RecordingRewardModel()
+    Reward(recorder, rules="none")(prompts[:2], [" 0", " 2"], messages=[s["messages"] for s in data.samples[:2]])
+    assert [c[-1] for c in recorder.chats] == [{"role": "assistant", "content": "Let me add: 0"},
+                                               {"role": "assistant", "content": "Let me add: 2"}]
+    assert [m["role"] for m in recorder.chats[0]] == ["system", "user", "assistant"]  # the template's system turn kept
+    capsys.readouterr()
+    messages = RLAIFDataset(write_rows(tmp_path / "messages.jsonl", [{"messages": c} for c in chats]), tok,
+                            max_length=64)
+    assert "6 rows of 'messages' end with an assistant message" in capsys.readouterr().out
+    assert [s["prompt"] for s in messages.samples] == [
+        tok.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True) for c in chats]
