@@ -81,10 +81,11 @@ class Run:
 
 
 # flags a resume file must agree on with the run that loads it (with the value a file older than the flag had):
-# the data's order and grouping, the estimator, and every flag that changes the function trained (the LoRA
-# adapters' rank, scale and places; the base is checked by the reference's fingerprint)
+# the data's order, grouping and filtering, the estimator and loss, and every flag that changes the function
+# trained (the LoRA adapters' rank, scale and places; the base is checked by the reference's fingerprint)
 RESUME_FLAGS = dict(batch_size=None, n_samples_per_prompt=1, adv_estimator="gae", lora_rank=0, lora_alpha=16,
-                    lora_target_modules="all-linear", lora_critic=1)
+                    lora_target_modules="all-linear", lora_critic=1, policy_loss="ppo", filter_groups=0,
+                    max_filter_batches=10)
 
 
 def policy_path(args, config):

@@ -24,12 +24,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from checkpoint import check_outputs, Learner, policy_path, Progress, resume_if_asked, Run, save_checkpoint
-from core_algos import (aggregate_loss, compute_advantages, group_advantages, kl_penalty, LOSS_AGG_MODES,
-                        masked_mean, masked_whiten, policy_loss_per_token, value_loss_per_token)
+from core_algos import (aggregate_loss, compute_advantages, group_advantages, groups_with_signal, kl_penalty,
+                        LOSS_AGG_MODES, masked_mean, masked_whiten, overlong_penalty, policy_loss, POLICY_LOSSES,
+                        ROLLOUT_CORRECTION_LEVELS, ROLLOUT_CORRECTION_MODES, rollout_correction,
+                        rollout_mismatch_metrics, value_loss_per_token)
 from dataset.lm_dataset import PromptCollator, RLAIFDataset, decode_responses, thinking_flag
 from evaluation import evaluate_on_ranks, eval_table, log_eval
 from fsdp import check_flags, full_tensor, shard_models, sharded_grad_scaler, unsharded
@@ -196,9 +199,42 @@ def parse_args(argv=None):
     rollout.add_argument("--critic_warmup_steps", type=int, default=0,
                          help="the first N rollouts train only the critic: the actor, its optimizer and its schedule "
                               "are untouched")
+    rollout.add_argument("--filter_groups", type=int, default=0, choices=[0, 1],
+                         help="DAPO's dynamic sampling: leave out the groups whose responses all scored the same (no "
+                              "signal for a group estimator) and sample more batches to fill the rollout")
+    rollout.add_argument("--max_filter_batches", type=int, default=10,
+                         help="with --filter_groups: extra batches a rollout may draw (0 = none); still short, it is "
+                              "topped up with groups without signal")
+    rollout.add_argument("--overlong_buffer_len", type=int, default=0,
+                         help="DAPO's overlong shaping: a response in the last L tokens before --max_gen_len gets a "
+                              "penalty growing linearly to --overlong_penalty (the reward part `overlong`); 0 = off")
+    rollout.add_argument("--overlong_penalty", type=float, default=1.0, help="the overlong penalty at --max_gen_len")
+    rollout.add_argument("--mask_truncated_responses", type=int, default=0, choices=[0, 1],
+                         help="1: responses cut at --max_gen_len (no EOS) carry no policy loss (DAPO; TRL's "
+                              "mask_truncated_completions); the critic still learns from them")
+    rollout.add_argument("--rollout_is", default="none", choices=["none", *ROLLOUT_CORRECTION_LEVELS],
+                         help="rollout correction: importance weights pi_old / sampler per token or per sequence on "
+                              "the policy loss, for a sampler that differs from the scoring forward (bf16, other "
+                              "kernels); the mismatch is logged either way")
+    rollout.add_argument("--rollout_is_mode", default="truncate", choices=list(ROLLOUT_CORRECTION_MODES),
+                         help="truncate: weights capped at the threshold (TIS); mask: weight 0 outside "
+                              "[threshold_low, threshold] (MIS)")
+    rollout.add_argument("--rollout_is_threshold", type=float, default=2.0, help="the upper threshold (verl's)")
+    rollout.add_argument("--rollout_is_threshold_low", type=float, default=None,
+                         help="the lower threshold; default: none (truncate), 1 / threshold (mask)")
     add_reward_flags(p)
     ppo = p.add_argument_group("PPO")
-    ppo.add_argument("--clip_epsilon", type=float, default=0.2, help="the ratio's clip range 1 +- eps")
+    ppo.add_argument("--policy_loss", default="ppo", choices=list(POLICY_LOSSES),
+                     help="ppo: the clipped surrogate; cispo: REINFORCE weighted by the ratio capped at "
+                          "--clip_epsilon_high (minimind-3's default, MiniMax-M1); gspo: the clipped surrogate on the "
+                          "sequence's ratio; sapo: a soft gate instead of the clip (docs/algorithms.md)")
+    ppo.add_argument("--clip_epsilon", type=float, default=None,
+                     help="the ratio's clip range: below 1 - eps (default 0.2; gspo: 3e-4, as verl's GSPO recipe)")
+    ppo.add_argument("--clip_epsilon_high", "--epsilon_high", type=float, default=None,
+                     help="ppo and gspo: the clip above, 1 + eps_high (DAPO's clip-higher; default --clip_epsilon, "
+                          "gspo: 4e-4); cispo: the cap on the ratio itself (default 5.0, as minimind-3 and TRL)")
+    ppo.add_argument("--sapo_tau_pos", type=float, default=1.0, help="sapo: the gate's temperature for A > 0")
+    ppo.add_argument("--sapo_tau_neg", type=float, default=1.05, help="sapo: the gate's temperature for A < 0")
     ppo.add_argument("--dual_clip_c", type=float, default=0.0,
                      help="dual clip for A<0: 0 = off, else a value > 1 (verl: 3.0)")
     ppo.add_argument("--cliprange_value", type=float, default=0.2,
@@ -294,6 +330,26 @@ def parse_args(argv=None):
                 f"(--batch_size {args.batch_size} x --n_samples_per_prompt {args.n_samples_per_prompt})")
     if args.mini_batch_size % args.accumulation_steps:
         p.error(f"--accumulation_steps {args.accumulation_steps} must divide --mini_batch_size {args.mini_batch_size}")
+    gspo = args.policy_loss == "gspo"
+    args.clip_epsilon = args.clip_epsilon if args.clip_epsilon is not None else 3e-4 if gspo else 0.2
+    if args.clip_epsilon_high is None:
+        args.clip_epsilon_high = {"cispo": 5.0, "gspo": 4e-4}.get(args.policy_loss, args.clip_epsilon)
+    if not (args.clip_epsilon > 0 and args.clip_epsilon_high > 0):
+        p.error(f"--clip_epsilon and --clip_epsilon_high must be > 0, got {args.clip_epsilon}, {args.clip_epsilon_high}")
+    if args.dual_clip_c and args.policy_loss != "ppo":
+        p.error(f"--dual_clip_c is the ppo loss's; --policy_loss {args.policy_loss} takes none")
+    if args.filter_groups and args.n_samples_per_prompt < 2:
+        p.error("--filter_groups compares the responses to a prompt: it needs --n_samples_per_prompt >= 2")
+    if args.max_filter_batches < 0 or args.overlong_buffer_len < 0:
+        p.error("--max_filter_batches and --overlong_buffer_len must be >= 0")
+    if args.overlong_buffer_len >= args.max_gen_len:
+        p.error(f"--overlong_buffer_len {args.overlong_buffer_len} must be below --max_gen_len {args.max_gen_len}")
+    if args.rollout_is_mode == "mask" and args.rollout_is_threshold_low is None:
+        args.rollout_is_threshold_low = 1 / args.rollout_is_threshold
+    low = args.rollout_is_threshold_low
+    if not args.rollout_is_threshold > 0 or (low is not None and not 0 <= low < args.rollout_is_threshold):
+        p.error(f"--rollout_is_threshold must be > 0 and --rollout_is_threshold_low in [0, threshold), got "
+                f"{args.rollout_is_threshold}, {low}")
     if args.dual_clip_c != 0 and not args.dual_clip_c > 1:
         p.error(f"--dual_clip_c must be 0 (off) or > 1, got {args.dual_clip_c}: a value <= 1 would cap the loss "
                 f"of every negative-advantage token at ratio ~1 and zero its gradient")
@@ -382,7 +438,12 @@ class Experience:
     reward_parts: dict = None  # {part: [B]} the reward's parts, summing to scores
     has_eos: torch.Tensor = None  # [B] the response ended with EOS
     responses: list = None  # B decoded responses
+    prompts: list = None  # B rendered prompts
     sampler_gap: torch.Tensor = None  # mean |sampler log-prob - old_logprobs| over real tokens
+    # the policy loss's tokens: response_mask, less the truncated responses with --mask_truncated_responses
+    loss_mask: torch.Tensor = None  # [B, R] (None: response_mask)
+    rollout_weights: torch.Tensor = None  # [B, R] rollout-correction weights on the policy loss (None: off)
+    rollout_stats: dict = None  # sampler/trainer mismatch (0-d tensors) and dynamic sampling's counts
     seconds: dict = None  # generate, forward, reward
     scored_positions: int = 0  # token positions in one scoring pass over the rollout, padding included
 
@@ -436,17 +497,57 @@ def unpadded(input_ids, attention_mask, response_mask, rows):
     return input_ids[rows][:, first:P + R_kept], am[:, first:P + R_kept], R_kept
 
 
-@torch.no_grad()
-def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_coef, orders, args, autocast):
-    """Sample responses with the old actor, score them, and turn scores into token rewards: an Experience.
-    old_actor and ref_model are model.policy.Policy modules: policy(ids, mask, R, temperature) gives the
-    log-probs [B, R] of the last R tokens (with their entropy and the MoE balance loss).
+@dataclass
+class Samples:
+    """What the old actor sampled for a batch of prompts and what the reward gave it, before any scoring forward:
+    N rows (each prompt's n_samples_per_prompt responses on consecutive rows, its group)."""
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    response_ids: torch.Tensor  # [N, R] right-padded
+    response_mask: torch.Tensor  # [N, R] 1 up to and including each row's EOS
+    sampler_logprobs: torch.Tensor  # [N, R] the sampler's own log-probs of its tokens
+    scores: torch.Tensor  # [N] total reward (CPU)
+    reward_parts: dict  # {part: [N]}
+    has_eos: torch.Tensor  # [N] bool
+    responses: list  # N decoded responses
+    prompts: list  # N rendered prompts
+    groups: torch.Tensor  # [N] the index of each response's prompt (CPU)
+    seconds: dict  # generate, reward
 
-    pi_old, pi_ref and V (critic None: no values, for the critic-free estimators) are computed on
-    the very micro-batches that the first PPO epoch uses (orders[0]), so with old actor == actor the
-    first ratio is exactly 1. No collective runs in here (pass the bare critic, not its DDP wrapper): a
-    rank can drop its rollout on a stop signal without leaving the others waiting.
-    """
+    def select(self, rows):
+        """The rows `rows` ([k] indices, CPU), in that order."""
+        on = rows.to(self.prompt_ids.device)
+        return Samples(self.prompt_ids[on], self.prompt_mask[on], self.response_ids[on], self.response_mask[on],
+                       self.sampler_logprobs[on], self.scores[rows], {k: v[rows] for k, v in self.reward_parts.items()},
+                       self.has_eos[on], [self.responses[i] for i in rows.tolist()],
+                       [self.prompts[i] for i in rows.tolist()], self.groups[rows], self.seconds)
+
+
+def concat_samples(parts, pad_token_id):
+    """Several Samples as one: prompts left-padded and responses right-padded to the widest again, groups
+    renumbered in order of first appearance; the first one's seconds."""
+    P, R = (max(s.prompt_ids.shape[1] for s in parts), max(s.response_ids.shape[1] for s in parts))
+    left = lambda t, value: F.pad(t, (P - t.shape[1], 0), value=value)  # noqa: E731
+    right = lambda t, value: F.pad(t, (0, R - t.shape[1]), value=value)  # noqa: E731
+    groups, offset = [], 0
+    for s in parts:
+        groups.append(s.groups + offset)
+        offset += int(s.groups.max()) + 1 if len(s.groups) else 0
+    _, groups = torch.cat(groups).unique_consecutive(return_inverse=True)
+    return Samples(torch.cat([left(s.prompt_ids, pad_token_id) for s in parts]),
+                   torch.cat([left(s.prompt_mask, 0) for s in parts]),
+                   torch.cat([right(s.response_ids, pad_token_id) for s in parts]),
+                   torch.cat([right(s.response_mask, 0) for s in parts]),
+                   torch.cat([right(s.sampler_logprobs, 0.0) for s in parts]), torch.cat([s.scores for s in parts]),
+                   {k: torch.cat([s.reward_parts[k] for s in parts]) for k in parts[0].reward_parts},
+                   torch.cat([s.has_eos for s in parts]), [r for s in parts for r in s.responses],
+                   [q for s in parts for q in s.prompts], groups, parts[0].seconds)
+
+
+@torch.no_grad()
+def sample_and_reward(batch, old_actor, reward, tokenizer, args, autocast):
+    """The old actor's responses to a batch of prompts and their reward (with DAPO's overlong shaping, the part
+    `overlong`, when --overlong_buffer_len is set): Samples."""
     device = args.device
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     stop_ids = stop_token_ids(old_actor.lm, tokenizer)
@@ -456,10 +557,71 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
             old_actor.lm, prompt_ids, prompt_mask, args.max_gen_len, stop_ids, tokenizer.pad_token_id,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     t1 = synced_time(device)
-    B, R = response_ids.shape
-    input_ids = torch.cat([prompt_ids, response_ids], 1)  # [B, P+R]
-    attention_mask = torch.cat([prompt_mask, response_mask], 1)
-    mask = response_mask.float()
+    responses = decode_responses(tokenizer, response_ids, response_mask)
+    has_eos = ends_with_stop(response_ids, response_mask, stop_ids)
+    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"], has_eos, batch["rows"])
+    if args.overlong_buffer_len:
+        parts["overlong"] = overlong_penalty(response_mask.sum(1).cpu(), args.max_gen_len, args.overlong_buffer_len,
+                                             args.overlong_penalty)
+        scores = scores + parts["overlong"]
+    return Samples(prompt_ids, prompt_mask, response_ids, response_mask, sampler_logprobs, scores, parts, has_eos,
+                   responses, list(batch["prompts"]), batch["groups"],
+                   dict(generate=t1 - t0, reward=synced_time(device) - t1))
+
+
+def dynamic_sampling(batch, next_batch, sample, args, pad_token_id):
+    """DAPO's dynamic sampling (Yu et al. 2025; verl's algorithm.filter_groups): the groups whose responses all
+    scored the same give a group estimator no signal (every advantage 0), so they are left out and more batches
+    are drawn (`next_batch()`, None when the epoch has none left; at most --max_filter_batches) until the rollout
+    holds --batch_size prompts with signal; still short, it is topped up with groups without signal, so every
+    rank updates on the same number of rows. Every rank draws as long as one needs to (one collective per draw;
+    a reward error on one rank stops every rank's drawing and is raised after). Returns (Samples, stats)."""
+    kept, spare, drawn, error, seconds = [], [], 0, None, {}
+    while True:
+        try:
+            samples = sample(batch)
+            seconds = {k: seconds.get(k, 0.0) + v for k, v in samples.seconds.items()}
+            signal = groups_with_signal(samples.scores, samples.groups)
+            kept.append(samples.select(signal.nonzero()[:, 0]))
+            spare.append(samples.select((~signal).nonzero()[:, 0]))
+        except NonFiniteRolloutError as e:
+            error = e
+        drawn += 1
+        with_signal = sum(len(s.responses) for s in kept) // args.n_samples_per_prompt
+        short, failed = all_reduce_sum(torch.tensor([float(with_signal < args.batch_size), float(error is not None)],
+                                                    device=args.device)).tolist()
+        if failed or not short or drawn > args.max_filter_batches:
+            break
+        batch = next_batch()  # the same answer on every rank: their shards are equally long
+        if batch is None:
+            break
+    if error is not None:
+        raise error
+    rows = args.batch_size * args.n_samples_per_prompt
+    samples = concat_samples(kept + spare, pad_token_id).select(torch.arange(rows))  # groups with signal first
+    samples.seconds = seconds  # every draw's, once
+    return samples, dict(filter_groups_kept=min(with_signal, args.batch_size), filter_batches_drawn=drawn,
+                         filter_groups_drawn=drawn * args.batch_size)
+
+
+@torch.no_grad()
+def score_rollout(samples, old_actor, ref_model, critic, kl_coef, orders, args, autocast):
+    """Score the samples and turn their scores into token rewards: an Experience. old_actor and ref_model are
+    model.policy.Policy modules: policy(ids, mask, R, temperature) gives the log-probs [B, R] of the last R
+    tokens (with their entropy and the MoE balance loss).
+
+    pi_old, pi_ref and V (critic None: no values, for the critic-free estimators) are computed on
+    the very micro-batches that the first PPO epoch uses (orders[0]), so with old actor == actor the
+    first ratio is exactly 1. The sampler's own log-probs against pi_old give the rollout-correction weights
+    (--rollout_is) and the mismatch metrics. No collective runs in here (pass the bare critic, not its DDP
+    wrapper): a rank can drop its rollout on a stop signal without leaving the others waiting.
+    """
+    device = args.device
+    t0 = synced_time(device)
+    B, R = samples.response_ids.shape
+    input_ids = torch.cat([samples.prompt_ids, samples.response_ids], 1)  # [B, P+R]
+    attention_mask = torch.cat([samples.prompt_mask, samples.response_mask], 1)
+    mask = samples.response_mask.float()
     old_logprobs, ref_logprobs, values = (torch.zeros(B, R, device=device) for _ in range(3))
     scored = 0  # token positions through each scoring forward, padding included
     for minibatch in rollout_micro_batches(orders[0], attention_mask, mask, args):
@@ -471,27 +633,52 @@ def collect_rollout(batch, old_actor, ref_model, critic, reward, tokenizer, kl_c
                 ref_logprobs[rows, :R_kept] = ref_model(ids, am, R_kept, args.temperature)[0]
                 if critic is not None:
                     values[rows, :R_kept] = critic_values(critic, ids, am, R_kept).to(device)
-    t2 = synced_time(device)
-    responses = decode_responses(tokenizer, response_ids, response_mask)
     bad = (~torch.isfinite(values)).any(1).nonzero()
     if len(bad):  # padding included (NaN * 0 is NaN); whitening would spread it to every advantage
         row = int(bad[0])
         raise NonFiniteRolloutError(f"critic returned a non-finite value for sample {row} "
-                                    f"(response {responses[row][:80]!r})")
-    has_eos = ends_with_stop(response_ids, response_mask, stop_ids)
-    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"], has_eos, batch["rows"])
-    t3 = synced_time(device)
+                                    f"(response {samples.responses[row][:80]!r})")
     # token-level reward: -beta * KL at every token (reward mode), plus the score at the last real token
     kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
     token_rewards = -kl_coef * kl if args.kl_mode == "reward" else torch.zeros_like(kl)
-    last = (response_mask.sum(1) - 1).clamp(min=0)
-    token_rewards[torch.arange(B, device=device), last] += scores.to(device)
+    last = (samples.response_mask.sum(1) - 1).clamp(min=0)
+    token_rewards[torch.arange(B, device=device), last] += samples.scores.to(device)
+    loss_mask, rollout_weights, mismatch = policy_loss_weights(old_logprobs, samples.sampler_logprobs, mask,
+                                                               samples.has_eos, args)
     return Experience(input_ids=input_ids, attention_mask=attention_mask, response_mask=mask,
                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values * mask, kl=kl,
-                      token_rewards=token_rewards, scores=scores, reward_parts=parts, groups=batch["groups"],
-                      has_eos=has_eos, responses=responses,
-                      sampler_gap=((sampler_logprobs - old_logprobs).abs() * mask).sum() / mask.sum(),
-                      seconds=dict(generate=t1 - t0, forward=t2 - t1, reward=t3 - t2), scored_positions=scored)
+                      token_rewards=token_rewards, scores=samples.scores, reward_parts=samples.reward_parts,
+                      groups=samples.groups, has_eos=samples.has_eos, responses=samples.responses,
+                      prompts=samples.prompts, loss_mask=loss_mask, rollout_weights=rollout_weights,
+                      rollout_stats=mismatch, sampler_gap=mismatch["log_ratio_abs_mean"],
+                      seconds=dict(samples.seconds, forward=synced_time(device) - t0), scored_positions=scored)
+
+
+def policy_loss_weights(old_logprobs, sampler_logprobs, mask, has_eos, args):
+    """Which tokens carry the policy loss and with what weight: (loss_mask [B, R], rollout-correction weights
+    [B, R] or None, the sampler/trainer mismatch metrics). DAPO: with --mask_truncated_responses a response cut
+    at --max_gen_len carries no policy loss (it is unfinished, not wrong). --rollout_is: pi_old / sampler
+    importance weights, truncated or masked (core_algos.rollout_correction)."""
+    loss_mask = mask * has_eos.to(mask.device)[:, None] if args.mask_truncated_responses else mask
+    if args.rollout_is == "none":
+        return loss_mask, None, rollout_mismatch_metrics(old_logprobs, sampler_logprobs, mask)
+    weights, mismatch = rollout_correction(old_logprobs, sampler_logprobs, mask, args.rollout_is, args.rollout_is_mode,
+                                           args.rollout_is_threshold, args.rollout_is_threshold_low)
+    return loss_mask, weights, mismatch
+
+
+def collect_rollout(batch, next_batch, old_actor, ref_model, critic, reward, tokenizer, kl_coef, orders, args,
+                    autocast):
+    """One rollout: sample and reward a batch (with --filter_groups, more batches until the groups with signal fill
+    it: dynamic_sampling), then score it (score_rollout). Returns an Experience."""
+    sample = lambda b: sample_and_reward(b, old_actor, reward, tokenizer, args, autocast)  # noqa: E731
+    if args.filter_groups:
+        samples, filter_stats = dynamic_sampling(batch, next_batch, sample, args, tokenizer.pad_token_id)
+    else:
+        samples, filter_stats = sample(batch), {}
+    experience = score_rollout(samples, old_actor, ref_model, critic, kl_coef, orders, args, autocast)
+    experience.rollout_stats.update(filter_stats)
+    return experience
 
 
 def add_advantages(experience, estimator, gamma, lam):
@@ -533,6 +720,7 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
     """
     exp, scaler = experience, learner.scaler
     world = get_world_size()
+    loss_mask = exp.loss_mask if exp.loss_mask is not None else exp.response_mask
     trained = ([(learner.actor, learner.actor_opt, learner.actor_sched)] if train_actor else []) + \
         ([(learner.critic, learner.critic_opt, learner.critic_sched)] if learner.critic is not None else [])
     models, optimizers, schedulers = (list(column) for column in zip(*trained))
@@ -543,8 +731,12 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
     for epoch in range(args.ppo_epochs):
         for minibatch in rollout_micro_batches(orders[epoch], exp.attention_mask, exp.response_mask, args):
             rows = torch.cat(minibatch)
-            n_tokens, n_responses = all_reduce_sum(torch.stack([exp.response_mask[rows].sum(), torch.tensor(
-                float(len(rows)), device=rows.device)])).tolist()  # over the whole minibatch of every rank
+            # normalisers over the whole minibatch of every rank: the value loss's tokens, the policy loss's
+            # tokens and responses (fewer with --mask_truncated_responses)
+            n_tokens, n_loss_tokens, n_responses = all_reduce_sum(torch.stack([
+                exp.response_mask[rows].sum(), loss_mask[rows].sum(), (loss_mask[rows].sum(1) > 0).sum().float()
+            ])).tolist()
+            n_loss_tokens, n_responses = max(n_loss_tokens, 1.0), max(n_responses, 1.0)  # all masked: a zero loss
             sums = {}
             for k, micro in enumerate(minibatch):
                 ids, am, R_kept = unpadded(exp.input_ids, exp.attention_mask, exp.response_mask, micro)
@@ -562,18 +754,21 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
                         # the entropy's backward costs a full-vocab softmax: only pay it when it is in the loss
                         logprobs, entropy, aux_loss = learner.actor(ids, am, R_kept, args.temperature,
                                                                     "grad" if args.entropy_coef else "value")
-                        pg_loss, ratio = policy_loss_per_token(logprobs, take(exp.old_logprobs), take(exp.advantages),
-                                                               args.clip_epsilon, args.dual_clip_c)
+                        pg_loss, ratio, clipped = policy_loss(
+                            args.policy_loss, logprobs, take(exp.old_logprobs), take(exp.advantages), mask,
+                            args.clip_epsilon, args.clip_epsilon_high, args.dual_clip_c,
+                            ratio_cap=args.clip_epsilon_high, tau_pos=args.sapo_tau_pos, tau_neg=args.sapo_tau_neg)
+                        if exp.rollout_weights is not None:  # rollout correction: on the policy-gradient term only
+                            pg_loss = pg_loss * take(exp.rollout_weights)
                         kl_ref = kl_penalty(logprobs, take(exp.ref_logprobs), args.kl_estimator)
                         actor_loss = pg_loss - args.entropy_coef * entropy
                         if args.kl_mode == "loss":
                             actor_loss = actor_loss + kl_coef * kl_ref
-                        loss = loss + aggregate_loss(actor_loss, mask, args.loss_agg_mode, n_tokens, n_responses,
-                                                     args.max_gen_len)
+                        loss = loss + aggregate_loss(actor_loss, take(loss_mask), args.loss_agg_mode, n_loss_tokens,
+                                                     n_responses, args.max_gen_len)
                         log_ratio = (logprobs - take(exp.old_logprobs)).detach()
                         token_stats.update(approx_kl=0.5 * log_ratio ** 2, policy_loss=pg_loss, entropy=entropy,
-                                           clipfrac=((ratio - 1).abs() > args.clip_epsilon).float(),
-                                           kl_actor_ref=kl_ref, ratio_dev=(ratio - 1).abs())
+                                           clipfrac=clipped, kl_actor_ref=kl_ref, ratio_dev=(ratio - 1).abs())
                     loss = loss * world  # this rank's share of the global mean; DDP (FSDP) averages over the ranks
                     if aux_loss is not None:
                         loss = loss + aux_loss / len(minibatch)
@@ -629,7 +824,8 @@ def ppo_update(learner, experience, orders, kl_coef, args, autocast, train_actor
 
 
 def rollout_metrics(experience):
-    """Rollout statistics averaged over ranks (the value's explained variance only where there is a critic)."""
+    """Rollout statistics averaged over ranks (the value's explained variance only where there is a critic; the
+    sampler/trainer mismatch as rollout_<name>, whose extremes are the extremes over ranks)."""
     exp = experience
     mask, advantages = exp.response_mask, exp.raw_advantages
     local = {
@@ -645,10 +841,23 @@ def rollout_metrics(experience):
         err = exp.returns - exp.values
         local["value_explained_var"] = 1 - masked_mean((err - masked_mean(err, mask)) ** 2, mask) / \
             masked_mean((exp.returns - masked_mean(exp.returns, mask)) ** 2, mask).clamp(min=1e-8)
+    stats = {f"rollout_{k}" if k.startswith(("token", "seq", "log", "kl", "is_")) else k: v
+             for k, v in (exp.rollout_stats or {}).items()}
+    extremes = {k: v for k, v in stats.items() if k.endswith(("_max", "_min"))}
+    local.update({k: v for k, v in stats.items() if k not in extremes})
     # a reward function's diagnostics (custom/<key>) may come back on some ranks only
     local = {k: local.get(k, torch.zeros(())) for k in all_names(local)}
-    values_ = all_reduce_sum(torch.stack([v.detach().double().cpu() for v in local.values()]).to(mask.device))
-    return dict(zip(local, (values_ / get_world_size()).tolist()))
+    values_ = all_reduce_sum(torch.stack([torch.as_tensor(v).detach().double().cpu() for v in local.values()]).to(
+        mask.device))
+    metrics = dict(zip(local, (values_ / get_world_size()).tolist()))
+    if extremes:  # max over ranks; a min is minus the max of minus
+        signs = torch.tensor([1.0 if k.endswith("_max") else -1.0 for k in extremes], dtype=torch.float64)
+        top = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in extremes.values()]) * signs
+        if dist.is_initialized():
+            top = top.to(mask.device)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        metrics.update(zip(extremes, (top.cpu() * signs).tolist()))
+    return metrics
 
 
 # ----------------------------------------------------------------------------- building the run
@@ -828,9 +1037,10 @@ def start_logging(run):
 
 
 # ----------------------------------------------------------------------------- one training step
-def train_step(run, batch, stop):
-    """One PPO step: rollout -> advantages -> update -> log. Returns False, having changed nothing, when a
-    stop signal came during the rollout (every rank agrees); True otherwise."""
+def train_step(run, batch, stop, next_batch=lambda: None):
+    """One PPO step: rollout -> advantages -> update -> log. `next_batch()` draws another batch of the epoch (None
+    when none is left), for dynamic sampling. Returns False, having changed nothing, when a stop signal came
+    during the rollout (every rank agrees); True otherwise."""
     args, learner, p = run.args, run.learner, run.progress
     t0 = synced_time(args.device)
     # rollout: the old actor samples; old/ref log-probs, values and token rewards
@@ -838,7 +1048,7 @@ def train_step(run, batch, stop):
     orders = [torch.randperm(rows).to(args.device) for _ in range(args.ppo_epochs)]
     try:
         experience, non_finite = stop.interruptible(
-            collect_rollout, batch, run.old_actor, run.ref_model, unwrap_model(learner.critic), run.reward,
+            collect_rollout, batch, next_batch, run.old_actor, run.ref_model, unwrap_model(learner.critic), run.reward,
             run.tokenizer, run.kl_ctl.value, orders, args, run.autocast), False
     except NonFiniteRolloutError as e:
         print(f"warning: step {p.global_step + 1}{f' (rank {get_rank()})' if get_world_size() > 1 else ''}: {e}",
@@ -862,7 +1072,7 @@ def train_step(run, batch, stop):
         skipped = update.skipped_steps
         if skipped:
             Logger(f"step {p.global_step}: {skipped} optimizer step(s) skipped (non-finite loss or gradient)")
-        log_update(run, batch, experience, update, train_actor, t0, t1, t2)
+        log_update(run, experience, update, train_actor, t0, t1, t2)
     if p.global_step % args.update_old_actor_freq == 0 and run.old_actor is not unwrap_model(learner.actor):
         run.old_actor.load_state_dict(unwrap_model(learner.actor).state_dict())
     p.bad_streak = p.bad_streak + 1 if any_non_finite or skipped else 0
@@ -873,7 +1083,7 @@ def train_step(run, batch, stop):
     return True
 
 
-def log_update(run, batch, experience, update, train_actor, t0, t1, t2):
+def log_update(run, experience, update, train_actor, t0, t1, t2):
     """The step's metrics (rollout, update, LR, timings) to metrics.jsonl and swanlab, a printed line, the
     logged samples; and the adaptive KL coefficient's update."""
     args, learner, p = run.args, run.learner, run.progress
@@ -903,9 +1113,10 @@ def log_update(run, batch, experience, update, train_actor, t0, t1, t2):
             # what each sample was credited with: GAE's advantage of its first token before whitening, or the
             # one advantage of the response (critic-free), and the index of its prompt in the rollout (its group)
             credited = experience.raw_advantages if args.adv_estimator == "gae" else experience.advantages
-            log_samples(p.global_step, batch["prompts"], experience.responses, experience.scores,
+            log_samples(p.global_step, experience.prompts, experience.responses, experience.scores,
                         experience.reward_parts, args.log_samples, run.samples_path, run.swanlab_run,
-                        advantages=credited[:, 0].tolist(), groups=experience.groups.tolist())
+                        advantages=credited[:, 0].tolist(), groups=experience.groups.tolist(),
+                        lengths=experience.response_mask.sum(1).long().tolist())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -928,10 +1139,11 @@ def train(run, after_step=None):
     rows = args.batch_size * args.n_samples_per_prompt
     Logger(f"training: {run.total_rollouts} rollouts of {args.batch_size * get_world_size()} prompts"
            f"{f' x {args.n_samples_per_prompt} responses' if args.n_samples_per_prompt > 1 else ''} "
-           f"({args.adv_estimator}), {run.total_rollouts * args.ppo_epochs * (rows // args.mini_batch_size)} "
+           f"({args.adv_estimator}, {args.policy_loss} loss), {run.total_rollouts * args.ppo_epochs * (rows // args.mini_batch_size)} "
            f"optimizer steps, "
            f"device {args.device} ({args.dtype}), {get_world_size()} process(es)")
-    with StopSignal(interrupt_rollouts=not args.fsdp) as stop:  # sharded: a rollout ends before the agreed stop
+    # sharded (--fsdp 1) or with dynamic sampling's collectives, a rollout ends before the agreed stop
+    with StopSignal(interrupt_rollouts=not (args.fsdp or args.filter_groups)) as stop:
         if run.eval_samples and not run.resumed:
             evaluate_and_log(run)  # the policy before any update
         saved_step = None  # the global step whose state the newest resume file holds
@@ -942,7 +1154,16 @@ def train(run, after_step=None):
                                 collate_fn=PromptCollator(run.tokenizer.pad_token_id, args.n_samples_per_prompt),
                                 num_workers=args.num_workers,
                                 generator=torch.Generator())  # its seed draw must not touch the global RNG
-            for batch in loader:
+            batches, extra = iter(loader), []  # extra: the batches the step drew beyond its own
+
+            def next_batch():
+                if p.step + 1 + len(extra) >= run.steps_per_epoch:
+                    return None
+                extra.append(next(batches))
+                return extra[-1]
+
+            for batch in batches:
+                extra.clear()
                 if p.step >= run.steps_per_epoch or p.global_step >= run.total_rollouts:
                     break
                 # a signal that came between rollouts (during a save, an evaluation, the data fetch) stops the
@@ -953,13 +1174,13 @@ def train(run, after_step=None):
                     stopped = True
                     break
                 rng_before_step = get_rng_state()  # what a stop during the rollout saves: the step never ran
-                if not train_step(run, batch, stop):  # nothing changed: save the last finished step
+                if not train_step(run, batch, stop, next_batch):  # nothing changed: save the last finished step
                     Logger(f"stop signal during the rollout of step {p.global_step + 1}: rollout dropped")
                     if saved_step != p.global_step:
                         save_checkpoint(run, rng_before_step)
                     stopped = True
                     break
-                p.step += 1
+                p.step += 1 + len(extra)
                 if after_step:
                     after_step(run)
                 done = p.global_step >= run.total_rollouts

@@ -10,6 +10,7 @@ mode "fsdp_update" (arguments: architectures, comma-separated, then trainer flag
 architecture twice, under DDP and with the models sharded (fsdp.shard_models); rank 0 saves both results, gathered
 (tests/test_fsdp.py starts it as children of its forkserver: fsdp_update_rank).
 """
+import gc
 import json
 import os
 import sys
@@ -23,6 +24,15 @@ from checkpoint import Learner  # noqa: E402
 from model.critic import build_critic  # noqa: E402
 from model.policy import Policy  # noqa: E402
 from trainer_utils import get_rank, init_distributed_mode, unwrap_model  # noqa: E402
+
+
+def close_group():
+    """Free the DDP wrappers (reference cycles) while the group lives, then take it down: a reducer collected after
+    destroy_process_group holds the group's last reference, and gloo's destructor can then abort the process
+    ("terminate called without an active exception"), as train_ppo.finish explains."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def fixed_rollout(actor, batch, prompt_len, response_len, seed=0):
@@ -40,13 +50,20 @@ def fixed_rollout(actor, batch, prompt_len, response_len, seed=0):
     return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
                 old_logprobs=old_logprobs + 0.05 * torch.randn(batch, response_len, generator=g),
                 ref_logprobs=old_logprobs, values=values, token_rewards=rewards,
-                scores=torch.randn(batch, generator=g), groups=torch.arange(batch) // 2)  # 2 responses per prompt
+                scores=torch.randn(batch, generator=g), groups=torch.arange(batch) // 2,  # 2 responses per prompt
+                # what the sampler gave (for --rollout_is) and which responses ended (--mask_truncated_responses)
+                sampler_logprobs=old_logprobs + 0.3 * torch.randn(batch, response_len, generator=g),
+                has_eos=torch.tensor([False, True, True, False][:batch]))
 
 
 def one_update(actor, critic, rollout, args):
     """Advantages (--adv_estimator's: GAE globally whitened, or from the score groups) and one PPO update (no critic
     for the critic-free estimators); returns the updated state dicts (the critic's None without one)."""
+    rollout = dict(rollout)
+    sampler_logprobs = rollout.pop("sampler_logprobs")
     experience = train_ppo.Experience(**rollout)
+    experience.loss_mask, experience.rollout_weights, _ = train_ppo.policy_loss_weights(
+        experience.old_logprobs, sampler_logprobs, experience.response_mask, experience.has_eos, args)
     train_ppo.add_advantages(experience, args.adv_estimator, 1.0, 0.95)
     critic = critic if args.adv_estimator == "gae" else None
     # plain SGD: the step is linear in the gradient, so the comparison measures the gradient
@@ -116,7 +133,7 @@ def fsdp_update(out_dir, archs, *flags):
                 results[f"{arch}_fsdp"] = tuple(get_model_state_dict(m, options=full) for m in (actor, critic))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "fsdp_update.pt"))
-    dist.destroy_process_group()
+    close_group()
 
 
 def fsdp_update_rank(rank, world, port, log, out_dir, archs, *flags):
@@ -145,7 +162,7 @@ def main():
         actor_sd, critic_sd = one_update(ddp(actor), ddp(critic) if args.adv_estimator == "gae" else critic, mine, args)
         if rank == 0:
             torch.save({"actor": actor_sd, "critic": critic_sd}, os.path.join(out_dir, "ddp_update.pt"))
-        dist.destroy_process_group()
+        close_group()
     elif mode == "fsdp_update":
         fsdp_update(out_dir, sys.argv[3], *sys.argv[4:])
     else:  # train

@@ -132,7 +132,7 @@ def test_grpo_run_builds_no_critic_logs_what_each_sample_was_credited_with_and_r
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_run_args(tiny_kit, full, *flags))
     out = capsys.readouterr().out
-    assert "trained parameters (actor; grpo: no critic)" in out and "x 2 responses (grpo)" in out
+    assert "trained parameters (actor; grpo: no critic)" in out and "x 2 responses (grpo, ppo loss)" in out
     metrics = read_metrics(full)
     assert all("value_loss" not in m and "value_explained_var" not in m and "critic_lr" not in m for m in metrics)
     samples = [json.loads(line) for line in open(full / "samples.jsonl")]

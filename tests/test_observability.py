@@ -95,7 +95,7 @@ def test_samples_hold_what_was_scored_and_resume_truncates_them(tiny_kit, tmp_pa
     samples = read_lines(full / "samples.jsonl")
     assert [s["step"] for s in samples] == [1] * 3 + [2] * 3 + [3] * 3 + [4] * 3
     assert set(samples[0]) == {"step", "prompt", "response", "reward", "reward_format", "reward_tags", "reward_rm",
-                               "advantage", "group"}
+                               "advantage", "group", "response_tokens"}
     prompts = [json.loads(line)["conversations"][0]["content"] for line in open(tiny_kit["data"])]
     assert all(s["prompt"].startswith("<|im_start|>") and s["prompt"].endswith("<|im_start|>assistant\n")
                and any(p in s["prompt"] for p in prompts) for s in samples)  # as the policy saw it
