@@ -243,7 +243,7 @@ def readme_torchrun_commands():
 
 def test_readme_minimind_commands_parse_as_documented():
     commands = {cmd[cmd.index("--reward_rules") + 1]: cmd for cmd in readme_torchrun_commands()
-                if "--reward_rules" in cmd}
+                if "--reward_rules" in cmd and "--policy_loss" not in cmd}
     assert set(commands) == {"minimind2", "minimind3"}
     for rules, cmd in commands.items():
         assert cmd[:3] == ["torchrun", "--nproc_per_node", "2"] and cmd[3] == "train_ppo.py"
@@ -376,3 +376,16 @@ def test_a_prompt_ending_with_an_assistant_message_is_continued(tokenizers, tmp_
     assert "6 rows of 'messages' end with an assistant message" in capsys.readouterr().out
     assert [s["prompt"] for s in messages.samples] == [
         tok.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True) for c in chats]
+
+
+def test_readme_minimind3_grpo_command_has_minimind3s_defaults():
+    """The README's one command for minimind-3's train_grpo.py: its documented defaults (docs/minimind.md
+    "MiniMind-3's GRPO and CISPO defaults"), one optimizer step per rollout."""
+    [cmd] = [cmd for cmd in readme_torchrun_commands() if "--policy_loss" in cmd]
+    args = train_ppo.parse_args(cmd[4:])
+    assert (args.adv_estimator, args.policy_loss, args.clip_epsilon, args.clip_epsilon_high) == ("grpo", "cispo", 0.2, 5.0)
+    assert (args.n_samples_per_prompt, args.kl_mode, args.kl_estimator, args.kl_coef) == (6, "loss", "k3", 0.1)
+    assert (args.loss_agg_mode, args.learning_rate, args.grad_clip) == ("seq-mean-token-mean", 3e-7, 1.0)
+    assert (args.max_seq_len, args.max_gen_len, args.thinking_ratio) == (768, 1024, 0.9)
+    assert args.ppo_epochs == 1 and args.mini_batch_size == args.batch_size * args.n_samples_per_prompt
+    assert (args.reward_rules, args.tokenizer_path) == ("minimind3", "../minimind/model")

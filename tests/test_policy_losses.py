@@ -221,3 +221,15 @@ def test_dapo_run_filters_shapes_masks_corrects_logs_and_resumes_exactly(tiny_ki
     with pytest.raises(ValueError, match="resume file was written with --filter_groups 1, this run has "
                                          "--filter_groups 0"):
         run(tiny_run_args(tiny_kit, part, *flags, "--filter_groups", "0", "--from_resume", "1"))
+
+
+def test_readme_dapo_recipe_parses_to_dapos_settings():
+    import re
+    import shlex
+    from conftest import ROOT
+    text = open(ROOT / "README.md", encoding="utf-8").read()
+    [block] = [b for b in re.findall(r"```bash\n(python train_ppo.py .*?)```", text, re.S) if "--filter_groups" in b]
+    args = train_ppo.parse_args(shlex.split(block.replace("\\\n", " "))[2:])
+    assert (args.adv_estimator, args.policy_loss, args.clip_epsilon, args.clip_epsilon_high) == ("grpo", "ppo", 0.2, 0.28)
+    assert (args.loss_agg_mode, args.kl_coef, args.filter_groups, args.overlong_buffer_len) == ("token-mean", 0, 1, 128)
+    assert args.reward_fn == ["gsm8k.py:compute_score"] and args.reward_model_path == "none"  # the function alone
