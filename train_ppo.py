@@ -13,7 +13,6 @@ et al.), TRL, verl and OpenRLHF.
 """
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import math
@@ -39,7 +38,7 @@ from fsdp import check_flags, full_tensor, shard_models, sharded_grad_scaler, un
 from model.critic import build_critic
 from model.loading import (check_position_limit, check_tokenizer_fit, default_tokenizer_path, init_model, is_moe,
                            load_tokenizer)
-from model.lora import fit_models
+from model.lora import copy_sharing, fit_models
 from model.policy import Policy
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
 from reward import add_reward_flags, build_reward, default_reward_model, reward_model_from_flags
@@ -892,7 +891,9 @@ def trained_parameters(model):
 
 
 def frozen_copy(model):
-    copy_ = copy.deepcopy(model).eval()
+    """A frozen copy of `model` (the reference, the old actor); the weights it already holds frozen (a LoRA base)
+    are shared, not copied."""
+    copy_ = copy_sharing(model, lambda p: not p.requires_grad).eval()
     copy_.requires_grad_(False)
     return copy_
 
@@ -911,7 +912,10 @@ def build_models(args, reward_functions):
     # dropout off (eval mode) everywhere, as TRL disables it: PPO's ratio compares two forwards of one policy,
     # and dropout masks would make them differ (no first ratio of 1, noisy log-probs and KL)
     lm.eval()
-    critic = build_critic(lm, args.critic_weight, tokenizer).to(args.critic_device or build_device).eval() \
+    # a LoRA critic on a LoRA actor: one frozen base for both (and the reference), each with its own adapters
+    share_base = bool(args.lora_rank and args.lora_critic and not args.critic_weight and not args.fsdp
+                      and (args.critic_device or build_device) == build_device)
+    critic = build_critic(lm, args.critic_weight, tokenizer, share_base).to(args.critic_device or build_device).eval() \
         if args.adv_estimator == "gae" else None
     # the reference: a frozen copy, or, for a LoRA policy, the policy itself with its adapters off (no copy)
     reference = None if args.lora_rank else frozen_copy(lm)

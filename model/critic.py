@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from model.loading import load_hf_backbone
+from model.lora import copy_sharing
 from trainer_utils import InputError, is_hf_folder, load_state_dict_file
 
 
@@ -28,10 +29,14 @@ class CriticModel(nn.Module):
         return self.value_head(hidden).squeeze(-1)  # [B, T]
 
 
-def build_critic(actor, critic_weight=None, tokenizer=None):
+def build_critic(actor, critic_weight=None, tokenizer=None, share_base=False):
     """The actor's backbone + a fresh value head; or, with `critic_weight`, a saved critic / actor .pth
     (MiniMind) or a transformers folder, whose backbone is used, with a reward model's score head as the
-    value head (InstructGPT's initialisation) or a fresh one; it must read the policy's `tokenizer`."""
+    value head (InstructGPT's initialisation) or a fresh one; it must read the policy's `tokenizer`.
+    share_base (no critic_weight): the backbone's weights are the actor's own tensors, for a LoRA critic on a
+    LoRA actor, whose base stays frozen in both: one base in memory, each model with its own adapters."""
+    if share_base and critic_weight:
+        raise ValueError("share_base builds the critic on the actor's own weights; a critic_weight has its own")
     if critic_weight and is_hf_folder(critic_weight):
         backbone, score = load_hf_backbone(critic_weight, tokenizer)
         critic = CriticModel(backbone, backbone.config.hidden_size)
@@ -40,7 +45,9 @@ def build_critic(actor, critic_weight=None, tokenizer=None):
                 critic.value_head.weight.copy_(score.weight)
                 critic.value_head.bias.copy_(score.bias if score.bias is not None else torch.zeros(1))
         return critic
-    critic = CriticModel(copy.deepcopy(getattr(actor, actor.base_model_prefix)), actor.config.hidden_size)
+    backbone = getattr(actor, actor.base_model_prefix)
+    critic = CriticModel(copy_sharing(backbone, lambda p: True) if share_base else copy.deepcopy(backbone),
+                         actor.config.hidden_size)
     if not critic_weight:
         return critic
     state = load_state_dict_file(critic_weight)

@@ -8,7 +8,10 @@ is saved is the adapter (a folder `peft.PeftModel.from_pretrained(base, folder)`
 merged weights, under the base model's own key names.
 """
 import contextlib
+import copy
+import functools
 import re
+import types
 
 import torch
 import torch.utils.checkpoint
@@ -119,15 +122,25 @@ def enable_gradient_checkpointing(model):
     longer be the policy's. Here the models stay in eval mode and nothing but the update's backward changes:
     sampling, scoring and evaluation run without grad and are untouched."""
     for block in decoder_blocks(model):
-        block.forward = _checkpointed(block.forward)
+        # a method bound to the block: a deep copy of the model (the old actor) binds it to the copied block
+        block.forward = types.MethodType(_checkpointed_forward, block)
 
 
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-    return run
+def _checkpointed_forward(block, *args, **kwargs):
+    forward = functools.partial(type(block).forward, block)
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def copy_sharing(module, shared):
+    """A deep copy of `module` whose parameters for which `shared(p)` is true, and all buffers, are the
+    original's own tensors, not copies: a second model on one frozen base (a LoRA critic beside a LoRA actor,
+    the old actor of a LoRA policy) without a second copy of the base in memory, and without the transient of
+    copying it first."""
+    memo = {id(t): t for t in module.buffers()}
+    memo.update({id(p): p for p in module.parameters() if shared(p)})
+    return copy.deepcopy(module, memo)
 
 
 def keep_frozen_in(model, dtype):

@@ -98,7 +98,7 @@ def tiny_models(arch="minimind"):
     actor = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)) if arch.startswith("minimind") \
         else tiny_hf_model(arch)
     actor.eval()  # dropout off, as the trainer runs it
-    critic = build_critic(actor).eval()
+    critic = build_critic(actor, share_base=arch.endswith("-lora")).eval()  # the trainer's LoRA critic: one base
     torch.nn.init.normal_(critic.value_head.weight, std=0.1)  # non-zero so the critic's gradient is non-trivial
     if arch.endswith("-lora"):
         for model in (actor, critic.model):

@@ -274,6 +274,62 @@ def test_resume_refuses_a_changed_lora_flag(tiny_kit, tmp_path, flag, value):
                                                             "--from_resume", "1", flag, value)))
 
 
+def storages(*models):
+    return {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
+
+
+def test_a_lora_critic_and_the_old_actor_share_the_actors_frozen_base(tiny_kit, tmp_path):
+    """With LoRA, actor, reference, old actor (--update_old_actor_freq 2) and critic hold one base: the
+    parameter storages of all of them are the actor's plus the critic's adapters and value head, and the old
+    actor's adapters."""
+    run = train_ppo.build_run(train_ppo.parse_args(lora_flags(tiny_kit, tmp_path, "--max_steps", "1",
+                                                              "--update_old_actor_freq", "2")))
+    actor, critic, old = unwrap_model(run.learner.actor), unwrap_model(run.learner.critic), run.old_actor
+    trained_critic = [p for p in critic.parameters() if p.requires_grad]
+    old_adapters = [p for n, p in old.named_parameters() if ".lora_" in n]
+    assert len(storages(actor, run.ref_model, critic, old)) == \
+        len(storages(actor)) + len(trained_critic) + len(old_adapters)
+    assert all(not p.requires_grad for n, p in critic.model.named_parameters() if ".lora_" not in n)
+    train_ppo.finish(run, train_ppo.train(run))  # and it trains
+
+
+def test_a_critic_on_the_shared_base_computes_what_a_copied_one_does():
+    """share_base changes where the critic's base lives, not what it computes: values and gradients (adapters,
+    value head, and none for the frozen base) equal those of a critic on a copy of the base."""
+    results = []
+    for share in (False, True):
+        lm = tiny_lm("minimind")
+        critic = build_critic(lm, share_base=share).eval()
+        torch.manual_seed(1)
+        add_lora(lm, 4, 8)
+        add_lora(critic.model, 4, 8)
+        torch.manual_seed(2)
+        for model in (lm, critic):
+            for name, p in model.named_parameters():
+                if "lora_B" in name or "value_head" in name:
+                    torch.nn.init.normal_(p, std=0.05)
+        results.append(loss_and_grads(Policy(lm), critic, *batch()))
+    plain, shared = results
+    assert plain.keys() == shared.keys() and all(".lora_" in k or "value_head" in k for k in plain)
+    for name in plain:
+        assert torch.equal(plain[name], shared[name]), name
+
+
+def test_a_copy_of_a_checkpointed_model_runs_its_own_weights():
+    """Gradient checkpointing wraps each block's forward; a deep copy (the old actor with
+    --update_old_actor_freq > 1) must run the copy's blocks, not the original's."""
+    lm = tiny_lm("minimind")
+    enable_gradient_checkpointing(lm)
+    old = train_ppo.frozen_copy(lm)
+    ids, mask, R = batch()
+    with torch.no_grad():
+        before = Policy(lm)(ids, mask, R)[0]
+        for p in lm.parameters():
+            p.add_(0.01)
+        assert torch.equal(Policy(old)(ids, mask, R)[0], before)
+        assert not torch.allclose(Policy(lm)(ids, mask, R)[0], before)
+
+
 def test_lora_under_two_ranks_equals_one_process(tmp_path):
     """One PPO update of a LoRA policy (and LoRA critic) on two gloo ranks equals the update of one process on
     the whole batch."""
