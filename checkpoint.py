@@ -102,9 +102,21 @@ def weights_fingerprint(model):
     from another (a resume checks that its reference, a LoRA policy's base included, is the one the run
     started from). A sharded model's are summed over its shards: the same on every rank (a collective)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    sums = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)])
-                        for t in map(fsdp.local_tensor, frozen)])
+    sums = torch.stack([tensor_sums(t) for t in map(fsdp.local_tensor, frozen)])
     return (all_reduce_sum(sums) if fsdp.is_sharded(model) else sums).cpu()
+
+
+@torch.no_grad()
+def tensor_sums(tensor, chunk=2 ** 20):
+    """[2] float64: the tensor's sum and sum of absolute values, a chunk of elements at a time: summing in
+    float64 at once would make a float64 copy of the whole tensor (and abs() another), 1.5 GB for a
+    152k x 896 embedding, at every save."""
+    flat = tensor.detach().reshape(-1)
+    total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+    for piece in flat.split(chunk):
+        piece = piece.double()
+        total += torch.stack([piece.sum(), piece.abs().sum()])
+    return total
 
 
 def check_outputs(args):
@@ -239,7 +251,10 @@ def save_checkpoint(run, rng_state):
             with atomic_folder(lora_folder_path(args.save_dir, args.save_weight)) as folder:
                 learner.actor_peft.save_pretrained(folder)
         if not sharded:
-            weights = merged_state_dict(lm) if learner.actor_peft is not None else lm.state_dict()
+            # MiniMind's .pth is float16: merged straight into it, unless a float32 transformers folder is written too
+            half = not is_hf_folder(args.from_weight) and not args.save_hf
+            weights = merged_state_dict(lm, torch.float16 if half else torch.float32) \
+                if learner.actor_peft is not None else lm.state_dict()
         if is_hf_folder(args.from_weight):
             save_hf_folder(lm, run.tokenizer, policy_path(args, config), state_dict=weights)
         else:
@@ -247,6 +262,7 @@ def save_checkpoint(run, rng_state):
             if args.save_hf:
                 save_hf_folder(lm, run.tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe),
                                state_dict=weights)
+        del weights  # a LoRA policy's merged copy: freed before the resume record is built and written
         if not sharded:
             save_resume(dict(checkpoint_record(run), rng_states=rng_states), path, keep=args.keep_checkpoints)
     if sharded:
@@ -265,6 +281,10 @@ def restore_checkpoint(run, state):
     load_checkpoint_record(run, state)
     args, p, steps_per_epoch = run.args, run.progress, run.steps_per_epoch
     world, saved_world = get_world_size(), state["world_size"]
+    if saved_world != world and args.filter_groups:
+        raise InputError(f"--from_resume 1 with --filter_groups 1: the run was written by {saved_world} processes, "
+                         f"this one has {world}; dynamic sampling draws batches per rollout as the data allows, so "
+                         f"the rollouts done cannot be re-derived from the prompts consumed: resume on {saved_world}")
     if saved_world != world:
         # the global data order does not depend on the world size: keep the number of prompts consumed
         consumed = p.step * args.batch_size * saved_world

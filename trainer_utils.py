@@ -347,11 +347,16 @@ def atomic_folder(folder):
     _fsync_dir(os.path.dirname(os.path.abspath(folder)))
 
 
+# safetensors serialises a shard into one bytes object before writing it: at transformers 5's default of 50 GB a
+# whole float32 7B policy (28 GB) would be copied at each save; shards of this size bound that transient
+MAX_SHARD_SIZE = "1GB"
+
+
 def save_hf_folder(model, tokenizer, folder, state_dict=None):
     """save_pretrained (model and tokenizer) that never leaves a half-written folder (atomic_folder);
     `state_dict`: the weights to write instead of the model's own (a LoRA policy's merged weights)."""
     with atomic_folder(folder) as tmp:
-        unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
 
 

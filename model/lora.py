@@ -64,14 +64,15 @@ def base_key(name):
 
 
 @torch.no_grad()
-def merged_state_dict(model):
+def merged_state_dict(model, dtype=torch.float32):
     """`model`'s weights with every LoRA adapter merged in (W + scale * B A, peft's get_delta_weight), for every
     module peft wraps: linear layers, and single parameters (peft's ParamWrapper: the fused experts and routers of
     a transformers 5 MoE), under the base model's own key names, on the CPU (a merged copy on the GPU would
     need the model's size again at each save). The sum is taken in float32 and every floating tensor comes back
     in float32, the precision the trainer holds the policy in: a small update added to bfloat16 weights (the
-    frozen base on CUDA, keep_frozen_in) would round away. What MiniMind's .pth and save_pretrained hold.
-    `model` is left as it is."""
+    frozen base on CUDA, keep_frozen_in) would round away. What MiniMind's .pth and save_pretrained hold. With
+    `dtype` (MiniMind's float16 .pth) each merged weight is cast to it at once: no float32 copy of every adapted
+    weight is alive beside the model. `model` is left as it is."""
     from peft.tuners.lora import LoraLayer
     merged = {}
     for name, module in model.named_modules():
@@ -79,14 +80,19 @@ def merged_state_dict(model):
             parameter = getattr(module, "parameter_name", None) or "weight"
             weight = getattr(module.get_base_layer(), parameter)
             delta = sum(module.get_delta_weight(adapter).float() for adapter in module.active_adapters)
-            merged[f"{base_key(name)}.{parameter}"] = (weight.detach().float() + delta).cpu()
-    state = {}
+            merged[f"{base_key(name)}.{parameter}"] = (weight.detach().float() + delta).to("cpu", dtype)
+    state, converted = {}, {}  # converted: one cast per storage, so tied weights stay one tensor
     for key, value in model.state_dict().items():
         if ".lora_" in key:
             continue
         clean = base_key(key)
-        value = merged[clean] if clean in merged else value.cpu()
-        state[clean] = value.float() if value.is_floating_point() else value
+        if clean in merged or not value.is_floating_point():
+            state[clean] = merged[clean] if clean in merged else value.cpu()
+            continue
+        tensor = (value.data_ptr(), value.shape, value.dtype)
+        if tensor not in converted:
+            converted[tensor] = value.to("cpu", dtype)
+        state[clean] = converted[tensor]
     return state
 
 

@@ -3,9 +3,11 @@ loss, in one forward that fits in memory (the scoring hot path).
 
 PPO needs log pi(a_t | s_t) of the R response tokens only; the naive way computes logits [B, R, V] in
 float32 and keeps them, with their softmax, for the backward: at Qwen's 152k vocabulary, micro-batch 16
-and 1024 tokens that is 9.3 GiB per tensor, several alive at once. Here the LM head runs on chunks of
-positions inside torch.utils.checkpoint: one chunk's float32 logits exist at a time, in the forward and
-again, recomputed, in the backward. The numbers are those of the full computation (to float rounding).
+and 1024 tokens that is 9.3 GiB per tensor, several alive at once. Where a micro-batch's float32 logits would
+exceed CHUNK_ELEMENTS, the LM head runs on chunks of positions inside torch.utils.checkpoint: one chunk's
+logits exist at a time, in the forward and again, recomputed, in the backward. Where they fit, the head runs
+once, plainly: recomputing it would cost time (a small model's head is a large share of its FLOPs) and save
+little. The numbers are those of the full computation (to float rounding).
 """
 import contextlib
 
@@ -98,6 +100,9 @@ class Policy(nn.Module):
         aux = out[1] if isinstance(out, tuple) and len(out) > 1 and torch.is_tensor(out[1]) else None  # MiniMind's
         head = self.lm.get_output_embeddings()
         B = hidden.shape[0]
+        if B * response_len * head.out_features <= CHUNK_ELEMENTS:  # the logits fit the budget: one plain head
+            logprobs, ent = token_logprobs(hidden, head, targets, temperature, entropy)
+            return logprobs, ent, aux
         chunk = max(1, CHUNK_ELEMENTS // (B * head.out_features))
         pieces = []
         for start in range(0, response_len, chunk):

@@ -63,7 +63,11 @@ PRESETS["llama_mm2"] = PRESETS["mm2"]
 # vocabulary 151936, tied embeddings): --memory's model, at a fixed small batch
 PRESETS["qwen0.5b"] = dict(hidden_size=896, num_hidden_layers=24, batch_size=4, mini_batch_size=2, ppo_epochs=1,
                            max_gen_len=32, prompt_len=32)
-HF_POLICY_PRESETS = ("llama_mm2", "qwen0.5b")
+# a random Llama of ~100M parameters whose embedding is a small share (hidden 768, 12 layers, SwiGLU 2048, vocabulary
+# 32000, untied): --memory's second shape, where the decoder blocks dominate
+PRESETS["llama100m"] = dict(hidden_size=768, num_hidden_layers=12, batch_size=4, mini_batch_size=2, ppo_epochs=1,
+                            max_gen_len=32, prompt_len=32)
+HF_POLICY_PRESETS = ("llama_mm2", "qwen0.5b", "llama100m")
 MEMORY_MODES = {"full": [], "gradient checkpointing": ["--gradient_checkpointing", 1], "LoRA": ["--lora_rank", 16],
                 "LoRA + gradient checkpointing": ["--lora_rank", 16, "--gradient_checkpointing", 1]}
 TOKENIZER = os.path.join(ROOT, "model")
@@ -95,6 +99,9 @@ def parse_args(argv=None):
                    help="as train_ppo; step 1 (first_step_s) then includes the compile time")
     p.add_argument("--gradient_checkpointing", type=int, default=0, choices=[0, 1], help="as train_ppo")
     p.add_argument("--lora_rank", type=int, default=0, help="as train_ppo")
+    p.add_argument("--phases", action="store_true",
+                   help="also record the peak memory of each phase: load (building the models), rollout, update, "
+                        "save")
     p.add_argument("--memory", action="store_true",
                    help="peak memory of a PPO step (peak CUDA memory on a GPU, peak RSS on CPU) in each of the modes "
                         "full, + gradient checkpointing, + LoRA (rank 16), both: one subprocess each")
@@ -161,6 +168,19 @@ def build_qwen_policy(folder, hidden_size, num_hidden_layers, seed=0):
                          max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0)
     Qwen2ForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return str(folder)
+
+
+def build_llama100m_policy(folder, hidden_size, num_hidden_layers, seed=0):
+    """A random LlamaForCausalLM of ~100M parameters, untied, vocabulary 32000, the project's tokenizer."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden_size, intermediate_size=2048,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=12, num_key_value_heads=4,
+                         max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
     return str(folder)
 
@@ -248,7 +268,8 @@ def bench_run(args):
         prompts = os.path.join(tmp, "prompts.jsonl")
         write_prompts(prompts, AutoTokenizer.from_pretrained(TOKENIZER), args.batch_size * args.steps,
                       args.prompt_len, args.seed)
-        build = build_qwen_policy if args.preset == "qwen0.5b" else build_llama_policy
+        build = {"qwen0.5b": build_qwen_policy, "llama100m": build_llama100m_policy}.get(args.preset,
+                                                                                       build_llama_policy)
         policy = ["--from_weight", build(os.path.join(tmp, "policy"), args.hidden_size, args.num_hidden_layers,
                                          args.seed), "--check_tokenizer", 0] \
             if args.preset in HF_POLICY_PRESETS else \
@@ -261,8 +282,12 @@ def bench_run(args):
                 "--seed", args.seed, "--gradient_checkpointing", args.gradient_checkpointing,
                 "--lora_rank", args.lora_rank, "--max_tokens_per_micro_batch", args.max_tokens_per_micro_batch,
                 "--compile", args.compile]
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
+        phases = {}  # with --phases: the peak of each phase, max over the steps (MB)
+        with contextlib.redirect_stdout(sys.stderr), phase_peaks(phases, args.device, args.phases):
+            # stdout carries only the JSON line
+            reset_peak_memory(args.device)
             run = train_ppo.build_run(train_ppo.parse_args([str(a) for a in argv]))
+            phases["load"] = peak_now_mb(args.device)
             for lm in {id(unwrap_model(m).lm): unwrap_model(m).lm for m in (run.learner.actor, run.old_actor,
                                                                              run.ref_model)}.values():
                 if args.lengths == "full":
@@ -304,7 +329,39 @@ def bench_run(args):
                   peak_rss_mb=peaks["rss_mb"])
     if args.device.startswith("cuda"):
         result["cuda_peak_alloc_mb"] = peaks["cuda_mb"]
+    if args.phases:
+        result["phase_peak_mb"] = phases
     return result
+
+
+def peak_now_mb(device):
+    """The peak since the last reset_peak_memory: CUDA allocated memory on a GPU, else the resident set."""
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if str(device).startswith("cuda") else peak_rss_mb()
+
+
+@contextlib.contextmanager
+def phase_peaks(phases, device, on):
+    """With `on`: each rollout (sampling, reward, scoring), update and save of train_ppo resets the peak before it
+    and records it after, into phases[name] (the max over the steps)."""
+    if not on:
+        yield
+        return
+    def tracked(name, fn):
+        def wrapper(*a, **k):
+            reset_peak_memory(device)
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[name] = max(phases.get(name, 0.0), peak_now_mb(device))
+        return wrapper
+    originals = {name: getattr(train_ppo, name) for name in ("collect_rollout", "ppo_update", "save_checkpoint")}
+    for (name, fn), phase in zip(originals.items(), ("rollout", "update", "save")):
+        setattr(train_ppo, name, tracked(phase, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(train_ppo, name, fn)
 
 
 def gemm_gflops(device, seconds=1.0):
@@ -361,18 +418,21 @@ def signal_test(argv, delay):
 
 
 def memory_modes(argv):
-    """Peak memory of one PPO step in each of MEMORY_MODES (a fresh subprocess each, 2 steps: the peak is the
-    process's), and bytes per policy parameter."""
+    """Peak memory of each phase (load, rollout, update, save) of a 2-step run in each of MEMORY_MODES (a fresh
+    subprocess each), the run's peak (the save included) and bytes per policy parameter."""
     argv = [a for a in argv if a != "--memory"]
     rows = []
     for mode, flags in MEMORY_MODES.items():
         out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--steps", "2", "--runs", "1",
-                              *map(str, flags)], stdout=subprocess.PIPE, text=True, check=True).stdout
+                              "--phases", *map(str, flags)], stdout=subprocess.PIPE, text=True, check=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
-        peak_mb = result.get("cuda_peak_alloc_mb", result["peak_rss_mb"])
-        rows.append(dict(mode=mode, peak_mb=peak_mb, bytes_per_param=peak_mb * 2 ** 20 / result["policy_params"],
+        phases = result["phase_peak_mb"]
+        peak_mb = max(phases.values())
+        per_param = 2 ** 20 / result["policy_params"]
+        rows.append(dict(mode=mode, peak_mb=peak_mb, bytes_per_param=peak_mb * per_param,
+                         phase_peak_mb=phases, phase_bytes_per_param={k: v * per_param for k, v in phases.items()},
                          policy_params=result["policy_params"], s_per_step=result["s_per_step"]["median"],
-                         memory="cuda_peak_alloc" if "cuda_peak_alloc_mb" in result else "peak_rss"))
+                         memory="cuda_peak_alloc" if str(result["config"]["device"]).startswith("cuda") else "peak_rss"))
         print(json.dumps(rows[-1]), flush=True)
     full = rows[0]["peak_mb"]
     return dict(summary=True, config=result["config"], **{row["mode"]: f"{row['peak_mb']:.0f} MB "

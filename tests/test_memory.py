@@ -157,6 +157,31 @@ def test_chunked_logprobs_equal_the_full_computation_and_never_hold_all_logits(a
     assert max(sizes) < 4 * R * V, (max(sizes), 4 * R * V)  # never one [B, R, V] tensor
 
 
+@pytest.mark.parametrize("arch", ["minimind", "llama"])
+def test_logits_within_the_budget_are_one_plain_head_with_the_same_numbers(arch, monkeypatch):
+    """Where a micro-batch's float32 logits fit CHUNK_ELEMENTS, the head runs once and nothing is checkpointed
+    (the backward recomputes no head); log-probs, entropy and gradients equal the chunked computation's."""
+    ids, mask, R = batch(B=4, T=30, R=24)
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    results = []
+    for budget in (None, 4 * 2):  # the default budget (the logits fit), then 2 positions per chunk
+        lm = tiny_lm(arch)
+        V = lm.get_output_embeddings().out_features
+        monkeypatch.setattr(policy_module, "CHUNK_ELEMENTS", budget * V if budget else policy_module.CHUNK_ELEMENTS)
+        assert (4 * R * V <= policy_module.CHUNK_ELEMENTS) == (budget is None)
+        calls.clear()
+        logp, entropy, _ = Policy(lm)(ids, mask, R, 0.8, "grad")
+        (logp.sum() - 0.1 * entropy.sum()).backward()
+        results.append((logp, entropy, {n: p.grad for n, p in lm.named_parameters()}, len(calls)))
+    (plain_logp, plain_entropy, plain_grads, plain_calls), (logp, entropy, grads, chunk_calls) = results
+    assert plain_calls == 0 and chunk_calls == R // 2
+    assert torch.allclose(plain_logp, logp, atol=1e-6) and torch.allclose(plain_entropy, entropy, atol=1e-5)
+    for n in grads:
+        assert torch.allclose(plain_grads[n], grads[n], atol=1e-6, rtol=1e-4), n
+
+
 # ----------------------------------------------------------------------------- LoRA
 def lora_flags(kit, save_dir, *extra):
     return tiny_run_args(kit, save_dir, "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "5e-3", *extra)
@@ -377,6 +402,49 @@ def test_lora_merged_in_float32_keeps_a_small_update_over_a_bfloat16_base():
     assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"] - base.float(), delta, atol=1e-7)
     kept_in_bf16 = (base + delta.to(torch.bfloat16)).float() - base.float()
     assert (kept_in_bf16 == 0).float().mean() > 0.3  # what merging in bfloat16 did
+
+
+def test_merged_straight_into_float16_keeps_tied_weights_one_tensor():
+    """MiniMind's float16 .pth: merged_state_dict(dtype=float16) gives the float32 merge cast to float16, and a
+    tied embedding and head stay one tensor (the file stores them once, as before)."""
+    lm = tiny_lm("minimind")
+    add_lora(lm, 4, 8)
+    for layer in adapter_layers(lm):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    full, half = merged_state_dict(lm), merged_state_dict(lm, torch.float16)
+    assert full.keys() == half.keys()
+    for k in full:
+        assert half[k].dtype == (torch.float16 if full[k].is_floating_point() else full[k].dtype)
+        assert torch.equal(half[k], full[k].to(half[k].dtype)), k
+    assert half["lm_head.weight"] is half["model.embed_tokens.weight"]
+
+
+def test_reference_fingerprint_by_chunks_is_the_float64_sum():
+    from checkpoint import tensor_sums
+    t = torch.randn(1000, 37)
+    want = torch.tensor([t.double().sum().item(), t.double().abs().sum().item()], dtype=torch.float64)
+    assert torch.allclose(tensor_sums(t, chunk=1000), want, rtol=1e-12, atol=1e-9)
+    assert torch.allclose(tensor_sums(t.to(torch.bfloat16)), torch.tensor(
+        [t.to(torch.bfloat16).double().sum().item(), t.to(torch.bfloat16).double().abs().sum().item()],
+        dtype=torch.float64), rtol=1e-12, atol=1e-9)
+
+
+def test_transformers_folders_are_written_in_bounded_shards(tmp_path, monkeypatch):
+    """save_hf_folder writes shards of at most MAX_SHARD_SIZE (safetensors serialises a shard at once: the save's
+    transient is one shard, not the model); transformers loads the sharded folder back to the same model."""
+    import trainer_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm = tiny_lm("llama")
+    monkeypatch.setattr(trainer_utils, "MAX_SHARD_SIZE", "200KB")
+    trainer_utils.save_hf_folder(lm, AutoTokenizer.from_pretrained(TOKENIZER), tmp_path / "out")
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    largest = max(v.numel() * v.element_size() for v in lm.state_dict().values())  # a tensor is never split
+    assert max((tmp_path / "out" / name).stat().st_size for name in shards) < max(200_000, largest) + 50_000
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, lm(ids, attention_mask=mask).logits)
 
 
 # ----------------------------------------------------------------------------- a critic from a reward model
