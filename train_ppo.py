@@ -1,9 +1,10 @@
 """PPO for language models: actor, old actor, frozen reference, critic and a reward, token-level PPO (and the
 critic-free estimators GRPO, Dr.GRPO, RLOO, REINFORCE++ one flag away).
 
-The policy is MiniMind or any transformers causal LM. Read top to bottom: flags -> PPO maths (KL placement,
-advantage estimators, loss aggregation) -> rollout (an Experience) -> update -> building the run -> one
-training step -> the loop -> main. What is not the algorithm lives in its own room: the reward in reward.py
+The policy is MiniMind or any transformers causal LM. Read top to bottom: PPO maths (KL placement, advantage
+estimators; the tensor maths itself, the policy losses and rollout correction are in core_algos.py) -> rollout
+(sample and reward, dynamic sampling, score: an Experience) -> update -> building the run -> one training
+step -> the loop -> the flags -> main. What is not the algorithm lives in its own room: the reward in reward.py
 and reward_functions.py, the data in dataset/, the held-out evaluation in evaluation.py, the models in model/
 (the Policy's log-probs, the sampler, the critic, loading, LoRA and checkpointing), the run's state and
 checkpoints in checkpoint.py, sharding in fsdp.py, distributed, logging and file helpers in trainer_utils.py.
@@ -52,326 +53,6 @@ from trainer_utils import (all_names, all_reduce_dict, all_reduce_sum, build_cos
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "dataset", "rlaif-mini.jsonl")
 DEMO_EVAL_DATA = os.path.join(ROOT, "dataset", "rlaif-eval.jsonl")
-
-
-# ----------------------------------------------------------------------------- flags
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's help ends with its default, unless the help already says what the default is."""
-
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """A bad flag is one `error: ...` line, not the usage of 80 flags (--help shows them)."""
-
-    def error(self, message):
-        """A mistyped flag is answered with the closest ones (--lerning_rate: did you mean --learning_rate?)."""
-        import difflib
-        flags = [o for action in self._actions for o in action.option_strings]
-        typos = [w.split("=")[0] for w in message.partition("unrecognized arguments: ")[2].split() if w.startswith("--")]
-        hints = [f"{typo}: did you mean {' or '.join(close)}?" for typo in typos
-                 if (close := difflib.get_close_matches(typo, flags, n=2, cutoff=0.75))]
-        hint = f"; {'; '.join(hints)}" if hints else ""
-        self.exit(2, f"error: {message}{hint} (python {self.prog} --help lists the flags)\n")
-
-
-def parse_args(argv=None):
-    p = ArgumentParser(description="PPO (RLHF) for MiniMind and any transformers causal LM. With no flags: "
-                                            "the shipped demo kit on CPU.",
-                                formatter_class=HelpFormatter)
-    files = p.add_argument_group("files and models")
-    files.add_argument("--save_dir", default="out",
-                       help="weights, metrics.jsonl, args and a copy of this script go here")
-    files.add_argument("--save_weight", default="ppo_actor",
-                       help="saved as {save_dir}/{save_weight}_{hidden}{_moe}.pth")
-    files.add_argument("--checkpoint_dir", default=None, help="resume files (default: {save_dir}/checkpoints)")
-    files.add_argument("--from_weight", default=os.path.join(ROOT, "demo", "full_sft_128.pth"),
-                       help="actor init: a MiniMind .pth path, a name resolved as the one "
-                            "{save_dir}/{name}_<hidden>[_moe].pth (--hidden_size and --use_moe pick among several), "
-                            "a transformers folder with config.json (any AutoModelForCausalLM: GPT-2, Qwen2, "
-                            "Llama...; saved back to {save_dir}/{save_weight}_hf), or 'none' (a random MiniMind)")
-    files.add_argument("--critic_weight", default=None,
-                       help="critic init: a MiniMind critic or actor .pth, or a transformers folder (its backbone); "
-                            "a fresh value head unless a saved critic; default: the actor's backbone")
-    files.add_argument("--tokenizer_path", default=None,
-                       help="the tokenizer the weights were trained with (real MiniMind weights: your MiniMind "
-                            "checkout's minimind/model); its chat template renders the prompts. Default: the "
-                            "--from_weight folder for transformers models, else the project's model/")
-    files.add_argument("--check_tokenizer", type=int, default=1, choices=[0, 1],
-                       help="at start-up, stop if the actor does not read --tokenizer_path's ids (skipped for "
-                            "--from_weight none)")
-    files.add_argument("--thinking_ratio", type=float, default=None,
-                       help="share of prompts rendered with the think block open, for templates with a thinking "
-                            "switch (minimind-3's open_thinking, 2025-10's enable_thinking); default: 0.9 on "
-                            "MiniMind's data (a 'conversations' column), as minimind-3; on other data the "
-                            "template's own default")
-    files.add_argument("--data_path", default=DEMO_DATA,
-                       help="training prompts: jsonl, json, parquet, or a folder written by datasets' save_to_disk")
-    files.add_argument("--prompt_key", default=None,
-                       help="the column holding the prompt: a string (a plain prompt) or a list of chat messages "
-                            "(rendered by the chat template); default: the first of conversations, messages, prompt. "
-                            "A 'prompt' chat ending with an assistant message is continued, as TRL does")
-    files.add_argument("--apply_chat_template", type=int, nargs="?", const=1, default=0, choices=[0, 1],
-                       help="render plain-string prompts as one user message with the chat template (OpenRLHF's "
-                            "flag; a bare --apply_chat_template means 1); chat rows are always rendered")
-    files.add_argument("--label_key", default=None,
-                       help="the column holding the ground truth (a dotted path for nested fields, e.g. "
-                            "reward_model.ground_truth); default: the first of answer, ground_truth, solution, "
-                            "reward_model.ground_truth")
-    files.add_argument("--reward_device", default=None, help="device for the reward model (default: --device)")
-    files.add_argument("--critic_device", default=None,
-                       help="device for the critic (default: --device); with --reward_device, the two-GPU layout: "
-                            "policy and reference on cuda:0, critic and reward model on cuda:1 (one process)")
-    watch = p.add_argument_group("held-out evaluation and logged samples")
-    watch.add_argument("--eval_data_path", default=None,
-                       help="prompts evaluated greedily at step 0, every --eval_interval rollouts and at the end "
-                            "(default: dataset/rlaif-eval.jsonl when training on the demo's "
-                            "dataset/rlaif-mini.jsonl, else none; 'none' = off)")
-    watch.add_argument("--eval_interval", type=int, default=20, help="rollouts between evaluations")
-    watch.add_argument("--eval_limit", type=int, default=0,
-                       help="evaluate only the first N prompts of --eval_data_path (0 = all)")
-    watch.add_argument("--log_samples", type=int, default=4,
-                       help="samples per rollout written to {save_dir}/samples.jsonl (0 = off)")
-    size = p.add_argument_group("model size", "read off the weights; give it only to check them or to build a "
-                                                 "random model")
-    size.add_argument("--hidden_size", type=int, default=None, help="default: from the weights (512 to resolve a name)")
-    size.add_argument("--num_hidden_layers", type=int, default=None,
-                      help="default: from the weights (8 for a random MiniMind)")
-    size.add_argument("--use_moe", type=int, default=None, choices=[0, 1],
-                      help="MiniMind's mixture of experts; default: from the weights (a name picks the one file)")
-    size.add_argument("--max_seq_len", type=int, default=None,
-                      help="max prompt tokens; a longer prompt is never cut (see --overlong_prompts). Default: 64 "
-                           "for the demo's data, else the longest prompt of --data_path and --eval_data_path")
-    size.add_argument("--overlong_prompts", default="drop", choices=["drop", "error"],
-                      help="prompts longer than --max_seq_len: drop = leave their rows out and say how many at "
-                           "start-up (verl's filter_overlong_prompts); error = stop, naming the first")
-    size.add_argument("--max_gen_len", type=int, default=48, help="max new tokens per response")
-    schedule = p.add_argument_group("schedule")
-    schedule.add_argument("--epochs", type=int, default=10, help="passes over --data_path (the demo: 10 x 14 rollouts)")
-    schedule.add_argument("--max_steps", type=int, default=0, help="stop after this many rollouts (0 = run all epochs)")
-    schedule.add_argument("--batch_size", type=int, default=32, help="prompts per rollout per process")
-    schedule.add_argument("--mini_batch_size", type=int, default=16,
-                          help="rollout rows per optimizer step (per process)")
-    schedule.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per minibatch")
-    schedule.add_argument("--max_tokens_per_micro_batch", type=int, default=0,
-                          help="instead of --accumulation_steps equal micro-batches, pack each minibatch's rows by "
-                               "length into micro-batches of at most this many tokens, padding included (verl's "
-                               "ppo_max_token_len_per_gpu); 0 = off. The loss is normalised as without it")
-    schedule.add_argument("--ppo_epochs", type=int, default=2, help="passes over each rollout")
-    schedule.add_argument("--learning_rate", type=float, default=5e-5,
-                          help="the actor's peak learning rate (AdamW, cosine decay to a tenth)")
-    schedule.add_argument("--critic_learning_rate", type=float, default=2e-4, help="the critic's peak learning rate")
-    schedule.add_argument("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
-    schedule.add_argument("--grad_clip", type=float, default=1.0,
-                          help="max gradient norm per model (actor, critic); 0 = no clipping")
-    memory = p.add_argument_group("memory: what fits on one GPU")
-    memory.add_argument("--gradient_checkpointing", type=int, default=0, choices=[0, 1],
-                        help="actor and critic recompute each decoder block's activations in the backward pass "
-                             "(MiniMind per block, transformers models through their own gradient_checkpointing)")
-    memory.add_argument("--lora_rank", type=int, default=0,
-                        help="train a LoRA adapter of this rank (peft) instead of the whole policy; the reference is "
-                             "the same base with the adapter off (no copy); 0 = off")
-    memory.add_argument("--lora_alpha", type=float, default=16,
-                        help="LoRA scale alpha (the update is alpha / rank * BA)")
-    memory.add_argument("--lora_target_modules", default="all-linear",
-                        help="the modules that get adapters: all-linear (every linear layer of the decoder blocks; "
-                             "not the embedding, the LM head or the value head) or names, comma-separated "
-                             "(q_proj,v_proj)")
-    memory.add_argument("--fsdp", type=int, default=0, choices=[0, 1],
-                        help="under torchrun: shard actor, critic (with their AdamW states), reference and old actor "
-                             "over the ranks per decoder block (FSDP2; bf16 compute, fp32 reduction on CUDA), so each "
-                             "GPU holds 1/N of them; resume files become sharded checkpoint folders. 0 = DDP (every "
-                             "rank holds everything)")
-    memory.add_argument("--lora_critic", type=int, default=1, choices=[0, 1],
-                        help="with --lora_rank: 1 = the critic trains its own adapter on its backbone and its value "
-                             "head in full; 0 = a full critic")
-    rollout = p.add_argument_group("rollout")
-    rollout.add_argument("--temperature", type=float, default=1.0,
-                         help="sampling temperature; the PPO log-probs divide the logits by it too")
-    rollout.add_argument("--top_k", type=int, default=0,
-                         help="0 = off. When on, the sampling distribution is truncated while pi_old is scored "
-                              "untruncated: the ratio then is not exact")
-    rollout.add_argument("--top_p", type=float, default=1.0, help="1.0 = off; same caveat as --top_k")
-    rollout.add_argument("--update_old_actor_freq", type=int, default=1,
-                         help="sync the old actor every N rollouts (1 = standard)")
-    rollout.add_argument("--critic_warmup_steps", type=int, default=0,
-                         help="the first N rollouts train only the critic: the actor, its optimizer and its schedule "
-                              "are untouched")
-    rollout.add_argument("--filter_groups", type=int, default=0, choices=[0, 1],
-                         help="DAPO's dynamic sampling: leave out the groups whose responses all scored the same (no "
-                              "signal for a group estimator) and sample more batches to fill the rollout")
-    rollout.add_argument("--max_filter_batches", type=int, default=10,
-                         help="with --filter_groups: extra batches a rollout may draw (0 = none); still short, it is "
-                              "topped up with groups without signal")
-    rollout.add_argument("--overlong_buffer_len", type=int, default=0,
-                         help="DAPO's overlong shaping: a response in the last L tokens before --max_gen_len gets a "
-                              "penalty growing linearly to --overlong_penalty (the reward part `overlong`); 0 = off")
-    rollout.add_argument("--overlong_penalty", type=float, default=1.0, help="the overlong penalty at --max_gen_len")
-    rollout.add_argument("--mask_truncated_responses", type=int, default=0, choices=[0, 1],
-                         help="1: responses cut at --max_gen_len (no EOS) carry no policy loss (DAPO; TRL's "
-                              "mask_truncated_completions); the critic still learns from them")
-    rollout.add_argument("--rollout_is", default="none", choices=["none", *ROLLOUT_CORRECTION_LEVELS],
-                         help="rollout correction: importance weights pi_old / sampler per token or per sequence on "
-                              "the policy loss, for a sampler that differs from the scoring forward (bf16, other "
-                              "kernels); the mismatch is logged either way")
-    rollout.add_argument("--rollout_is_mode", default="truncate", choices=list(ROLLOUT_CORRECTION_MODES),
-                         help="truncate: weights capped at the threshold (TIS); mask: weight 0 outside "
-                              "[threshold_low, threshold] (MIS)")
-    rollout.add_argument("--rollout_is_threshold", type=float, default=2.0, help="the upper threshold (verl's)")
-    rollout.add_argument("--rollout_is_threshold_low", type=float, default=None,
-                         help="the lower threshold; default: none (truncate), 1 / threshold (mask)")
-    add_reward_flags(p)
-    ppo = p.add_argument_group("PPO")
-    ppo.add_argument("--policy_loss", default="ppo", choices=list(POLICY_LOSSES),
-                     help="ppo: the clipped surrogate; cispo: REINFORCE weighted by the ratio capped at "
-                          "--clip_epsilon_high (minimind-3's default, MiniMax-M1); gspo: the clipped surrogate on the "
-                          "sequence's ratio; sapo: a soft gate instead of the clip (docs/algorithms.md)")
-    ppo.add_argument("--clip_epsilon", type=float, default=None,
-                     help="the ratio's clip range: below 1 - eps (default 0.2; gspo: 3e-4, as verl's GSPO recipe)")
-    ppo.add_argument("--clip_epsilon_high", "--epsilon_high", type=float, default=None,
-                     help="ppo and gspo: the clip above, 1 + eps_high (DAPO's clip-higher; default --clip_epsilon, "
-                          "gspo: 4e-4); cispo: the cap on the ratio itself (default 5.0, as minimind-3 and TRL)")
-    ppo.add_argument("--sapo_tau_pos", type=float, default=1.0, help="sapo: the gate's temperature for A > 0")
-    ppo.add_argument("--sapo_tau_neg", type=float, default=1.05, help="sapo: the gate's temperature for A < 0")
-    ppo.add_argument("--dual_clip_c", type=float, default=0.0,
-                     help="dual clip for A<0: 0 = off, else a value > 1 (verl: 3.0)")
-    ppo.add_argument("--cliprange_value", type=float, default=0.2,
-                     help="the value's clip range around the rollout's values")
-    ppo.add_argument("--vf_coef", type=float, default=0.5, help="weight of the value loss")
-    ppo.add_argument("--entropy_coef", type=float, default=0.0, help="weight of the entropy bonus (0 = none)")
-    ppo.add_argument("--kl_coef", type=float, default=0.02,
-                     help="beta, the weight of the KL penalty to the reference (initial value with --target_kl_ctl)")
-    ppo.add_argument("--kl_estimator", default=None, choices=["k1", "k2", "k3"],
-                     help="per-token KL estimate from d = log pi - log ref: k1 = d, k2 = d^2 / 2, "
-                          "k3 = exp(-d) - 1 + d; default: k1 in the reward, k3 in the loss (the sound pairs)")
-    ppo.add_argument("--kl_mode", default=None, choices=["reward", "loss"],
-                     help=f"the KL to the reference as a per-token reward or as a loss term; default: "
-                          f"{DEFAULT_KL_MODE} for gae and reinforce_pp, loss for the estimators that score a response "
-                          f"by its reward alone ({', '.join(OUTCOME_ESTIMATORS)})")
-    ppo.add_argument("--adv_estimator", default="gae", choices=["gae", "reinforce_pp", *OUTCOME_ESTIMATORS],
-                     help="gae: PPO with the critic; grpo, dr_grpo, rloo, reinforce_pp_baseline: per-response "
-                          "advantages from the group of --n_samples_per_prompt responses to a prompt; reinforce_pp: "
-                          "whitened returns-to-go. All but gae build and train no critic")
-    ppo.add_argument("--n_samples_per_prompt", type=int, default=1,
-                     help="responses sampled per prompt in a rollout (a group, kept on one rank); --batch_size "
-                          "counts prompts, --mini_batch_size responses")
-    ppo.add_argument("--loss_agg_mode", default="token-mean", choices=list(LOSS_AGG_MODES),
-                     help="how the policy loss of a minibatch is averaged (its normaliser always over the whole "
-                          "minibatch of every rank): token-mean; seq-mean-token-mean (GRPO's); seq-mean-token-sum; "
-                          "seq-mean-token-sum-norm (Dr.GRPO's: divided by responses x --max_gen_len). The value loss "
-                          "is a token mean")
-    ppo.add_argument("--target_kl_ctl", type=float, default=0.0,
-                     help="adaptive KL target in nats per response: the controller compares it with "
-                          "kl_ref_per_response, the mean over responses of the summed per-token KL estimate (TRL's "
-                          "convention, e.g. 6); 0 = fixed --kl_coef")
-    ppo.add_argument("--kl_horizon", type=int, default=10000, help="the adaptive KL controller's horizon (responses)")
-    ppo.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
-    ppo.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    ppo.add_argument("--early_stop_kl", type=float, default=0.0,
-                     help="stop this rollout's updates when approx_kl exceeds it")
-    system = p.add_argument_group("system, checkpoints and logging")
-    system.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N (under torchrun each rank takes its local GPU)")
-    system.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="autocast precision (default: bfloat16 on CUDA, float32 on CPU). On CPU, "
-                             "bfloat16/float16 run under torch.autocast('cpu') (float16 with a loss scaler) to check "
-                             "the mixed-precision path: slow on CPUs without bf16/fp16 instructions")
-    system.add_argument("--compile", type=int, default=0, choices=[0, 1],
-                        help="torch.compile each decoder block (dynamic shapes) of the policy, reference and critic: "
-                             "sampling, scoring and training; meant for GPUs (not measured there yet), slower on a CPU")
-    system.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    system.add_argument("--seed", type=int, default=42, help="rank r seeds with seed + r")
-    system.add_argument("--log_interval", type=int, default=1, help="rollouts between printed lines")
-    system.add_argument("--save_interval", type=int, default=50,
-                        help="rollouts between saves of the policy and a resume file")
-    system.add_argument("--keep_checkpoints", type=int, default=2, help="resume files kept (newest first)")
-    system.add_argument("--max_bad_steps", type=int, default=5,
-                        help="abort after this many consecutive non-finite steps")
-    system.add_argument("--from_resume", type=int, default=0, choices=[0, 1],
-                        help="1: continue from the newest readable resume file in --checkpoint_dir (else start fresh)")
-    system.add_argument("--save_hf", type=int, default=0, choices=[0, 1],
-                        help="MiniMind: also export the actor with save_pretrained (transformers policies always "
-                             "are)")
-    system.add_argument("--use_swanlab", "--use_wandb", dest="use_swanlab", action="store_true",
-                        help="log metrics, evaluations and samples to swanlab (--use_wandb: MiniMind's name)")
-    system.add_argument("--swanlab_project", "--wandb_project", dest="swanlab_project", default="MiniMind-PPO",
-                        help="swanlab project name")
-    system.add_argument("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"],
-                        help="offline (default): written under {save_dir}/swanlog, no login, no network; `swanlab "
-                             "sync` uploads it")
-    args = p.parse_args(argv)
-    args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.save_dir, "checkpoints")
-    args.tokenizer_path = args.tokenizer_path or default_tokenizer_path(args.from_weight, os.path.join(ROOT, "model"))
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    demo_data = os.path.abspath(args.data_path) == DEMO_DATA
-    default_reward_model(args, demo_data)
-    if args.eval_data_path is None:
-        args.eval_data_path = DEMO_EVAL_DATA if demo_data else None
-    elif args.eval_data_path.lower() == "none":
-        args.eval_data_path = None
-    if args.n_samples_per_prompt < 1:
-        p.error(f"--n_samples_per_prompt must be >= 1, got {args.n_samples_per_prompt}")
-    if args.adv_estimator in OUTCOME_ESTIMATORS and args.n_samples_per_prompt < 2:
-        p.error(f"--adv_estimator {args.adv_estimator} compares the responses to a prompt with each other: it needs "
-                f"--n_samples_per_prompt >= 2, got {args.n_samples_per_prompt}")
-    if args.kl_mode == "reward" and args.adv_estimator in OUTCOME_ESTIMATORS:
-        p.error(f"--kl_mode reward with --adv_estimator {args.adv_estimator}: that estimator credits each response "
-                f"with one advantage from its score alone, so a per-token KL reward would be dropped; put the KL in "
-                f"the loss (--kl_mode loss, k3 or k2), as verl does for GRPO")
-    args.kl_mode = args.kl_mode or ("loss" if args.adv_estimator in OUTCOME_ESTIMATORS else DEFAULT_KL_MODE)
-    args.kl_estimator = args.kl_estimator or ("k1" if args.kl_mode == "reward" else "k3")
-    if args.adv_estimator != "gae" and args.critic_warmup_steps:
-        p.error(f"--critic_warmup_steps with --adv_estimator {args.adv_estimator}: that estimator has no critic")
-    rows = args.batch_size * args.n_samples_per_prompt  # responses per rollout per process
-    if rows % args.mini_batch_size:
-        p.error(f"--mini_batch_size {args.mini_batch_size} must divide the {rows} responses of a rollout "
-                f"(--batch_size {args.batch_size} x --n_samples_per_prompt {args.n_samples_per_prompt})")
-    if args.mini_batch_size % args.accumulation_steps:
-        p.error(f"--accumulation_steps {args.accumulation_steps} must divide --mini_batch_size {args.mini_batch_size}")
-    gspo = args.policy_loss == "gspo"
-    args.clip_epsilon = args.clip_epsilon if args.clip_epsilon is not None else 3e-4 if gspo else 0.2
-    if args.clip_epsilon_high is None:
-        args.clip_epsilon_high = {"cispo": 5.0, "gspo": 4e-4}.get(args.policy_loss, args.clip_epsilon)
-    if not (args.clip_epsilon > 0 and args.clip_epsilon_high > 0):
-        p.error(f"--clip_epsilon and --clip_epsilon_high must be > 0, got {args.clip_epsilon}, {args.clip_epsilon_high}")
-    if args.dual_clip_c and args.policy_loss != "ppo":
-        p.error(f"--dual_clip_c is the ppo loss's; --policy_loss {args.policy_loss} takes none")
-    if args.filter_groups and args.n_samples_per_prompt < 2:
-        p.error("--filter_groups compares the responses to a prompt: it needs --n_samples_per_prompt >= 2")
-    if args.max_filter_batches < 0 or args.overlong_buffer_len < 0:
-        p.error("--max_filter_batches and --overlong_buffer_len must be >= 0")
-    if args.overlong_buffer_len >= args.max_gen_len:
-        p.error(f"--overlong_buffer_len {args.overlong_buffer_len} must be below --max_gen_len {args.max_gen_len}")
-    if args.rollout_is_mode == "mask" and args.rollout_is_threshold_low is None:
-        args.rollout_is_threshold_low = 1 / args.rollout_is_threshold
-    low = args.rollout_is_threshold_low
-    if not args.rollout_is_threshold > 0 or (low is not None and not 0 <= low < args.rollout_is_threshold):
-        p.error(f"--rollout_is_threshold must be > 0 and --rollout_is_threshold_low in [0, threshold), got "
-                f"{args.rollout_is_threshold}, {low}")
-    if args.dual_clip_c != 0 and not args.dual_clip_c > 1:
-        p.error(f"--dual_clip_c must be 0 (off) or > 1, got {args.dual_clip_c}: a value <= 1 would cap the loss "
-                f"of every negative-advantage token at ratio ~1 and zero its gradient")
-    if args.temperature <= 0:
-        p.error(f"--temperature must be > 0, got {args.temperature}")
-    if not args.grad_clip >= 0:
-        p.error(f"--grad_clip must be 0 (no clipping) or a positive norm, got {args.grad_clip}")
-    if args.kl_mode == "loss" and args.kl_estimator == "k1":
-        p.error(f"--kl_mode loss --kl_estimator k1: k1 = log pi - log ref has zero expected gradient in the loss "
-                f"(E_pi[grad log pi] = 0), so it does not pull the policy towards the reference. {SOUND_KL_PAIRS}")
-    for flag in ("batch_size", "mini_batch_size", "accumulation_steps", "ppo_epochs", "log_interval",
-                 "save_interval", "keep_checkpoints", "max_bad_steps", "update_old_actor_freq", "max_gen_len",
-                 "reward_batch_size", "eval_interval"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.thinking_ratio is not None and not 0 <= args.thinking_ratio <= 1:
-        p.error(f"--thinking_ratio must be in [0, 1], got {args.thinking_ratio}")
-    if args.max_seq_len is not None and args.max_seq_len < 1:
-        p.error(f"--max_seq_len must be >= 1, got {args.max_seq_len}")
-    for flag in ("eval_limit", "log_samples", "critic_warmup_steps", "lora_rank", "max_tokens_per_micro_batch"):
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    return args
 
 
 # ----------------------------------------------------------------------------- PPO maths
@@ -1235,6 +916,327 @@ def finish(run, stopped):
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- flags
+# every knob of the run, checked before any work is done; at the end of the file so that the algorithm comes first
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is one `error: ...` line, not the usage of 80 flags (--help shows them)."""
+
+    def error(self, message):
+        """A mistyped flag is answered with the closest ones (--lerning_rate: did you mean --learning_rate?)."""
+        import difflib
+        flags = [o for action in self._actions for o in action.option_strings]
+        typos = [w.split("=")[0] for w in message.partition("unrecognized arguments: ")[2].split() if w.startswith("--")]
+        hints = [f"{typo}: did you mean {' or '.join(close)}?" for typo in typos
+                 if (close := difflib.get_close_matches(typo, flags, n=2, cutoff=0.75))]
+        hint = f"; {'; '.join(hints)}" if hints else ""
+        self.exit(2, f"error: {message}{hint} (python {self.prog} --help lists the flags)\n")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="PPO (RLHF) for MiniMind and any transformers causal LM. With no flags: "
+                                            "the shipped demo kit on CPU.",
+                                formatter_class=HelpFormatter)
+    files = p.add_argument_group("files and models")
+    files.add_argument("--save_dir", default="out",
+                       help="weights, metrics.jsonl, args and a copy of this script go here")
+    files.add_argument("--save_weight", default="ppo_actor",
+                       help="saved as {save_dir}/{save_weight}_{hidden}{_moe}.pth")
+    files.add_argument("--checkpoint_dir", default=None, help="resume files (default: {save_dir}/checkpoints)")
+    files.add_argument("--from_weight", default=os.path.join(ROOT, "demo", "full_sft_128.pth"),
+                       help="actor init: a MiniMind .pth path, a name resolved as the one "
+                            "{save_dir}/{name}_<hidden>[_moe].pth (--hidden_size and --use_moe pick among several), "
+                            "a transformers folder with config.json (any AutoModelForCausalLM: GPT-2, Qwen2, "
+                            "Llama...; saved back to {save_dir}/{save_weight}_hf), or 'none' (a random MiniMind)")
+    files.add_argument("--critic_weight", default=None,
+                       help="critic init: a MiniMind critic or actor .pth, or a transformers folder (its backbone); "
+                            "a fresh value head unless a saved critic; default: the actor's backbone")
+    files.add_argument("--tokenizer_path", default=None,
+                       help="the tokenizer the weights were trained with (real MiniMind weights: your MiniMind "
+                            "checkout's minimind/model); its chat template renders the prompts. Default: the "
+                            "--from_weight folder for transformers models, else the project's model/")
+    files.add_argument("--check_tokenizer", type=int, default=1, choices=[0, 1],
+                       help="at start-up, stop if the actor does not read --tokenizer_path's ids (skipped for "
+                            "--from_weight none)")
+    files.add_argument("--thinking_ratio", type=float, default=None,
+                       help="share of prompts rendered with the think block open, for templates with a thinking "
+                            "switch (minimind-3's open_thinking, 2025-10's enable_thinking); default: 0.9 on "
+                            "MiniMind's data (a 'conversations' column), as minimind-3; on other data the "
+                            "template's own default")
+    files.add_argument("--data_path", default=DEMO_DATA,
+                       help="training prompts: jsonl, json, parquet, or a folder written by datasets' save_to_disk")
+    files.add_argument("--prompt_key", default=None,
+                       help="the column holding the prompt: a string (a plain prompt) or a list of chat messages "
+                            "(rendered by the chat template); default: the first of conversations, messages, prompt. "
+                            "A 'prompt' chat ending with an assistant message is continued, as TRL does")
+    files.add_argument("--apply_chat_template", type=int, nargs="?", const=1, default=0, choices=[0, 1],
+                       help="render plain-string prompts as one user message with the chat template (OpenRLHF's "
+                            "flag; a bare --apply_chat_template means 1); chat rows are always rendered")
+    files.add_argument("--label_key", default=None,
+                       help="the column holding the ground truth (a dotted path for nested fields, e.g. "
+                            "reward_model.ground_truth); default: the first of answer, ground_truth, solution, "
+                            "reward_model.ground_truth")
+    files.add_argument("--reward_device", default=None, help="device for the reward model (default: --device)")
+    files.add_argument("--critic_device", default=None,
+                       help="device for the critic (default: --device); with --reward_device, the two-GPU layout: "
+                            "policy and reference on cuda:0, critic and reward model on cuda:1 (one process)")
+    watch = p.add_argument_group("held-out evaluation and logged samples")
+    watch.add_argument("--eval_data_path", default=None,
+                       help="prompts evaluated greedily at step 0, every --eval_interval rollouts and at the end "
+                            "(default: dataset/rlaif-eval.jsonl when training on the demo's "
+                            "dataset/rlaif-mini.jsonl, else none; 'none' = off)")
+    watch.add_argument("--eval_interval", type=int, default=20, help="rollouts between evaluations")
+    watch.add_argument("--eval_limit", type=int, default=0,
+                       help="evaluate only the first N prompts of --eval_data_path (0 = all)")
+    watch.add_argument("--log_samples", type=int, default=4,
+                       help="samples per rollout written to {save_dir}/samples.jsonl (0 = off)")
+    size = p.add_argument_group("model size", "read off the weights; give it only to check them or to build a "
+                                                 "random model")
+    size.add_argument("--hidden_size", type=int, default=None, help="default: from the weights (512 to resolve a name)")
+    size.add_argument("--num_hidden_layers", type=int, default=None,
+                      help="default: from the weights (8 for a random MiniMind)")
+    size.add_argument("--use_moe", type=int, default=None, choices=[0, 1],
+                      help="MiniMind's mixture of experts; default: from the weights (a name picks the one file)")
+    size.add_argument("--max_seq_len", type=int, default=None,
+                      help="max prompt tokens; a longer prompt is never cut (see --overlong_prompts). Default: 64 "
+                           "for the demo's data, else the longest prompt of --data_path and --eval_data_path")
+    size.add_argument("--overlong_prompts", default="drop", choices=["drop", "error"],
+                      help="prompts longer than --max_seq_len: drop = leave their rows out and say how many at "
+                           "start-up (verl's filter_overlong_prompts); error = stop, naming the first")
+    size.add_argument("--max_gen_len", type=int, default=48, help="max new tokens per response")
+    schedule = p.add_argument_group("schedule")
+    schedule.add_argument("--epochs", type=int, default=10, help="passes over --data_path (the demo: 10 x 14 rollouts)")
+    schedule.add_argument("--max_steps", type=int, default=0, help="stop after this many rollouts (0 = run all epochs)")
+    schedule.add_argument("--batch_size", type=int, default=32, help="prompts per rollout per process")
+    schedule.add_argument("--mini_batch_size", type=int, default=16,
+                          help="rollout rows per optimizer step (per process)")
+    schedule.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per minibatch")
+    schedule.add_argument("--max_tokens_per_micro_batch", type=int, default=0,
+                          help="instead of --accumulation_steps equal micro-batches, pack each minibatch's rows by "
+                               "length into micro-batches of at most this many tokens, padding included (verl's "
+                               "ppo_max_token_len_per_gpu); 0 = off. The loss is normalised as without it")
+    schedule.add_argument("--ppo_epochs", type=int, default=2, help="passes over each rollout")
+    schedule.add_argument("--learning_rate", type=float, default=5e-5,
+                          help="the actor's peak learning rate (AdamW, cosine decay to a tenth)")
+    schedule.add_argument("--critic_learning_rate", type=float, default=2e-4, help="the critic's peak learning rate")
+    schedule.add_argument("--warmup_steps", type=int, default=0, help="optimizer steps of linear warmup")
+    schedule.add_argument("--grad_clip", type=float, default=1.0,
+                          help="max gradient norm per model (actor, critic); 0 = no clipping")
+    memory = p.add_argument_group("memory: what fits on one GPU")
+    memory.add_argument("--gradient_checkpointing", type=int, default=0, choices=[0, 1],
+                        help="actor and critic recompute each decoder block's activations in the backward pass "
+                             "(MiniMind per block, transformers models through their own gradient_checkpointing)")
+    memory.add_argument("--lora_rank", type=int, default=0,
+                        help="train a LoRA adapter of this rank (peft) instead of the whole policy; the reference is "
+                             "the same base with the adapter off (no copy); 0 = off")
+    memory.add_argument("--lora_alpha", type=float, default=16,
+                        help="LoRA scale alpha (the update is alpha / rank * BA)")
+    memory.add_argument("--lora_target_modules", default="all-linear",
+                        help="the modules that get adapters: all-linear (every linear layer of the decoder blocks; "
+                             "not the embedding, the LM head or the value head) or names, comma-separated "
+                             "(q_proj,v_proj)")
+    memory.add_argument("--fsdp", type=int, default=0, choices=[0, 1],
+                        help="under torchrun: shard actor, critic (with their AdamW states), reference and old actor "
+                             "over the ranks per decoder block (FSDP2; bf16 compute, fp32 reduction on CUDA), so each "
+                             "GPU holds 1/N of them; resume files become sharded checkpoint folders. 0 = DDP (every "
+                             "rank holds everything)")
+    memory.add_argument("--lora_critic", type=int, default=1, choices=[0, 1],
+                        help="with --lora_rank: 1 = the critic trains its own adapter on its backbone and its value "
+                             "head in full; 0 = a full critic")
+    rollout = p.add_argument_group("rollout")
+    rollout.add_argument("--temperature", type=float, default=1.0,
+                         help="sampling temperature; the PPO log-probs divide the logits by it too")
+    rollout.add_argument("--top_k", type=int, default=0,
+                         help="0 = off. When on, the sampling distribution is truncated while pi_old is scored "
+                              "untruncated: the ratio then is not exact")
+    rollout.add_argument("--top_p", type=float, default=1.0, help="1.0 = off; same caveat as --top_k")
+    rollout.add_argument("--update_old_actor_freq", type=int, default=1,
+                         help="sync the old actor every N rollouts (1 = standard)")
+    rollout.add_argument("--critic_warmup_steps", type=int, default=0,
+                         help="the first N rollouts train only the critic: the actor, its optimizer and its schedule "
+                              "are untouched")
+    rollout.add_argument("--filter_groups", type=int, default=0, choices=[0, 1],
+                         help="DAPO's dynamic sampling: leave out the groups whose responses all scored the same (no "
+                              "signal for a group estimator) and sample more batches to fill the rollout")
+    rollout.add_argument("--max_filter_batches", type=int, default=10,
+                         help="with --filter_groups: extra batches a rollout may draw (0 = none); still short, it is "
+                              "topped up with groups without signal")
+    rollout.add_argument("--overlong_buffer_len", type=int, default=0,
+                         help="DAPO's overlong shaping: a response in the last L tokens before --max_gen_len gets a "
+                              "penalty growing linearly to --overlong_penalty (the reward part `overlong`); 0 = off")
+    rollout.add_argument("--overlong_penalty", type=float, default=1.0, help="the overlong penalty at --max_gen_len")
+    rollout.add_argument("--mask_truncated_responses", type=int, default=0, choices=[0, 1],
+                         help="1: responses cut at --max_gen_len (no EOS) carry no policy loss (DAPO; TRL's "
+                              "mask_truncated_completions); the critic still learns from them")
+    rollout.add_argument("--rollout_is", default="none", choices=["none", *ROLLOUT_CORRECTION_LEVELS],
+                         help="rollout correction: importance weights pi_old / sampler per token or per sequence on "
+                              "the policy loss, for a sampler that differs from the scoring forward (bf16, other "
+                              "kernels); the mismatch is logged either way")
+    rollout.add_argument("--rollout_is_mode", default="truncate", choices=list(ROLLOUT_CORRECTION_MODES),
+                         help="truncate: weights capped at the threshold (TIS); mask: weight 0 outside "
+                              "[threshold_low, threshold] (MIS)")
+    rollout.add_argument("--rollout_is_threshold", type=float, default=2.0, help="the upper threshold (verl's)")
+    rollout.add_argument("--rollout_is_threshold_low", type=float, default=None,
+                         help="the lower threshold; default: none (truncate), 1 / threshold (mask)")
+    add_reward_flags(p)
+    ppo = p.add_argument_group("PPO")
+    ppo.add_argument("--policy_loss", default="ppo", choices=list(POLICY_LOSSES),
+                     help="ppo: the clipped surrogate; cispo: REINFORCE weighted by the ratio capped at "
+                          "--clip_epsilon_high (minimind-3's default, MiniMax-M1); gspo: the clipped surrogate on the "
+                          "sequence's ratio; sapo: a soft gate instead of the clip (docs/algorithms.md)")
+    ppo.add_argument("--clip_epsilon", type=float, default=None,
+                     help="the ratio's clip range: below 1 - eps (default 0.2; gspo: 3e-4, as verl's GSPO recipe)")
+    ppo.add_argument("--clip_epsilon_high", "--epsilon_high", type=float, default=None,
+                     help="ppo and gspo: the clip above, 1 + eps_high (DAPO's clip-higher; default --clip_epsilon, "
+                          "gspo: 4e-4); cispo: the cap on the ratio itself (default 5.0, as minimind-3 and TRL)")
+    ppo.add_argument("--sapo_tau_pos", type=float, default=1.0, help="sapo: the gate's temperature for A > 0")
+    ppo.add_argument("--sapo_tau_neg", type=float, default=1.05, help="sapo: the gate's temperature for A < 0")
+    ppo.add_argument("--dual_clip_c", type=float, default=0.0,
+                     help="dual clip for A<0: 0 = off, else a value > 1 (verl: 3.0)")
+    ppo.add_argument("--cliprange_value", type=float, default=0.2,
+                     help="the value's clip range around the rollout's values")
+    ppo.add_argument("--vf_coef", type=float, default=0.5, help="weight of the value loss")
+    ppo.add_argument("--entropy_coef", type=float, default=0.0, help="weight of the entropy bonus (0 = none)")
+    ppo.add_argument("--kl_coef", type=float, default=0.02,
+                     help="beta, the weight of the KL penalty to the reference (initial value with --target_kl_ctl)")
+    ppo.add_argument("--kl_estimator", default=None, choices=["k1", "k2", "k3"],
+                     help="per-token KL estimate from d = log pi - log ref: k1 = d, k2 = d^2 / 2, "
+                          "k3 = exp(-d) - 1 + d; default: k1 in the reward, k3 in the loss (the sound pairs)")
+    ppo.add_argument("--kl_mode", default=None, choices=["reward", "loss"],
+                     help=f"the KL to the reference as a per-token reward or as a loss term; default: "
+                          f"{DEFAULT_KL_MODE} for gae and reinforce_pp, loss for the estimators that score a response "
+                          f"by its reward alone ({', '.join(OUTCOME_ESTIMATORS)})")
+    ppo.add_argument("--adv_estimator", default="gae", choices=["gae", "reinforce_pp", *OUTCOME_ESTIMATORS],
+                     help="gae: PPO with the critic; grpo, dr_grpo, rloo, reinforce_pp_baseline: per-response "
+                          "advantages from the group of --n_samples_per_prompt responses to a prompt; reinforce_pp: "
+                          "whitened returns-to-go. All but gae build and train no critic")
+    ppo.add_argument("--n_samples_per_prompt", type=int, default=1,
+                     help="responses sampled per prompt in a rollout (a group, kept on one rank); --batch_size "
+                          "counts prompts, --mini_batch_size responses")
+    ppo.add_argument("--loss_agg_mode", default="token-mean", choices=list(LOSS_AGG_MODES),
+                     help="how the policy loss of a minibatch is averaged (its normaliser always over the whole "
+                          "minibatch of every rank): token-mean; seq-mean-token-mean (GRPO's); seq-mean-token-sum; "
+                          "seq-mean-token-sum-norm (Dr.GRPO's: divided by responses x --max_gen_len). The value loss "
+                          "is a token mean")
+    ppo.add_argument("--target_kl_ctl", type=float, default=0.0,
+                     help="adaptive KL target in nats per response: the controller compares it with "
+                          "kl_ref_per_response, the mean over responses of the summed per-token KL estimate (TRL's "
+                          "convention, e.g. 6); 0 = fixed --kl_coef")
+    ppo.add_argument("--kl_horizon", type=int, default=10000, help="the adaptive KL controller's horizon (responses)")
+    ppo.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    ppo.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    ppo.add_argument("--early_stop_kl", type=float, default=0.0,
+                     help="stop this rollout's updates when approx_kl exceeds it")
+    system = p.add_argument_group("system, checkpoints and logging")
+    system.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (under torchrun each rank takes its local GPU)")
+    system.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="autocast precision (default: bfloat16 on CUDA, float32 on CPU). On CPU, "
+                             "bfloat16/float16 run under torch.autocast('cpu') (float16 with a loss scaler) to check "
+                             "the mixed-precision path: slow on CPUs without bf16/fp16 instructions")
+    system.add_argument("--compile", type=int, default=0, choices=[0, 1],
+                        help="torch.compile each decoder block (dynamic shapes) of the policy, reference and critic: "
+                             "sampling, scoring and training; meant for GPUs (not measured there yet), slower on a CPU")
+    system.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    system.add_argument("--seed", type=int, default=42, help="rank r seeds with seed + r")
+    system.add_argument("--log_interval", type=int, default=1, help="rollouts between printed lines")
+    system.add_argument("--save_interval", type=int, default=50,
+                        help="rollouts between saves of the policy and a resume file")
+    system.add_argument("--keep_checkpoints", type=int, default=2, help="resume files kept (newest first)")
+    system.add_argument("--max_bad_steps", type=int, default=5,
+                        help="abort after this many consecutive non-finite steps")
+    system.add_argument("--from_resume", type=int, default=0, choices=[0, 1],
+                        help="1: continue from the newest readable resume file in --checkpoint_dir (else start fresh)")
+    system.add_argument("--save_hf", type=int, default=0, choices=[0, 1],
+                        help="MiniMind: also export the actor with save_pretrained (transformers policies always "
+                             "are)")
+    system.add_argument("--use_swanlab", "--use_wandb", dest="use_swanlab", action="store_true",
+                        help="log metrics, evaluations and samples to swanlab (--use_wandb: MiniMind's name)")
+    system.add_argument("--swanlab_project", "--wandb_project", dest="swanlab_project", default="MiniMind-PPO",
+                        help="swanlab project name")
+    system.add_argument("--swanlab_mode", default="offline", choices=["offline", "local", "cloud", "disabled"],
+                        help="offline (default): written under {save_dir}/swanlog, no login, no network; `swanlab "
+                             "sync` uploads it")
+    args = p.parse_args(argv)
+    args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.save_dir, "checkpoints")
+    args.tokenizer_path = args.tokenizer_path or default_tokenizer_path(args.from_weight, os.path.join(ROOT, "model"))
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    demo_data = os.path.abspath(args.data_path) == DEMO_DATA
+    default_reward_model(args, demo_data)
+    if args.eval_data_path is None:
+        args.eval_data_path = DEMO_EVAL_DATA if demo_data else None
+    elif args.eval_data_path.lower() == "none":
+        args.eval_data_path = None
+    if args.n_samples_per_prompt < 1:
+        p.error(f"--n_samples_per_prompt must be >= 1, got {args.n_samples_per_prompt}")
+    if args.adv_estimator in OUTCOME_ESTIMATORS and args.n_samples_per_prompt < 2:
+        p.error(f"--adv_estimator {args.adv_estimator} compares the responses to a prompt with each other: it needs "
+                f"--n_samples_per_prompt >= 2, got {args.n_samples_per_prompt}")
+    if args.kl_mode == "reward" and args.adv_estimator in OUTCOME_ESTIMATORS:
+        p.error(f"--kl_mode reward with --adv_estimator {args.adv_estimator}: that estimator credits each response "
+                f"with one advantage from its score alone, so a per-token KL reward would be dropped; put the KL in "
+                f"the loss (--kl_mode loss, k3 or k2), as verl does for GRPO")
+    args.kl_mode = args.kl_mode or ("loss" if args.adv_estimator in OUTCOME_ESTIMATORS else DEFAULT_KL_MODE)
+    args.kl_estimator = args.kl_estimator or ("k1" if args.kl_mode == "reward" else "k3")
+    if args.adv_estimator != "gae" and args.critic_warmup_steps:
+        p.error(f"--critic_warmup_steps with --adv_estimator {args.adv_estimator}: that estimator has no critic")
+    rows = args.batch_size * args.n_samples_per_prompt  # responses per rollout per process
+    if rows % args.mini_batch_size:
+        p.error(f"--mini_batch_size {args.mini_batch_size} must divide the {rows} responses of a rollout "
+                f"(--batch_size {args.batch_size} x --n_samples_per_prompt {args.n_samples_per_prompt})")
+    if args.mini_batch_size % args.accumulation_steps:
+        p.error(f"--accumulation_steps {args.accumulation_steps} must divide --mini_batch_size {args.mini_batch_size}")
+    gspo = args.policy_loss == "gspo"
+    args.clip_epsilon = args.clip_epsilon if args.clip_epsilon is not None else 3e-4 if gspo else 0.2
+    if args.clip_epsilon_high is None:
+        args.clip_epsilon_high = {"cispo": 5.0, "gspo": 4e-4}.get(args.policy_loss, args.clip_epsilon)
+    if not (args.clip_epsilon > 0 and args.clip_epsilon_high > 0):
+        p.error(f"--clip_epsilon and --clip_epsilon_high must be > 0, got {args.clip_epsilon}, {args.clip_epsilon_high}")
+    if args.dual_clip_c and args.policy_loss != "ppo":
+        p.error(f"--dual_clip_c is the ppo loss's; --policy_loss {args.policy_loss} takes none")
+    if args.filter_groups and args.n_samples_per_prompt < 2:
+        p.error("--filter_groups compares the responses to a prompt: it needs --n_samples_per_prompt >= 2")
+    if args.max_filter_batches < 0 or args.overlong_buffer_len < 0:
+        p.error("--max_filter_batches and --overlong_buffer_len must be >= 0")
+    if args.overlong_buffer_len >= args.max_gen_len:
+        p.error(f"--overlong_buffer_len {args.overlong_buffer_len} must be below --max_gen_len {args.max_gen_len}")
+    if args.rollout_is_mode == "mask" and args.rollout_is_threshold_low is None:
+        args.rollout_is_threshold_low = 1 / args.rollout_is_threshold
+    low = args.rollout_is_threshold_low
+    if not args.rollout_is_threshold > 0 or (low is not None and not 0 <= low < args.rollout_is_threshold):
+        p.error(f"--rollout_is_threshold must be > 0 and --rollout_is_threshold_low in [0, threshold), got "
+                f"{args.rollout_is_threshold}, {low}")
+    if args.dual_clip_c != 0 and not args.dual_clip_c > 1:
+        p.error(f"--dual_clip_c must be 0 (off) or > 1, got {args.dual_clip_c}: a value <= 1 would cap the loss "
+                f"of every negative-advantage token at ratio ~1 and zero its gradient")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    if not args.grad_clip >= 0:
+        p.error(f"--grad_clip must be 0 (no clipping) or a positive norm, got {args.grad_clip}")
+    if args.kl_mode == "loss" and args.kl_estimator == "k1":
+        p.error(f"--kl_mode loss --kl_estimator k1: k1 = log pi - log ref has zero expected gradient in the loss "
+                f"(E_pi[grad log pi] = 0), so it does not pull the policy towards the reference. {SOUND_KL_PAIRS}")
+    for flag in ("batch_size", "mini_batch_size", "accumulation_steps", "ppo_epochs", "log_interval",
+                 "save_interval", "keep_checkpoints", "max_bad_steps", "update_old_actor_freq", "max_gen_len",
+                 "reward_batch_size", "eval_interval"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.thinking_ratio is not None and not 0 <= args.thinking_ratio <= 1:
+        p.error(f"--thinking_ratio must be in [0, 1], got {args.thinking_ratio}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        p.error(f"--max_seq_len must be >= 1, got {args.max_seq_len}")
+    for flag in ("eval_limit", "log_samples", "critic_warmup_steps", "lora_rank", "max_tokens_per_micro_batch"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    return args
 
 
 def main(args):
