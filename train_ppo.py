@@ -982,8 +982,8 @@ def parse_args(argv=None):
                             "flag; a bare --apply_chat_template means 1); chat rows are always rendered")
     files.add_argument("--label_key", default=None,
                        help="the column holding the ground truth (a dotted path for nested fields, e.g. "
-                            "reward_model.ground_truth); default: the first of answer, ground_truth, solution, "
-                            "reward_model.ground_truth")
+                            "reward_model.ground_truth); default: reward_model.ground_truth for verl's rows (a "
+                            "reward_model column), else the one of answer, ground_truth, solution the rows have")
     files.add_argument("--reward_device", default=None, help="device for the reward model (default: --device)")
     files.add_argument("--critic_device", default=None,
                        help="device for the critic (default: --device); with --reward_device, the two-GPU layout: "
@@ -1112,8 +1112,8 @@ def parse_args(argv=None):
                           "k3 = exp(-d) - 1 + d; default: k1 in the reward, k3 in the loss (the sound pairs)")
     ppo.add_argument("--kl_mode", default=None, choices=["reward", "loss"],
                      help=f"the KL to the reference as a per-token reward or as a loss term; default: "
-                          f"{DEFAULT_KL_MODE} for gae and reinforce_pp, loss for the estimators that score a response "
-                          f"by its reward alone ({', '.join(OUTCOME_ESTIMATORS)})")
+                          f"{DEFAULT_KL_MODE} for every estimator (the only placement the estimators that score a "
+                          f"response by its reward alone take: {', '.join(OUTCOME_ESTIMATORS)})")
     ppo.add_argument("--adv_estimator", default="gae", choices=["gae", "reinforce_pp", *OUTCOME_ESTIMATORS],
                      help="gae: PPO with the critic; grpo, dr_grpo, rloo, reinforce_pp_baseline: per-response "
                           "advantages from the group of --n_samples_per_prompt responses to a prompt; reinforce_pp: "

@@ -229,8 +229,8 @@ def test_a_sharded_checkpoint_is_not_read_without_fsdp(tiny_kit, reference, tmp_
 
 def test_readme_multi_node_command_parses():
     text = open(ROOT / "README.md", encoding="utf-8").read()
-    section = text[text.index("## Beyond one GPU: FSDP"):text.index("## Resume and fault tolerance")]
-    block = re.search(r"```bash\n(?:#.*\n)*(torchrun .*?)```", section, re.S).group(1)
+    section = text[text.index("## Several GPUs: DDP and FSDP"):text.index("\n## Resume")]
+    block = re.search(r"```bash\n(?:#.*\n)*(torchrun --nnodes .*?)```", section, re.S).group(1)
     cmd = shlex.split(block.replace("\\\n", " "))
     script = cmd.index("train_ppo.py")
     assert cmd[:3] == ["torchrun", "--nnodes", "2"] and "--rdzv_endpoint" in cmd[:script]

@@ -192,9 +192,9 @@ def test_a_classifier_folder_or_a_too_large_tokenizer_stops_the_run(tiny_kit, tm
 
 
 # ----------------------------------------------------------------------------- the README's commands
-def readme_commands(start):
+def readme_commands(start, page="README.md"):
     import shlex
-    text = open(ROOT / "README.md", encoding="utf-8").read()
+    text = open(ROOT / page, encoding="utf-8").read()
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     commands = [shlex.split(line, comments=True) for line in lines]  # a comment may hold an apostrophe
@@ -225,8 +225,8 @@ def test_readme_gpt2_sentiment_command_runs_on_stand_ins(encoder_rms, tmp_path, 
 
 
 def test_readme_two_gpu_qwen_command_places_the_models_as_documented(tmp_path, monkeypatch):
-    (command,) = [c for c in readme_commands(["python", "train_ppo.py", "--from_weight", "Qwen2.5-0.5B-Instruct"])
-                  if "--critic_device" in c]
+    (command,) = [c for c in readme_commands(["python", "train_ppo.py", "--from_weight", "Qwen2.5-0.5B-Instruct"],
+                                             "docs/distributed.md") if "--critic_device" in c]
     monkeypatch.chdir(tmp_path)
     save_tiny_hf_model("qwen2", tmp_path / "Qwen2.5-0.5B-Instruct", TOKENIZER)
     args = train_ppo.parse_args(command[2:])
@@ -438,6 +438,7 @@ def test_readme_download_and_data_commands_run_after_the_readmes_install():
         tree = ast.parse(code)
         modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                    for alias in node.names}
+        modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert modules and all(importlib.util.find_spec(m) for m in modules), modules
 
 

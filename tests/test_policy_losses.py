@@ -232,4 +232,4 @@ def test_readme_dapo_recipe_parses_to_dapos_settings():
     args = train_ppo.parse_args(shlex.split(block.replace("\\\n", " "))[2:])
     assert (args.adv_estimator, args.policy_loss, args.clip_epsilon, args.clip_epsilon_high) == ("grpo", "ppo", 0.2, 0.28)
     assert (args.loss_agg_mode, args.kl_coef, args.filter_groups, args.overlong_buffer_len) == ("token-mean", 0, 1, 128)
-    assert args.reward_fn == ["gsm8k.py:compute_score"] and args.reward_model_path == "none"  # the function alone
+    assert args.reward_fn == ["gsm8k_reward.py:compute_score"] and args.reward_model_path == "none"  # the function alone
