@@ -261,3 +261,31 @@ def test_relative_links_resolve(path):
             bad.append(f"{target}: no heading with that anchor in {linked.name}")
     assert not bad, f"{path.relative_to(ROOT)}: " + "; ".join(bad)
 
+
+
+def test_every_key_a_run_logs_is_documented(tiny_kit, tmp_path):
+    """Every key of metrics.jsonl (training and evaluation lines) and samples.jsonl that two tiny runs write (PPO
+    with a critic and an evaluation; GRPO with dynamic sampling, overlong shaping and rollout correction) is in
+    docs/metrics.md, reward parts under their `reward_<part>` patterns."""
+    import json
+    import train_ppo
+    from conftest import tiny_run_args
+    runs = {"ppo": ["--eval_data_path", tiny_kit["data"], "--eval_limit", "4"],
+            "grpo": ["--adv_estimator", "grpo", "--n_samples_per_prompt", "2", "--batch_size", "2",
+                     "--filter_groups", "1", "--rollout_is", "token", "--overlong_buffer_len", "4"]}
+    keys = set()
+    for name, flags in runs.items():
+        train_ppo.main(train_ppo.parse_args(tiny_run_args(tiny_kit, tmp_path / name, "--max_steps", "1", *flags)))
+        for file in ("metrics.jsonl", "samples.jsonl"):
+            for line in open(tmp_path / name / file):
+                keys |= set(json.loads(line))
+    text = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+
+    def documented(key):
+        for prefix in ("eval_reward_", "reward_"):
+            if key.startswith(prefix):
+                pattern = f"{prefix}<part>/<key>" if "/" in key else f"{prefix}<part>"
+                return f"`{pattern}`" in text
+        return f"`{key}`" in text
+    assert {"filter_groups_kept", "rollout_is_mean", "reward_overlong", "eval_reward", "value_loss"} <= keys
+    assert not [k for k in sorted(keys) if not documented(k)]
