@@ -169,13 +169,13 @@ def main():
         checks = []
 
         def check_ranks(run):
-            actor, critic = run.learner.actor, run.learner.critic
-            flat = torch.cat([p.detach().flatten() for m in (actor, critic) for p in m.parameters()])
+            models = [m for m in (run.learner.actor, run.learner.critic) if m is not None]  # no critic: GRPO & co
+            flat = torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
             gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, flat)
             # identical weights on every rank, and no buffer broadcast per forward (RoPE tables equal by construction)
             checks.append(all(torch.equal(gathered[0], g) for g in gathered)
-                          and actor.broadcast_buffers is False and critic.broadcast_buffers is False)
+                          and all(m.broadcast_buffers is False for m in models))
         run = train_ppo.build_run(train_ppo.parse_args(sys.argv[3:]))
         train_ppo.finish(run, train_ppo.train(run, after_step=check_ranks))
         with open(os.path.join(out_dir, f"checks_rank{os.environ['RANK']}.json"), "w") as f:  # the group is gone

@@ -233,3 +233,19 @@ def test_readme_dapo_recipe_parses_to_dapos_settings():
     assert (args.adv_estimator, args.policy_loss, args.clip_epsilon, args.clip_epsilon_high) == ("grpo", "ppo", 0.2, 0.28)
     assert (args.loss_agg_mode, args.kl_coef, args.filter_groups, args.overlong_buffer_len) == ("token-mean", 0, 1, 128)
     assert args.reward_fn == ["gsm8k_reward.py:compute_score"] and args.reward_model_path == "none"  # the function alone
+
+
+def test_dynamic_sampling_on_two_ranks_keeps_them_in_step(tiny_kit, tmp_path):
+    """Two gloo ranks with --filter_groups 1 on a discrete reward: each draws as long as one of them is short (one
+    collective per draw, no hang), both update on the same number of rows, and their weights stay identical."""
+    reward_file = tmp_path / "parity.py"
+    reward_file.write_text(PARITY)
+    torchrun("train", tmp_path, *tiny_run_args(
+        tiny_kit, tmp_path / "run", "--max_steps", "3", "--adv_estimator", "grpo", "--n_samples_per_prompt", "2",
+        "--batch_size", "2", "--mini_batch_size", "2", "--filter_groups", "1", "--policy_loss", "cispo",
+        "--reward_model_path", "none", "--reward_fn", f"{reward_file}:parity"))
+    for rank in range(2):
+        assert json.load(open(tmp_path / f"checks_rank{rank}.json")) == [True, True, True]
+    steps = [m for m in read_metrics(tmp_path / "run") if "filter_batches_drawn" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert sum(m["filter_batches_drawn"] for m in steps) > 3  # some rollouts needed more than one batch
