@@ -318,9 +318,12 @@ class Reward:
         given = messages or [None] * B
         chats, answer_chats, answer_rows, rule_parts = [], [], [], []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            # a chat ending with an assistant message was rendered to be continued: the scored turn is that
-            # message's text and the response (a ChatML prompt's unfinished turn is not read back as a turn)
-            reply = given[i][-1]["content"] if given[i] and given[i][-1]["role"] == "assistant" else ""
+            # a chat ending with an assistant message that the prompt leaves open (TRL's continued `prompt`): the
+            # scored turn is that message's text and the response (a ChatML prompt's unfinished turn is not read
+            # back as a turn); a finished one (verl's rows) is part of the history
+            last = given[i][-1] if given[i] else None
+            reply = last["content"] if last and last["role"] == "assistant" and \
+                prompt.endswith(last["content"].strip()) else ""
             messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)] or \
                 (given[i][:-1] if reply else given[i]) or [{"role": "user", "content": prompt}]
             turn = reply + response if reply else scored_turn(prompt, response)

@@ -26,8 +26,10 @@ def thinking_flag(tokenizer):
 
 
 # chat columns whose trailing assistant message is not part of the prompt: MiniMind's placeholder ("无") in
-# `conversations`, the completion in TRL's conversational `messages` rows. In any other column (TRL's and
-# verl's `prompt`) a trailing assistant message is a prefix the response continues, as TRL renders it.
+# `conversations`, the completion in TRL's conversational `messages` rows. In TRL's `prompt` column a trailing
+# assistant message is a prefix the response continues (continues_reply); in verl's rows (which have a
+# `reward_model` or `data_source` column) and any other column it is a finished turn, followed by the generation
+# prompt, as verl and OpenRLHF render it.
 COMPLETION_KEYS = ("conversations", "messages")
 
 
@@ -35,7 +37,7 @@ def parse_chat(key, conversations):
     """The messages of a chat column (MiniMind's conversations, TRL's messages or prompt, verl's prompt) as
     [{"role", "content"}] and whether a trailing assistant message was dropped; raises ValueError(reason) on
     bad input. A trailing assistant message is dropped in COMPLETION_KEYS columns and when empty; elsewhere it
-    is kept, and the prompt is rendered to continue it (`continues_reply`)."""
+    is kept (see COMPLETION_KEYS for how it is rendered)."""
     messages, dropped = [], False
     for i, message in enumerate(conversations):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
@@ -58,10 +60,12 @@ def parse_chat(key, conversations):
     return messages, dropped
 
 
-def continues_reply(messages):
-    """Whether a chat ends with an assistant message the response continues (rendered without a generation
-    prompt: transformers' continue_final_message)."""
-    return bool(messages) and messages[-1]["role"] == "assistant"
+def continues_reply(key, messages, record):
+    """Whether the response continues the chat's trailing assistant message (rendered without a generation
+    prompt: transformers' continue_final_message), as TRL renders its `prompt` column; verl's rows keep it a
+    finished turn."""
+    verl_row = "reward_model" in record or "data_source" in record
+    return key == "prompt" and not verl_row and bool(messages) and messages[-1]["role"] == "assistant"
 
 
 def prompt_of(record, prompt_key=None):
@@ -147,10 +151,10 @@ class RLAIFDataset(Dataset):
         for switch in ([False, True] if self.flag else [None]):  # the think block closed / open
             texts = [content if not self.chat else
                      tokenizer.apply_chat_template(self._with_system(content, system_prompt), tokenize=False,
-                                                   add_generation_prompt=not continues_reply(content),
-                                                   continue_final_message=continues_reply(content),
+                                                   add_generation_prompt=not continued,
+                                                   continue_final_message=continued,
                                                    **({self.flag: switch} if self.flag else {}))
-                     for content, _ in records]
+                     for (content, _), continued in zip(records, self.continued)]
             # a rendered template holds its special tokens already; plain text gets the tokenizer's own (a BOS)
             all_ids = tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
             for i, (text, ids) in enumerate(zip(texts, all_ids)):
@@ -172,7 +176,7 @@ class RLAIFDataset(Dataset):
         if over:
             first, dropped = self.wheres[over[0]], set(over)
             keep = [i for i in range(len(lengths)) if i not in dropped]
-            for name in ("variants", "answers", "messages", "rows", "labels", "wheres"):
+            for name in ("variants", "answers", "messages", "rows", "labels", "wheres", "continued"):
                 values = getattr(self, name)
                 setattr(self, name, [values[i] for i in keep])
             print(f"note: {self.path}: {len(over)} of {len(lengths)} prompts are longer than --max_seq_len "
@@ -217,7 +221,7 @@ class RLAIFDataset(Dataset):
                 raise InputError(f"{table.where(table.records[0][0])}: {flag} {key!r} is in no row of the file "
                                  f"(its columns: {', '.join(table.columns()) or 'none'})")
         self.label_key = detect_label_key(table, label_key)
-        records, self.rows, self.labels, self.wheres = [], [], [], []
+        records, self.rows, self.labels, self.wheres, self.continued = [], [], [], [], []
         first = None  # (number, prompt column, chat?) of the first good row: the file's kind
         completions = 0  # rows whose trailing assistant message was dropped
         kinds = ("conversation", "plain-text prompt")
@@ -255,6 +259,7 @@ class RLAIFDataset(Dataset):
             self.rows.append({k: v for k, v in record.items() if k != key})
             self.labels.append(None if label is MISSING else label)
             self.wheres.append(table.where(number))
+            self.continued.append(chat and continues_reply(key, content, record))
         self.prompt_key = first[1] if first else prompt_key
         self.chat = bool(first and (first[2] or apply_chat_template))
         if completions:

@@ -389,3 +389,20 @@ def test_readme_minimind3_grpo_command_has_minimind3s_defaults():
     assert (args.max_seq_len, args.max_gen_len, args.thinking_ratio) == (768, 1024, 0.9)
     assert args.ppo_epochs == 1 and args.mini_batch_size == args.batch_size * args.n_samples_per_prompt
     assert (args.reward_rules, args.tokenizer_path) == ("minimind3", "../minimind/model")
+
+
+def test_verls_rows_keep_a_trailing_assistant_message_as_a_finished_turn(tokenizers, tmp_path):
+    """verl renders its `prompt` list with the generation prompt whatever it ends with: a trailing assistant
+    message is a finished turn of the history, not a prefix to continue, and the reward model scores the response
+    alone after it."""
+    from reward import Reward
+    tok = AutoTokenizer.from_pretrained(tokenizers["minimind2"])
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": "Let me add:"}] for q in QUESTIONS]
+    rows = [{"prompt": c, "data_source": "arith", "reward_model": {"ground_truth": "0"}} for c in chats]
+    data = RLAIFDataset(write_rows(tmp_path / "verl.jsonl", rows), tok, max_length=64)
+    prompts = [s["prompt"] for s in data.samples]
+    assert prompts == [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    recorder = RecordingRewardModel()
+    Reward(recorder, rules="none")(prompts[:1], [" 0"], messages=[data.samples[0]["messages"]])
+    assert recorder.chats[0][-2:] == [{"role": "assistant", "content": "Let me add:"},
+                                      {"role": "assistant", "content": " 0"}]
