@@ -36,6 +36,11 @@ check demo_fp16 150 python3 train_ppo.py --device cuda --dtype float16 --max_ste
     --save_dir "$out/demo_fp16"
 check grpo_lora_gc 150 python3 train_ppo.py --device cuda --max_steps 4 --eval_data_path none --adv_estimator grpo \
     --n_samples_per_prompt 4 --batch_size 8 --lora_rank 8 --gradient_checkpointing 1 --save_dir "$out/grpo_lora"
+# DAPO's pieces and rollout correction in bf16, where the sampler and the scoring forward differ: the mismatch
+# metrics (rollout_token_ratio_max/min, rollout_kl) and the correction weights on a real GPU
+check dapo_rollout_is 150 python3 train_ppo.py --device cuda --max_steps 6 --eval_data_path none --adv_estimator grpo \
+    --n_samples_per_prompt 4 --batch_size 8 --policy_loss cispo --filter_groups 1 --overlong_buffer_len 16 \
+    --rollout_is token --save_dir "$out/dapo"
 check fsdp_1gpu 150 torchrun --standalone --nproc_per_node 1 train_ppo.py --device cuda --fsdp 1 --max_steps 3 \
     --eval_data_path none --save_dir "$out/fsdp"
 
@@ -57,3 +62,5 @@ done
 grep -h "first_minibatch_ratio_dev\|sampler_logprob_gap" "$out"/demo_bf16/metrics.jsonl 2>/dev/null | head -n 2 \
     | python3 -c "import json, sys; [print({k: json.loads(l)[k] for k in ('step', 'kl_ref', 'first_minibatch_ratio_dev',
     'sampler_logprob_gap')}) for l in sys.stdin]"
+tail -n 1 "$out"/dapo/metrics.jsonl 2>/dev/null | python3 -c "import json, sys; m = json.loads(sys.stdin.read());
+print({k: v for k, v in m.items() if k.startswith(('rollout_', 'filter_', 'sampler_'))})"
