@@ -112,6 +112,9 @@ class Experience:
     advantages: torch.Tensor = None  # [B, R] --adv_estimator's (GAE whitened), add_advantages
     raw_advantages: torch.Tensor = None  # [B, R] before whitening (for the logs)
     returns: torch.Tensor = None  # [B, R] GAE + V: the critic's targets (add_advantages; gae only)
+    # the policy loss's tokens: response_mask, less the truncated responses with --mask_truncated_responses
+    loss_mask: torch.Tensor = None  # [B, R] (None: response_mask)
+    rollout_weights: torch.Tensor = None  # [B, R] rollout-correction weights on the policy loss (None: off)
     # for the logs
     kl: torch.Tensor = None  # [B, R] per-token KL estimate to the reference
     scores: torch.Tensor = None  # [B] total reward per response (CPU)
@@ -120,9 +123,6 @@ class Experience:
     responses: list = None  # B decoded responses
     prompts: list = None  # B rendered prompts
     sampler_gap: torch.Tensor = None  # mean |sampler log-prob - old_logprobs| over real tokens
-    # the policy loss's tokens: response_mask, less the truncated responses with --mask_truncated_responses
-    loss_mask: torch.Tensor = None  # [B, R] (None: response_mask)
-    rollout_weights: torch.Tensor = None  # [B, R] rollout-correction weights on the policy loss (None: off)
     rollout_stats: dict = None  # sampler/trainer mismatch (0-d tensors) and dynamic sampling's counts
     seconds: dict = None  # generate, forward, reward
     scored_positions: int = 0  # token positions in one scoring pass over the rollout, padding included
