@@ -25,6 +25,23 @@ def read_metrics(save_dir):
     return [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
 
 
+def assert_resume_from_step_2_is_exact(run, argv, full, part, metrics):
+    """The run in `full` (4 steps, a resume file every 2), stopped after step 2 and resumed in `part` with `argv`
+    (the same flags) + --from_resume 1, is the run that would have happened: the same metrics after step 2 (the
+    clock aside) and the same final weights."""
+    import shutil
+    import torch
+    from trainer_utils import load_state_dict_file
+    os.makedirs(os.path.join(part, "checkpoints"))
+    shutil.copy(os.path.join(full, "checkpoints", "ppo_actor_64_resume.1.pth"),
+                os.path.join(part, "checkpoints", "ppo_actor_64_resume.pth"))
+    run([*argv, "--from_resume", "1"])
+    assert list(map(timeless, read_metrics(part))) == list(map(timeless, metrics[2:]))
+    a = load_state_dict_file(os.path.join(full, "ppo_actor_64.pth"))
+    b = load_state_dict_file(os.path.join(part, "ppo_actor_64.pth"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def start(ctx, argv, log, **faults):
     open(log, "a").close()
     proc = ctx.Process(target=fault_runner.run, args=(argv, str(log), faults))

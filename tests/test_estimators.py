@@ -3,17 +3,15 @@ against hand-computed groups and minibatches; N ranks take the step one process 
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
 
 import train_ppo
-from children import timeless, torchrun
+from children import assert_resume_from_step_2_is_exact, torchrun
 from conftest import tiny_run_args
 from core_algos import aggregate_loss, group_advantages, LOSS_AGG_MODES
 from train_ppo import add_advantages, Experience
-from trainer_utils import load_state_dict_file
 
 
 def run(argv):
@@ -148,12 +146,7 @@ def test_grpo_run_builds_no_critic_logs_what_each_sample_was_credited_with_and_r
     state = torch.load(full / "checkpoints" / "ppo_actor_64_resume.pth", weights_only=True)
     assert state["critic_model"] is None and state["n_samples_per_prompt"] == 2
     # stopped after 2 steps and resumed: the run that would have happened
-    os.makedirs(part / "checkpoints")
-    shutil.copy(full / "checkpoints" / "ppo_actor_64_resume.1.pth", part / "checkpoints" / "ppo_actor_64_resume.pth")
-    run(tiny_run_args(tiny_kit, part, *flags, "--from_resume", "1"))
-    assert list(map(timeless, read_metrics(part))) == list(map(timeless, metrics[2:]))
-    a, b = load_state_dict_file(full / "ppo_actor_64.pth"), load_state_dict_file(part / "ppo_actor_64.pth")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_from_step_2_is_exact(run, tiny_run_args(tiny_kit, part, *flags), full, part, metrics)
     with pytest.raises(ValueError, match="resume file was written with --n_samples_per_prompt 2, this run has "
                                          "--n_samples_per_prompt 1"):
         run(tiny_run_args(tiny_kit, part, "--max_steps", "4", "--batch_size", "2", "--mini_batch_size", "2",

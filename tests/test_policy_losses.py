@@ -3,27 +3,20 @@
 each checked against an equivalent run built another way, split over micro-batches and ranks, and resumed."""
 import json
 import math
-import os
-import shutil
 
 import pytest
 import torch
 
 import train_ppo
 from checkpoint import Learner
-from children import timeless, torchrun
+from children import assert_resume_from_step_2_is_exact, read_metrics, torchrun
 from conftest import tiny_run_args
 from ddp_worker import fixed_rollout, one_update, tiny_models, update_args
 from train_ppo import concat_samples, dynamic_sampling, Experience, Samples
-from trainer_utils import load_state_dict_file
 
 
 def run(argv):
     train_ppo.main(train_ppo.parse_args(argv))
-
-
-def read_metrics(save_dir):
-    return [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl"))]
 
 
 # ----------------------------------------------------------------------------- flags
@@ -212,12 +205,7 @@ def test_dapo_run_filters_shapes_masks_corrects_logs_and_resumes_exactly(tiny_ki
     assert len(samples) == 16 and any(s["reward_overlong"] < 0 for s in samples)
     for s in samples:  # DAPO's overlong formula (verl), by hand: max_gen_len 8, buffer 4, factor 0.5
         assert s["reward_overlong"] == pytest.approx(min(-(s["response_tokens"] - 4) / 4 * 0.5, 0.0))
-    os.makedirs(part / "checkpoints")
-    shutil.copy(full / "checkpoints" / "ppo_actor_64_resume.1.pth", part / "checkpoints" / "ppo_actor_64_resume.pth")
-    run(tiny_run_args(tiny_kit, part, *flags, "--from_resume", "1"))
-    assert list(map(timeless, read_metrics(part))) == list(map(timeless, metrics[2:]))
-    a, b = load_state_dict_file(full / "ppo_actor_64.pth"), load_state_dict_file(part / "ppo_actor_64.pth")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_from_step_2_is_exact(run, tiny_run_args(tiny_kit, part, *flags), full, part, metrics)
     with pytest.raises(ValueError, match="resume file was written with --filter_groups 1, this run has "
                                          "--filter_groups 0"):
         run(tiny_run_args(tiny_kit, part, *flags, "--filter_groups", "0", "--from_resume", "1"))
