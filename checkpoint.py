@@ -70,6 +70,7 @@ class Run:
     swanlab_run: object = None
     started: float = None  # time.time() when train() started, and the global step then (for the ETA)
     first_step: int = 0
+    tools: object = None  # tools.ToolRunner of --tools (None: one-turn rollouts)
 
     @property
     def metrics_path(self):
@@ -85,7 +86,7 @@ class Run:
 # trained (the LoRA adapters' rank, scale and places; the base is checked by the reference's fingerprint)
 RESUME_FLAGS = dict(batch_size=None, n_samples_per_prompt=1, adv_estimator="gae", lora_rank=0, lora_alpha=16,
                     lora_target_modules="all-linear", lora_critic=1, policy_loss="ppo", filter_groups=0,
-                    max_filter_batches=10)
+                    max_filter_batches=10, tools=None, max_turns=None)
 
 
 def policy_path(args, config):

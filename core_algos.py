@@ -43,21 +43,29 @@ def kl_penalty(logprobs, ref_logprobs, estimator):
 
 
 def compute_advantages(token_rewards, values, response_mask, gamma, lam):
-    """GAE over response tokens; all [B, T]. Returns (advantages, returns), zero past each row's end.
+    """GAE over response tokens; all [B, T]. Returns (advantages, returns), zero off the mask.
 
     delta_t = r_t + gamma * V_{t+1} - V_t and A_t = sum_l (gamma * lam)^l delta_{t+l}, computed
-    as one matmul with the discount matrix instead of a Python loop over tokens.
+    as one matmul with the discount matrix instead of a Python loop over tokens. t runs over the mask's
+    tokens only: with gaps (multi-turn: tool results between the policy's turns) the step after a turn's
+    last token is the next turn's first, as if the tool's text were not there; it is the environment's
+    answer, not a decision of the policy, and carries no reward or value of its own.
     """
     mask = response_mask.to(values.dtype)
-    values = values * mask
+    # the mask's tokens first, in order (a stable sort): gaps closed, so t + 1 is the policy's next token
+    order = torch.sort((mask == 0).long(), dim=1, stable=True).indices  # [B, T]
+    rewards, mask = token_rewards.gather(1, order), mask.gather(1, order)
+    values = values.gather(1, order) * mask
     next_values = F.pad(values[:, 1:], (0, 1))
-    deltas = (token_rewards + gamma * next_values - values) * mask
+    deltas = (rewards + gamma * next_values - values) * mask
     T = deltas.shape[1]
     idx = torch.arange(T, device=deltas.device)
     power = (idx[None, :] - idx[:, None]).to(deltas.dtype)  # [T, T]: j - i
     discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))
     advantages = (deltas @ discount.T) * mask
-    return advantages, (advantages + values) * mask
+    returns = (advantages + values) * mask
+    back = lambda x: torch.zeros_like(x).scatter_(1, order, x)  # noqa: E731  to the original positions
+    return back(advantages), back(returns)
 
 
 def group_advantages(scores, groups, estimator):

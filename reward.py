@@ -4,6 +4,8 @@ with the reward functions from files (reward_functions.py).
 Used by train_ppo.py (rollouts), evaluation.py (held-out evaluation) and the scripts. A
 reward is (total [B], parts {name: [B]}); every part is logged on its own.
 """
+import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -272,6 +274,149 @@ def collapse_history(messages):
     return [{"role": "user", "content": f"{history}{HISTORY_FRAMING}{last}" if history else last}]
 
 
+# ----------------------------------------------------------------------------- minimind-3's agent reward
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALL_SPAN = re.compile(f"{CALL_OPEN}(.*?){CALL_CLOSE}", re.DOTALL)
+NUMERAL = r"[-+]?\d+(?:\.\d+)?"  # a plain decimal: no exponent, no leading dot
+# a numeral standing alone in the text: no word character or dot just before or after it ("42." ending a
+# sentence, "25km" and "是28度" hold none)
+FREE_NUMERAL = re.compile(rf"(?<![\w.]){NUMERAL}(?![\w.])")
+AGENT_CLIP = 3.0
+AGENT_PARTS = ("tags", "length", "think", "rm", "repetition", "tool_calls", "gt", "unfinished", "clip")
+MINIMIND3_TOOLS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "minimind3_tools.py")
+
+
+def gt_found(text, gt):
+    """The values of `gt` that `text` contains, as a set (docs/minimind.md "minimind-3's agent reward")."""
+    text = str(text)
+    lowered = text.lower()
+    numbers = [float(n) for n in FREE_NUMERAL.findall(text.replace(",", ""))]
+
+    def contains(value):
+        wanted = str(value).strip()
+        if wanted and wanted.lower() in lowered:
+            return True
+        numeral = wanted.replace(",", "")
+        return re.fullmatch(NUMERAL, numeral) is not None and any(abs(float(numeral) - n) < 1e-6 for n in numbers)
+
+    return {value for value in gt if contains(value)}
+
+
+def required_arguments_present(schema):
+    """check(arguments) -> bool for a tool's JSON schema: every required parameter present, not None for
+    number/integer ones, truthy for the others (docs/minimind.md "minimind-3's agent reward")."""
+    parameters = schema.get("function", schema).get("parameters") or {}
+    properties = parameters.get("properties") or {}
+    required = list(parameters.get("required") or ())
+
+    def numeric(name):
+        kind = (properties.get(name) or {}).get("type")
+        return bool({"number", "integer"} & set(kind if isinstance(kind, list) else [kind]))
+
+    tests = [(name, numeric(name)) for name in required]
+
+    def check(arguments):
+        if not tests:
+            return True
+        if not isinstance(arguments, dict):
+            return False
+        return all(arguments.get(name) is not None if is_number else bool(arguments.get(name))
+                   for name, is_number in tests)
+
+    return check
+
+
+def tool_checks(schemas):
+    """valid_arguments(name, arguments) for minimind3_agent_reward from tool schemas: required_arguments_present
+    of the named tool's schema; False for a tool without a schema."""
+    checks = {schema["function"]["name"]: required_arguments_present(schema) for schema in schemas}
+    return lambda name, arguments: name in checks and checks[name](arguments)
+
+
+@functools.lru_cache(maxsize=None)
+def minimind3_tool_checks():
+    """tool_checks of MiniMind-3's six mock tools (examples/minimind3_tools.py, schemas by transformers'
+    get_json_schema): minimind3_agent_reward's default, MiniMind-3's own argument checks."""
+    from transformers.utils import get_json_schema
+    spec = importlib.util.spec_from_file_location("minimind3_tools", MINIMIND3_TOOLS_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tool_checks([get_json_schema(tool) for tool in module.TOOLS])
+
+
+def answer_part(turn):
+    """The stripped text after a turn's first </think>; the stripped turn without one."""
+    return turn.split("</think>", 1)[-1].strip()
+
+
+def tool_calls_in(text):
+    """The JSON of every <tool_call>...</tool_call> span; spans that are not JSON are skipped."""
+    calls = []
+    for body in CALL_SPAN.findall(text):
+        try:
+            calls.append(json.loads(body.strip()))
+        except (ValueError, RecursionError):
+            pass
+    return calls
+
+
+def call_is_valid(call, tool_names, valid_arguments):
+    """A JSON object naming one of `tool_names` whose arguments (a JSON string is parsed; unparsable: {})
+    pass valid_arguments. Anything but an object is invalid (MiniMind-3 raises on it)."""
+    if not isinstance(call, dict):
+        return False
+    name, arguments = call.get("name", ""), call.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            arguments = {}
+    return isinstance(name, str) and name in tool_names and bool(valid_arguments(name, arguments))
+
+
+def minimind3_agent_reward(turns, gt, tool_names, unfinished, rm_score=None, valid_arguments=None):
+    """MiniMind-3's agent-RL reward of one rollout (docs/minimind.md "minimind-3's agent reward").
+
+    turns: the assistant text of each turn as generated; gt: the row's ground-truth values; tool_names: the
+    row's tools; unfinished: still calling tools at the last turn; rm_score(answer) -> float: the reward model
+    (no-call rollouts only); valid_arguments(name, arguments) -> bool: default minimind3_tool_checks().
+    Returns (total clipped to [-3, 3], parts): every name of AGENT_PARTS, 0.0 where a rule does not apply;
+    `clip` is the clipping's change, so the parts sum to the total.
+    """
+    turns = list(turns) or [""]
+    valid_arguments = valid_arguments or minimind3_tool_checks()
+    gt = list(gt or ())
+    answers = [answer_part(turn) for turn in turns]
+    last_turn, last_answer = turns[-1], answers[-1]
+    calls = [call for answer in answers for call in tool_calls_in(answer)]
+    parts = dict.fromkeys(AGENT_PARTS, 0.0)
+    parts["tags"] = -0.5 * sum(abs(a.count(CALL_OPEN) - a.count(CALL_CLOSE)) for a in answers)
+    if not calls:
+        parts["length"] = 0.5 if 5 <= len(last_turn.strip()) <= 800 else -0.5
+        if "</think>" in last_turn:
+            thinking = last_turn.split("</think>", 1)[0].strip()
+            parts["think"] = ((1.0 if 20 <= len(thinking) <= 300 else -0.5)
+                              + (0.25 if last_turn.count("</think>") == 1 else -0.25))
+        if rm_score is not None:
+            parts["rm"] = float(rm_score(last_answer))
+        parts["repetition"] = -repetition(last_answer)
+    else:
+        names = set(tool_names or ())
+        valid = sum(call_is_valid(call, names, valid_arguments) for call in calls)
+        gap = abs(valid - len(gt)) + (len(calls) - valid)
+        parts["tool_calls"] = 0.5 if gap == 0 else -0.5 * gap
+        final_text = "" if unfinished else last_answer.rsplit(CALL_CLOSE, 1)[-1]
+        if gt:
+            parts["gt"] = 2.5 * len(gt_found(final_text, gt)) / len(gt)
+        if unfinished:
+            parts["unfinished"] = -0.5
+        parts["repetition"] = -repetition(final_text or last_answer)
+    unclipped = sum(parts.values())
+    total = min(AGENT_CLIP, max(-AGENT_CLIP, unclipped))
+    parts["clip"] = total - unclipped
+    return total, {name: value + 0.0 for name, value in parts.items()}  # + 0.0: no -0.0 in the logs
+
+
 
 class Reward:
     """What a rollout's responses earn: (total [B], parts {name: [B]}). The total is the sum of the parts whose
@@ -306,14 +451,23 @@ class Reward:
         self.function_parts = reward_parts(self.functions)  # [(part name, scorer)]
         self.missing_eos_penalty = missing_eos_penalty
 
-    def __call__(self, prompts, responses, answers=None, messages=None, has_eos=None, rows=None):
+    def __call__(self, prompts, responses, answers=None, messages=None, has_eos=None, rows=None, transcripts=None,
+                 unfinished=None):
         """prompts: the rendered prompt texts; messages: each row's chat as the data gave it (None for
         plain-text rows); has_eos [B] bool: the response ended its turn (for `missing_eos`); rows: each data row's
         other columns (RLAIFDataset's `row`; None where unknown), for reward functions. The reward model's
         query is read back from a ChatML prompt (MiniMind's, Qwen's), keeping a system turn the template added,
         as MiniMind's PPO does; a prompt in another template is taken from its messages, and plain text is the
-        user's query itself."""
+        user's query itself.
+
+        With tools (multi-turn rollouts) `transcripts` holds each response's turns as messages (assistant
+        turns and tool results) and `unfinished` [B] whether it still called tools at its last turn. The rules,
+        the reward model and --correctness_reward then read the final assistant turn; reward functions read the
+        whole response (every turn and tool result, as rendered), TRL's functions the turns as `completions`."""
         B = len(responses)
+        functions_read = responses
+        if transcripts is not None:
+            responses = [t[-1]["content"] if t and t[-1]["role"] == "assistant" else "" for t in transcripts]
         answers = [a or None for a in answers] if answers is not None else [None] * B
         given = messages or [None] * B
         chats, answer_chats, answer_rows, rule_parts = [], [], [], []
@@ -350,7 +504,8 @@ class Reward:
                                                  for r, a in zip(responses, answers)], dtype=torch.float32)
         rows = list(rows) if rows is not None else [None] * B
         for name, scorer in self.function_parts:
-            parts[name], diagnostics = scorer.score(prompts, responses, answers, given, rows)
+            parts[name], diagnostics = scorer.score(prompts, functions_read, answers, given, rows,
+                                                    completions=transcripts)
             parts.update((f"{name}/{key}", values) for key, values in sorted(diagnostics.items()))
         if not parts:
             raise InputError("no reward: --reward_model_path none with --reasoning 0, no --correctness_reward "

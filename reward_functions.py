@@ -173,10 +173,12 @@ class RewardFunction:
     def __call__(self, prompts, responses, answers, messages=None, rows=None):
         return self.score(prompts, responses, answers, messages, rows)[0]
 
-    def score(self, prompts, responses, answers, messages=None, rows=None, samples=None):
+    def score(self, prompts, responses, answers, messages=None, rows=None, samples=None, completions=None):
         """(rewards [B] float32, {diagnostic name: [B]}) of B responses. messages: each row's chat (None for
         plain text); rows: each row's other columns (None: none known); samples: the batch index of each, for
-        messages (default 0..B-1). A diagnostic a sample's result lacks is 0 for that sample."""
+        messages (default 0..B-1); completions: with tools, each response as its turns' messages (assistant
+        turns and tool results), TRL's `completions` then. A diagnostic a sample's result lacks is 0 for that
+        sample."""
         B = len(responses)
         prompts, responses, answers = list(prompts), list(responses), list(answers)
         messages = list(messages) if messages is not None else [None] * B
@@ -202,9 +204,9 @@ class RewardFunction:
                 values.append(value)
         else:
             try:
-                values = self._call_batch(prompts, responses, answers, messages, rows)
+                values = self._call_batch(prompts, responses, answers, messages, rows, completions)
             except Exception as e:
-                failing = self._failing_sample(prompts, responses, answers, messages, rows, samples)
+                failing = self._failing_sample(prompts, responses, answers, messages, rows, samples, completions)
                 raise RuntimeError(f"{self.where} raised {type(e).__name__}: {e} ({failing})") from e
             values, diagnostics = self._split_result(values, B)
         return self._to_tensor(values, responses, samples), {k: torch.tensor(v, dtype=torch.float32)
@@ -216,7 +218,7 @@ class RewardFunction:
                      extra_info=dict((row or {}).get("extra_info") or {}))  # always a dict, as verl passes it
         return {k: v for k, v in given.items() if k in self.params or self.takes_any}
 
-    def _call_batch(self, prompts, responses, answers, messages, rows):
+    def _call_batch(self, prompts, responses, answers, messages, rows, completions=None):
         if self.kind == "plain":
             return self.fn(prompts, responses, answers)
         if self.kind == "openrlhf":
@@ -224,7 +226,8 @@ class RewardFunction:
             return self.fn(queries=[p + r for p, r in zip(prompts, responses)], prompts=prompts, labels=labels)
         chat = [m is not None for m in messages]  # TRL: conversational rows get messages, plain rows strings
         kwargs = dict(prompts=[m if c else p for m, c, p in zip(messages, chat, prompts)],
-                      completions=[[{"role": "assistant", "content": r}] if c else r for r, c in zip(responses, chat)])
+                      completions=completions or [[{"role": "assistant", "content": r}] if c else r
+                                                  for r, c in zip(responses, chat)])
         columns = dict.fromkeys(k for row in rows if row for k in row)
         for column in columns:
             if column not in kwargs and (self.takes_any or column in self.params):
@@ -269,11 +272,11 @@ class RewardFunction:
     def _sample(i, response):
         return f"sample {i} (response {response[:80]!r})"
 
-    def _failing_sample(self, prompts, responses, answers, messages, rows, samples):
+    def _failing_sample(self, prompts, responses, answers, messages, rows, samples, completions=None):
         for i in range(len(responses)):  # one at a time, to name the sample
             try:
                 self._call_batch(prompts[i:i + 1], responses[i:i + 1], answers[i:i + 1], messages[i:i + 1],
-                                 rows[i:i + 1])
+                                 rows[i:i + 1], completions and completions[i:i + 1])
             except Exception:
                 return f"sample {samples[i]}: response {responses[i][:80]!r}"
         return f"on the batch of {len(responses)} responses; each alone passes"
@@ -306,7 +309,7 @@ class RoutedRewards:
                 f"add --reward_fn {source}=FILE.py:FUNCTION, or a plain --reward_fn FILE.py:FUNCTION for "
                 f"every other data_source)")
 
-    def score(self, prompts, responses, answers, messages=None, rows=None, samples=None):
+    def score(self, prompts, responses, answers, messages=None, rows=None, samples=None, completions=None):
         B = len(responses)
         messages = list(messages) if messages is not None else [None] * B
         rows = list(rows) if rows is not None else [None] * B
@@ -322,7 +325,7 @@ class RoutedRewards:
         for fn, index in chosen.items():
             pick = lambda seq: [seq[i] for i in index]  # noqa: E731
             part, extra = fn.score(pick(prompts), pick(responses), pick(answers), pick(messages), pick(rows),
-                                   pick(samples))
+                                   pick(samples), completions and pick(completions))
             scores[index] = part
             for key, values in extra.items():
                 diagnostics.setdefault(key, torch.zeros(B))[index] = values

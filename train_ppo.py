@@ -33,7 +33,7 @@ from core_algos import (aggregate_loss, compute_advantages, group_advantages, gr
                         LOSS_AGG_MODES, masked_mean, masked_whiten, overlong_penalty, policy_loss, POLICY_LOSSES,
                         ROLLOUT_CORRECTION_LEVELS, ROLLOUT_CORRECTION_MODES, rollout_correction,
                         rollout_mismatch_metrics, value_loss_per_token)
-from dataset.lm_dataset import PromptCollator, RLAIFDataset, decode_responses, thinking_flag
+from dataset.lm_dataset import PromptCollator, RLAIFDataset, decode_responses, thinking_flag, tool_name
 from evaluation import evaluate_on_ranks, eval_table, log_eval
 from fsdp import check_flags, full_tensor, shard_models, sharded_grad_scaler, unsharded
 from model.critic import build_critic
@@ -42,6 +42,8 @@ from model.loading import (check_position_limit, check_tokenizer_fit, default_to
 from model.lora import copy_sharing, fit_models
 from model.policy import Policy
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
+from multi_turn import check_tool_template, sample_with_tools
+from tools import ToolRunner
 from reward import add_reward_flags, build_reward, default_reward_model, reward_model_from_flags
 from reward_functions import check_labels, NonFiniteRolloutError, RewardFunction
 from trainer_utils import (all_names, all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
@@ -103,7 +105,9 @@ class Experience:
     Filled by collect_rollout; advantages and returns by add_advantages, before the update."""
     input_ids: torch.Tensor  # [B, T] left-padded prompts, then the responses
     attention_mask: torch.Tensor  # [B, T]
-    response_mask: torch.Tensor  # [B, R] float: 1 up to and including each row's EOS
+    # float: 1 on the policy's own tokens, up to and including each row's EOS; with --tools every turn's, not
+    # the tool results between them (in attention_mask only: read by the forwards, not trained or penalised)
+    response_mask: torch.Tensor  # [B, R]
     old_logprobs: torch.Tensor  # [B, R] log pi_old: the distribution the tokens were sampled from
     ref_logprobs: torch.Tensor  # [B, R] log pi_ref
     values: torch.Tensor  # [B, R] V(s_t), 0 past each row's end (0 everywhere without a critic)
@@ -123,7 +127,8 @@ class Experience:
     responses: list = None  # B decoded responses
     prompts: list = None  # B rendered prompts
     sampler_gap: torch.Tensor = None  # mean |sampler log-prob - old_logprobs| over real tokens
-    rollout_stats: dict = None  # sampler/trainer mismatch (0-d tensors) and dynamic sampling's counts
+    rollout_stats: dict = None  # sampler/trainer mismatch (0-d tensors), dynamic sampling's counts, tool use's
+    transcripts: list = None  # --tools: B lists of the turns' messages (assistant turns, tool results)
     seconds: dict = None  # generate, forward, reward
     scored_positions: int = 0  # token positions in one scoring pass over the rollout, padding included
 
@@ -159,21 +164,23 @@ def micro_batches(order, mini_batch_size, accumulation_steps, prompt_lens=None, 
 
 
 def rollout_micro_batches(order, attention_mask, response_mask, args):
-    """micro_batches of a rollout's rows in `order`, by the rows' own prompt and response lengths: the same
-    split for the scoring of pi_old and for the update (the first ratio is then exactly 1)."""
+    """micro_batches of a rollout's rows in `order`, by the rows' own prompt and response lengths (tool results
+    included: the attention mask's): the same split for the scoring of pi_old and for the update (the first
+    ratio is then exactly 1)."""
     P = attention_mask.shape[1] - response_mask.shape[1]
     return micro_batches(order, args.mini_batch_size, args.accumulation_steps, attention_mask[:, :P].sum(1).tolist(),
-                         response_mask.sum(1).long().tolist(), args.max_tokens_per_micro_batch)
+                         attention_mask[:, P:].sum(1).tolist(), args.max_tokens_per_micro_batch)
 
 
 def unpadded(input_ids, attention_mask, response_mask, rows):
     """(input ids, attention mask, response length R') of `rows` cut to their own longest prompt and longest
-    response: prompts are left-padded and responses right-padded, so the columns cut hold only padding and the
-    forwards compute nothing on them; results for the kept R' response positions are the same (to rounding)."""
+    response (with --tools: every turn and tool result, the attention mask's real tokens): prompts are
+    left-padded and responses right-padded, so the columns cut hold only padding and the forwards compute
+    nothing on them; results for the kept R' response positions are the same (to rounding)."""
     R = response_mask.shape[1]
     am, P = attention_mask[rows], input_ids.shape[1] - R
     first = P - int(am[:, :P].sum(1).max())  # the longest prompt's first token
-    R_kept = max(int(response_mask[rows].sum(1).max()), 1)
+    R_kept = max(int(am[:, P:].sum(1).max()), 1)
     return input_ids[rows][:, first:P + R_kept], am[:, first:P + R_kept], R_kept
 
 
@@ -184,8 +191,9 @@ class Samples:
     prompt_ids: torch.Tensor  # [N, P] left-padded
     prompt_mask: torch.Tensor  # [N, P]
     response_ids: torch.Tensor  # [N, R] right-padded
-    response_mask: torch.Tensor  # [N, R] 1 up to and including each row's EOS
-    sampler_logprobs: torch.Tensor  # [N, R] the sampler's own log-probs of its tokens
+    response_mask: torch.Tensor  # [N, R] 1 on every real token, up to and including each row's EOS
+    action_mask: torch.Tensor  # [N, R] 1 on the policy's own tokens (== response_mask without --tools)
+    sampler_logprobs: torch.Tensor  # [N, R] the sampler's own log-probs of its tokens (0 on tool results)
     scores: torch.Tensor  # [N] total reward (CPU)
     reward_parts: dict  # {part: [N]}
     has_eos: torch.Tensor  # [N] bool
@@ -193,14 +201,18 @@ class Samples:
     prompts: list  # N rendered prompts
     groups: torch.Tensor  # [N] the index of each response's prompt (CPU)
     seconds: dict  # generate, reward
+    transcripts: list = None  # --tools: N lists of the turns' messages
+    tool_stats: dict = None  # --tools: {tool_calls, tool_errors, unfinished, turns: [N] (CPU)}
 
     def select(self, rows):
         """The rows `rows` ([k] indices, CPU), in that order."""
-        on = rows.to(self.prompt_ids.device)
+        on, picked = rows.to(self.prompt_ids.device), rows.tolist()
         return Samples(self.prompt_ids[on], self.prompt_mask[on], self.response_ids[on], self.response_mask[on],
-                       self.sampler_logprobs[on], self.scores[rows], {k: v[rows] for k, v in self.reward_parts.items()},
-                       self.has_eos[on], [self.responses[i] for i in rows.tolist()],
-                       [self.prompts[i] for i in rows.tolist()], self.groups[rows], self.seconds)
+                       self.action_mask[on], self.sampler_logprobs[on], self.scores[rows],
+                       {k: v[rows] for k, v in self.reward_parts.items()}, self.has_eos[on],
+                       [self.responses[i] for i in picked], [self.prompts[i] for i in picked], self.groups[rows],
+                       self.seconds, self.transcripts and [self.transcripts[i] for i in picked],
+                       self.tool_stats and {k: v[rows] for k, v in self.tool_stats.items()})
 
 
 def concat_samples(parts, pad_token_id):
@@ -218,35 +230,53 @@ def concat_samples(parts, pad_token_id):
                    torch.cat([left(s.prompt_mask, 0) for s in parts]),
                    torch.cat([right(s.response_ids, pad_token_id) for s in parts]),
                    torch.cat([right(s.response_mask, 0) for s in parts]),
+                   torch.cat([right(s.action_mask, 0) for s in parts]),
                    torch.cat([right(s.sampler_logprobs, 0.0) for s in parts]), torch.cat([s.scores for s in parts]),
                    {k: torch.cat([s.reward_parts[k] for s in parts]) for k in parts[0].reward_parts},
                    torch.cat([s.has_eos for s in parts]), [r for s in parts for r in s.responses],
-                   [q for s in parts for q in s.prompts], groups, parts[0].seconds)
+                   [q for s in parts for q in s.prompts], groups, parts[0].seconds,
+                   parts[0].transcripts and [t for s in parts for t in s.transcripts],
+                   parts[0].tool_stats and {k: torch.cat([s.tool_stats[k] for s in parts]) for k in parts[0].tool_stats})
 
 
 @torch.no_grad()
-def sample_and_reward(batch, old_actor, reward, tokenizer, args, autocast):
+def sample_and_reward(batch, old_actor, reward, tokenizer, args, autocast, tool_runner=None):
     """The old actor's responses to a batch of prompts and their reward (with DAPO's overlong shaping, the part
-    `overlong`, when --overlong_buffer_len is set): Samples."""
+    `overlong`, when --overlong_buffer_len is set): Samples. With a `tool_runner` (--tools) each response is a
+    conversation of up to --max_turns turns with the tools' results between them (multi_turn.sample_with_tools);
+    its text is every turn and result as rendered, and the reward also gets the turns as messages."""
     device = args.device
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     stop_ids = stop_token_ids(old_actor.lm, tokenizer)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    transcripts = tool_stats = None
     t0 = synced_time(device)
     with autocast, unsharded(old_actor):  # sharded (--fsdp 1): gathered once, no collective per decoded token
-        response_ids, response_mask, sampler_logprobs = sample_responses(
-            old_actor.lm, prompt_ids, prompt_mask, args.max_gen_len, stop_ids, tokenizer.pad_token_id,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if tool_runner is None:
+            response_ids, response_mask, sampler_logprobs = sample_responses(
+                old_actor.lm, prompt_ids, prompt_mask, args.max_gen_len, stop_ids, tokenizer.pad_token_id, **sampling)
+            action_mask, has_eos = response_mask, ends_with_stop(response_ids, response_mask, stop_ids)
+        else:
+            rollout = sample_with_tools(old_actor.lm, tokenizer, prompt_ids, prompt_mask, batch["messages"],
+                                        batch["tools"], batch["template_kwargs"], tool_runner, args.max_turns,
+                                        args.max_gen_len, stop_ids, **sampling)
+            response_ids, response_mask, action_mask = rollout.response_ids, rollout.response_mask, rollout.action_mask
+            sampler_logprobs, has_eos, transcripts = rollout.logprobs, rollout.has_eos, rollout.transcripts
+            tool_stats = dict(tool_calls=rollout.tool_calls.cpu(), tool_errors=rollout.tool_errors.cpu(),
+                              unfinished=rollout.unfinished.cpu(),
+                              turns=torch.tensor([sum(m["role"] == "assistant" for m in t) for t in transcripts]))
     t1 = synced_time(device)
     responses = decode_responses(tokenizer, response_ids, response_mask)
-    has_eos = ends_with_stop(response_ids, response_mask, stop_ids)
-    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"], has_eos, batch["rows"])
+    turns = {} if transcripts is None else dict(transcripts=transcripts, unfinished=tool_stats["unfinished"])
+    scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"], has_eos, batch["rows"],
+                           **turns)
     if args.overlong_buffer_len:
         parts["overlong"] = overlong_penalty(response_mask.sum(1).cpu(), args.max_gen_len, args.overlong_buffer_len,
                                              args.overlong_penalty)
         scores = scores + parts["overlong"]
-    return Samples(prompt_ids, prompt_mask, response_ids, response_mask, sampler_logprobs, scores, parts, has_eos,
-                   responses, list(batch["prompts"]), batch["groups"],
-                   dict(generate=t1 - t0, reward=synced_time(device) - t1))
+    return Samples(prompt_ids, prompt_mask, response_ids, response_mask, action_mask, sampler_logprobs, scores, parts,
+                   has_eos, responses, list(batch["prompts"]), batch["groups"],
+                   dict(generate=t1 - t0, reward=synced_time(device) - t1), transcripts, tool_stats)
 
 
 def dynamic_sampling(batch, next_batch, sample, args, pad_token_id):
@@ -300,8 +330,8 @@ def score_rollout(samples, old_actor, ref_model, critic, kl_coef, orders, args, 
     t0 = synced_time(device)
     B, R = samples.response_ids.shape
     input_ids = torch.cat([samples.prompt_ids, samples.response_ids], 1)  # [B, P+R]
-    attention_mask = torch.cat([samples.prompt_mask, samples.response_mask], 1)
-    mask = samples.response_mask.float()
+    attention_mask = torch.cat([samples.prompt_mask, samples.response_mask], 1)  # tool results included
+    mask = samples.action_mask.float()  # the policy's own tokens: what is scored, penalised and trained
     old_logprobs, ref_logprobs, values = (torch.zeros(B, R, device=device) for _ in range(3))
     scored = 0  # token positions through each scoring forward, padding included
     for minibatch in rollout_micro_batches(orders[0], attention_mask, mask, args):
@@ -321,7 +351,7 @@ def score_rollout(samples, old_actor, ref_model, critic, kl_coef, orders, args, 
     # token-level reward: -beta * KL at every token (reward mode), plus the score at the last real token
     kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask
     token_rewards = -kl_coef * kl if args.kl_mode == "reward" else torch.zeros_like(kl)
-    last = (samples.response_mask.sum(1) - 1).clamp(min=0)
+    last = last_token(mask)  # the policy's last token (a tool's result may not end the row)
     token_rewards[torch.arange(B, device=device), last] += samples.scores.to(device)
     loss_mask, rollout_weights, mismatch = policy_loss_weights(old_logprobs, samples.sampler_logprobs, mask,
                                                                samples.has_eos, args)
@@ -330,8 +360,26 @@ def score_rollout(samples, old_actor, ref_model, critic, kl_coef, orders, args, 
                       token_rewards=token_rewards, scores=samples.scores, reward_parts=samples.reward_parts,
                       groups=samples.groups, has_eos=samples.has_eos, responses=samples.responses,
                       prompts=samples.prompts, loss_mask=loss_mask, rollout_weights=rollout_weights,
-                      rollout_stats=mismatch, sampler_gap=mismatch["log_ratio_abs_mean"],
+                      rollout_stats=mismatch | tool_use_metrics(samples.tool_stats),
+                      transcripts=samples.transcripts, sampler_gap=mismatch["log_ratio_abs_mean"],
                       seconds=dict(samples.seconds, forward=synced_time(device) - t0), scored_positions=scored)
+
+
+def last_token(mask):
+    """[B] the index of each row's last 1 in mask [B, R] (0 for a row without one)."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return ((mask > 0) * positions).amax(1).sub(1).clamp(min=0)
+
+
+def tool_use_metrics(tool_stats):
+    """Tool use over a rollout (0-d tensors; none without --tools): the share of responses that called a tool, calls
+    per response, the share of calls answered with an error, the share still calling at the last turn, turns."""
+    if not tool_stats:
+        return {}
+    calls = tool_stats["tool_calls"].double()
+    return dict(tool_call_rate=(calls > 0).double().mean(), tool_calls_per_response=calls.mean(),
+                tool_error_rate=tool_stats["tool_errors"].double().sum() / calls.sum().clamp(min=1),
+                unfinished_rate=tool_stats["unfinished"].double().mean(), turns=tool_stats["turns"].double().mean())
 
 
 def policy_loss_weights(old_logprobs, sampler_logprobs, mask, has_eos, args):
@@ -348,10 +396,10 @@ def policy_loss_weights(old_logprobs, sampler_logprobs, mask, has_eos, args):
 
 
 def collect_rollout(batch, next_batch, old_actor, ref_model, critic, reward, tokenizer, kl_coef, orders, args,
-                    autocast):
+                    autocast, tool_runner=None):
     """One rollout: sample and reward a batch (with --filter_groups, more batches until the groups with signal fill
     it: dynamic_sampling), then score it (score_rollout). Returns an Experience."""
-    sample = lambda b: sample_and_reward(b, old_actor, reward, tokenizer, args, autocast)  # noqa: E731
+    sample = lambda b: sample_and_reward(b, old_actor, reward, tokenizer, args, autocast, tool_runner)  # noqa: E731
     if args.filter_groups:
         samples, filter_stats = dynamic_sampling(batch, next_batch, sample, args, tokenizer.pad_token_id)
     else:
@@ -541,14 +589,16 @@ def rollout_metrics(experience):
 
 
 # ----------------------------------------------------------------------------- building the run
-def load_data(args, tokenizer, reward_functions):
-    """The training prompts and the held-out ones: what does not fit stops here, before any model is built."""
+def load_data(args, tokenizer, reward_functions, tool_runner=None):
+    """The training prompts and the held-out ones: what does not fit stops here, before any model is built.
+    With a tool_runner (--tools) each prompt lists its tools."""
     # every rank sees its own shard of one global shuffled order (build_run); bad lines stop the run here
     if args.max_seq_len is None and os.path.abspath(args.data_path) == DEMO_DATA:
         args.max_seq_len = 64
     keys = dict(prompt_key=args.prompt_key, label_key=args.label_key, max_length=args.max_seq_len,
                 thinking_ratio=args.thinking_ratio, seed=args.seed, overlong=args.overlong_prompts,
-                apply_chat_template=bool(args.apply_chat_template))
+                apply_chat_template=bool(args.apply_chat_template),
+                tools=tool_runner.schemas if tool_runner else None)
     dataset = RLAIFDataset(args.data_path, tokenizer, **keys)
     eval_set = RLAIFDataset(args.eval_data_path, tokenizer, **keys) if args.eval_data_path else None
     if args.max_seq_len is None:  # fit the data: no prompt left out
@@ -624,6 +674,23 @@ def build_models(args, reward_functions):
     return actor, old_actor, ref_model, critic, reward, tokenizer, actor_peft
 
 
+def check_tools(dataset, tool_runner, tokenizer, stop_ids, args):
+    """Before any rollout: the chat template carries a tool conversation however the prompts are rendered
+    (multi_turn.check_tool_template), and the tools rows declare exist in --tools (else say how many rows
+    name tools the file lacks: their calls will be answered with an error)."""
+    stop_texts = [tokenizer.decode([i]) for i in stop_ids.tolist()]
+    for kwargs in {json.dumps(dataset[i]["template_kwargs"]) for i in range(min(len(dataset), 64))}:
+        check_tool_template(tokenizer, dataset.tools[0], json.loads(kwargs), stop_texts,
+                            f"--tools {args.tools} with --tokenizer_path {args.tokenizer_path}")
+    known = set(tool_runner.names)
+    missing = [i for i, tools in enumerate(dataset.tools) if any(tool_name(t) not in known for t in tools)]
+    if missing:
+        names = sorted({tool_name(t) for i in missing for t in dataset.tools[i]} - known)
+        Logger(f"warning: {len(missing)} of {len(dataset)} prompts of {args.data_path} declare tools that {args.tools} "
+               f"does not define ({', '.join(names[:8])}; first: {dataset.wheres[missing[0]]}); the policy's calls to "
+               f"them are answered with an error")
+
+
 def plan_steps(args, dataset, rank, world):
     """This rank's shard of one global shuffled order, the rollouts per epoch and in all."""
     if len(dataset) < args.batch_size * world:
@@ -664,10 +731,13 @@ def build_run(args):
     # everything that needs no model is checked first: a bad flag, file or folder stops the run in seconds
     tokenizer = load_tokenizer(args.tokenizer_path)
     reward_functions = [RewardFunction(spec) for spec in args.reward_fn]  # loading errors name file and function
-    dataset, eval_samples = load_data(args, tokenizer, reward_functions)
+    tool_runner = ToolRunner(args.tools, args.tool_timeout, args.tool_max_chars) if args.tools else None
+    dataset, eval_samples = load_data(args, tokenizer, reward_functions, tool_runner)
     sampler, steps_per_epoch, total_rollouts = plan_steps(args, dataset, rank, world)
     check_outputs(args)
     actor, old_actor, ref_model, critic, reward, tokenizer, actor_peft = build_models(args, reward_functions)
+    if tool_runner:  # a template that cannot carry the tool conversation stops the run here
+        check_tools(dataset, tool_runner, tokenizer, stop_token_ids(actor.lm, tokenizer), args)
     if args.fsdp:  # in place, before the optimizers: they hold the shards
         shard_models(args, actor, old_actor, ref_model, critic)
     if args.check_tokenizer and args.from_weight != "none":
@@ -690,7 +760,7 @@ def build_run(args):
                       if dtype == torch.float16 else None, actor_peft)
     run = Run(args, tokenizer, dataset, sampler, eval_samples, learner, old_actor, ref_model, reward, autocast,
               AdaptiveKLController(args.kl_coef, args.target_kl_ctl, args.kl_horizon), Progress(), steps_per_epoch,
-              total_rollouts)
+              total_rollouts, tools=tool_runner)
     if args.from_resume:
         resume_if_asked(run)
     if dist.is_initialized() and not args.fsdp:  # every loss-bearing forward goes through these wrappers
@@ -734,7 +804,7 @@ def train_step(run, batch, stop, next_batch=lambda: None):
     try:
         experience, non_finite = stop.interruptible(
             collect_rollout, batch, next_batch, run.old_actor, run.ref_model, unwrap_model(learner.critic), run.reward,
-            run.tokenizer, run.kl_ctl.value, orders, args, run.autocast), False
+            run.tokenizer, run.kl_ctl.value, orders, args, run.autocast, run.tools), False
     except NonFiniteRolloutError as e:
         print(f"warning: step {p.global_step + 1}{f' (rank {get_rank()})' if get_world_size() > 1 else ''}: {e}",
               flush=True)
@@ -801,7 +871,7 @@ def log_update(run, experience, update, train_actor, t0, t1, t2):
             log_samples(p.global_step, experience.prompts, experience.responses, experience.scores,
                         experience.reward_parts, args.log_samples, run.samples_path, run.swanlab_run,
                         advantages=credited[:, 0].tolist(), groups=experience.groups.tolist(),
-                        lengths=experience.response_mask.sum(1).long().tolist())
+                        lengths=experience.response_mask.sum(1).long().tolist(), transcripts=experience.transcripts)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -811,7 +881,7 @@ def evaluate_and_log(run):
     with unsharded(policy):  # each rank decodes its own share of the prompts: no collective inside
         record = dict(step=run.progress.global_step, **evaluate_on_ranks(
             policy.lm, run.tokenizer, run.eval_samples, run.reward, args.batch_size, args.max_gen_len, args.device,
-            run.autocast))
+            run.autocast, run.tools, args.max_turns or 1))
     if is_main_process():
         log_eval(record, run.metrics_path, run.swanlab_run)
 
@@ -909,6 +979,8 @@ def finish(run, stopped):
                f"{os.path.abspath(run.metrics_path)}")
     if run.swanlab_run is not None:
         run.swanlab_run.finish()
+    if run.tools is not None:
+        run.tools.close()
     if dist.is_initialized():
         # free the DDP wrappers while the group lives: a reducer freed after destroy_process_group holds the
         # group's last reference, and gloo's destructor then waits on a worker thread that waits for the GIL
@@ -1086,6 +1158,21 @@ def parse_args(argv=None):
     rollout.add_argument("--rollout_is_threshold", type=float, default=2.0, help="the upper threshold (verl's)")
     rollout.add_argument("--rollout_is_threshold_low", type=float, default=None,
                          help="the lower threshold; default: none (truncate), 1 / threshold (mask)")
+    tool_use = p.add_argument_group("tool use (multi-turn rollouts, docs/tools.md)")
+    tool_use.add_argument("--tools", default=None, metavar="FILE.py",
+                          help="Python functions the policy may call (the file's TOOLS list, else its public "
+                               "functions; schemas from their signatures and docstrings). Each response is then up "
+                               "to --max_turns turns: the policy's <tool_call>{json}</tool_call>s run between "
+                               "them and their results come back as tool messages, read but never trained on. "
+                               "Rows may declare their own tools (a 'tools' column, or MiniMind's system message "
+                               "field); default: none (one turn)")
+    tool_use.add_argument("--max_turns", type=int, default=None,
+                          help="with --tools: the policy's turns per response, each up to --max_gen_len tokens "
+                               "(default 3, as minimind-3's agent RL)")
+    tool_use.add_argument("--tool_timeout", type=float, default=5.0,
+                          help="seconds a tool call may run; then it is stopped and the policy reads an error")
+    tool_use.add_argument("--tool_max_chars", type=int, default=2048,
+                          help="a tool's result is cut to this many characters (minimind-3's 2048)")
     add_reward_flags(p)
     ppo = p.add_argument_group("PPO")
     ppo.add_argument("--policy_loss", default="ppo", choices=list(POLICY_LOSSES),
@@ -1233,6 +1320,15 @@ def parse_args(argv=None):
         p.error(f"--thinking_ratio must be in [0, 1], got {args.thinking_ratio}")
     if args.max_seq_len is not None and args.max_seq_len < 1:
         p.error(f"--max_seq_len must be >= 1, got {args.max_seq_len}")
+    if args.max_turns is not None and not args.tools:
+        p.error(f"--max_turns {args.max_turns} needs --tools FILE.py: without tools a response is one turn")
+    if args.tools:
+        args.max_turns = 3 if args.max_turns is None else args.max_turns
+        if args.max_turns < 1 or not args.tool_timeout > 0 or args.tool_max_chars < 1:
+            p.error("--max_turns and --tool_max_chars must be >= 1 and --tool_timeout > 0")
+        if args.overlong_buffer_len:
+            p.error("--overlong_buffer_len with --tools: DAPO's overlong shaping measures one turn against "
+                    "--max_gen_len, and a tool response has several")
     for flag in ("eval_limit", "log_samples", "critic_warmup_steps", "lora_rank", "max_tokens_per_micro_batch"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")

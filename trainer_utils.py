@@ -559,15 +559,17 @@ def log_step(metrics, parts, metrics_path, swanlab_run, total_rollouts, eta_s, a
 
 
 def log_samples(step, prompts, responses, scores, reward_parts, n, samples_path, swanlab_run, advantages=None,
-                groups=None, lengths=None):
+                groups=None, lengths=None, transcripts=None):
     """The first n samples of a rollout, each with its reward, every reward part ({name: [B]}), what it was
-    credited with (`advantage`), its prompt's index in the rollout (`group`) and its length in tokens
-    (`response_tokens`), to samples.jsonl (and to swanlab as text)."""
+    credited with (`advantage`), its prompt's index in the rollout (`group`), its length in tokens
+    (`response_tokens`: the policy's own) and, with tools, its `turns` (the assistant turns and tool results as
+    messages), to samples.jsonl (and to swanlab as text)."""
     rows = [dict(step=step, prompt=prompts[i], response=responses[i], reward=scores[i].item(),
                  **{f"reward_{part}": values[i].item() for part, values in reward_parts.items()},
                  **({"advantage": advantages[i]} if advantages is not None else {}),
                  **({"group": groups[i]} if groups is not None else {}),
-                 **({"response_tokens": lengths[i]} if lengths is not None else {}))
+                 **({"response_tokens": lengths[i]} if lengths is not None else {}),
+                 **({"turns": transcripts[i]} if transcripts is not None else {}))
             for i in range(min(n, len(prompts)))]
     with open(samples_path, "a", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

@@ -16,6 +16,7 @@ ROLES = ("system", "user", "assistant")
 # switches that MiniMind's chat templates take: minimind-3 (2026-03) and the 2025-10 Qwen3-style one
 THINKING_FLAGS = ("open_thinking", "enable_thinking")
 DEFAULT_THINKING_RATIO = 0.9  # the share of prompts served with the think block open, as minimind-3's PPO
+AGENT_THINKING_RATIO = 0.1  # minimind-3's agent RL (train_agent.py) default, with tools
 
 
 def thinking_flag(tokenizer):
@@ -49,7 +50,8 @@ def parse_chat(key, conversations):
         if role == "system" and i > 0:
             raise InputError(f"{key}[{i}] is a system message; only the first message may be one")
         trailing_reply = role == "assistant" and i == len(conversations) - 1
-        if not content.strip() and not trailing_reply:
+        carries_tools = role == "system" and bool(message.get("tools"))  # MiniMind's agent data: tools, no text
+        if not content.strip() and not trailing_reply and not carries_tools:
             raise InputError(f"{key}[{i}] ({role}) has empty content")
         if trailing_reply and (key in COMPLETION_KEYS or not content.strip()):
             dropped = True
@@ -58,6 +60,32 @@ def parse_chat(key, conversations):
     if not any(m["role"] == "user" for m in messages):
         raise InputError("no user message")
     return messages, dropped
+
+
+def tool_name(schema):
+    """The name of a tool schema, in transformers' form {"type": "function", "function": {...}} or bare."""
+    inner = schema.get("function", schema) if isinstance(schema, dict) else None
+    return inner.get("name") if isinstance(inner, dict) else None
+
+
+def row_tools(value, record):
+    """The tools a row declares, as a list of JSON schemas, or None: MiniMind's agent data puts them in the
+    system message's `tools` field, other datasets (and TRL's) in a `tools` column; either may be a JSON
+    string. Raises ValueError(reason) on a malformed list."""
+    system = value[0] if isinstance(value, list) and value and isinstance(value[0], dict) else {}
+    where, declared = ("the system message's 'tools'", system.get("tools")) if system.get("role") == "system" \
+        and system.get("tools") else ("'tools'", record.get("tools"))
+    if declared is None or declared == "" or declared == []:
+        return None
+    if isinstance(declared, str):
+        try:
+            declared = json.loads(declared)
+        except ValueError as e:
+            raise InputError(f"{where} is not valid JSON ({e})") from None
+    if not isinstance(declared, list) or not all(isinstance(tool_name(t), str) for t in declared):
+        raise InputError(f"{where} must be a list of tool schemas, each with a name "
+                         f"({{\"type\": \"function\", \"function\": {{\"name\": ...}}}})")
+    return declared
 
 
 def continues_reply(key, messages, record):
@@ -114,17 +142,30 @@ class RLAIFDataset(Dataset):
 
     A chat in a `prompt` column (TRL's, verl's) that ends with an assistant message is continued: rendered
     without a generation prompt, so the response extends that message, as TRL does. In `messages` (TRL's
-    conversational rows) such a message is the completion and is left out (the load says how many)."""
+    conversational rows) such a message is the completion and is left out (the load says how many).
+
+    `tools` (tool use, --tools: the tools file's schemas) renders each prompt with tools= its row's own
+    (row_tools) or those; the thinking default on MiniMind's data is then minimind-3's agent RL's (0.1)."""
 
     def __init__(self, path, tokenizer, max_length=512, system_prompt=None, skip_bad_lines=False,
                  thinking_ratio=None, seed=0, prompt_key=None, label_key=None, overlong="drop",
-                 apply_chat_template=False):
+                 apply_chat_template=False, tools=None):
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise InputError(f"max_length must be a positive integer, got {max_length!r}")
         self.path = os.fspath(path)
         # (number, (content, answer))
         numbered = self._read_records(skip_bad_lines, prompt_key, label_key, apply_chat_template)
         first = numbered[0][0]
+        # tool use (--tools): each prompt lists its row's own tools (row_tools), else those of the tools file
+        self.tool_use = tools is not None
+        self.tools = [(declared or tools) if self.tool_use else None for declared in self.declared_tools]
+        if self.tool_use and not self.chat:
+            raise InputError(f"{self.where(first)}: --tools needs chat prompts (a tool conversation is rendered by "
+                             f"the chat template); these rows are plain text (--apply_chat_template 1 makes each a "
+                             f"one-message chat)")
+        if self.tool_use and any(self.continued):
+            raise InputError(f"{self.wheres[self.continued.index(True)]}: --tools with a prompt that continues an "
+                             f"assistant message is not supported; end the chat with a user message")
         if self.chat and not tokenizer.chat_template:
             raise InputError(f"{self.where(first)}: " + ("--apply_chat_template, " if apply_chat_template else
                                                           "a conversation row, ")
@@ -141,7 +182,7 @@ class RLAIFDataset(Dataset):
         if thinking_ratio is None and self.flag and self.prompt_key != "conversations":
             self.flag = None  # not MiniMind's data: the template's own default, one rendering per prompt
         elif thinking_ratio is None:  # minimind-3's PPO default on MiniMind's data, where the template has the switch
-            thinking_ratio = DEFAULT_THINKING_RATIO if self.flag else 0.0
+            thinking_ratio = (AGENT_THINKING_RATIO if self.tool_use else DEFAULT_THINKING_RATIO) if self.flag else 0.0
         self.thinking_ratio, self.seed, self.epoch = thinking_ratio, seed, 0
 
         self.answers = [answer for _, answer in records]
@@ -152,9 +193,9 @@ class RLAIFDataset(Dataset):
             texts = [content if not self.chat else
                      tokenizer.apply_chat_template(self._with_system(content, system_prompt), tokenize=False,
                                                    add_generation_prompt=not continued,
-                                                   continue_final_message=continued,
+                                                   continue_final_message=continued, tools=schemas,
                                                    **({self.flag: switch} if self.flag else {}))
-                     for (content, _), continued in zip(records, self.continued)]
+                     for (content, _), continued, schemas in zip(records, self.continued, self.tools)]
             # a rendered template holds its special tokens already; plain text gets the tokenizer's own (a BOS)
             all_ids = tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
             for i, (text, ids) in enumerate(zip(texts, all_ids)):
@@ -176,7 +217,7 @@ class RLAIFDataset(Dataset):
         if over:
             first, dropped = self.wheres[over[0]], set(over)
             keep = [i for i in range(len(lengths)) if i not in dropped]
-            for name in ("variants", "answers", "messages", "rows", "labels", "wheres", "continued"):
+            for name in ("variants", "answers", "messages", "rows", "labels", "wheres", "continued", "tools"):
                 values = getattr(self, name)
                 setattr(self, name, [values[i] for i in keep])
             print(f"note: {self.path}: {len(over)} of {len(lengths)} prompts are longer than --max_seq_len "
@@ -222,6 +263,7 @@ class RLAIFDataset(Dataset):
                                  f"(its columns: {', '.join(table.columns()) or 'none'})")
         self.label_key = detect_label_key(table, label_key)
         records, self.rows, self.labels, self.wheres, self.continued = [], [], [], [], []
+        self.declared_tools = []  # per kept row: the tools it declares (row_tools), or None
         first = None  # (number, prompt column, chat?) of the first good row: the file's kind
         completions = 0  # rows whose trailing assistant message was dropped
         kinds = ("conversation", "plain-text prompt")
@@ -241,6 +283,7 @@ class RLAIFDataset(Dataset):
                     raise InputError(f"{key!r} must be a non-empty string")
                 else:
                     content, dropped = [{"role": "user", "content": value}] if apply_chat_template else value, False
+                declared = row_tools(value, record)
                 label = resolve(record, self.label_key) if self.label_key else MISSING
                 if self.label_key == "answer" and label is not MISSING and not isinstance(label, str):
                     # this project's own field has always been a string; other frameworks' labels are converted
@@ -260,6 +303,7 @@ class RLAIFDataset(Dataset):
             self.labels.append(None if label is MISSING else label)
             self.wheres.append(table.where(number))
             self.continued.append(chat and continues_reply(key, content, record))
+            self.declared_tools.append(declared)
         self.prompt_key = first[1] if first else prompt_key
         self.chat = bool(first and (first[2] or apply_chat_template))
         if completions:
@@ -286,9 +330,11 @@ class RLAIFDataset(Dataset):
         return len(self.variants)
 
     def __getitem__(self, index):
-        text, ids = self.variants[index][self.thinking_open(index)]
+        switch = self.thinking_open(index)
+        text, ids = self.variants[index][switch]
         return {"prompt": text, "prompt_ids": ids, "answer": self.answers[index], "messages": self.messages[index],
-                "row": self.rows[index]}
+                "row": self.rows[index], "tools": self.tools[index],
+                "template_kwargs": {self.flag: switch} if self.flag else {}}
 
 
 def decode_responses(tokenizer, response_ids, response_mask):
@@ -324,6 +370,8 @@ class PromptCollator:
             "answers": [item["answer"] for item in items],
             "messages": [item.get("messages") for item in items],
             "rows": [item.get("row") for item in items],
+            "tools": [item.get("tools") for item in items],  # each prompt's tool schemas (--tools), or None
+            "template_kwargs": [item.get("template_kwargs", {}) for item in items],  # how the prompt was rendered
             "groups": groups,
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -1,7 +1,7 @@
 """Launched by tests/test_ddp.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
-mode "update" (arguments: an architecture, minimind(-lora) or one of tests/hf_models.py, then trainer flags such
-as --adv_estimator and --loss_agg_mode): each rank runs one PPO update on its half of a fixed global rollout
+mode "update" (arguments: an architecture, minimind(-lora) or one of tests/hf_models.py, with "-gaps" for a rollout
+whose responses hold a tool's result (fixed_rollout), then trainer flags such as --adv_estimator and --loss_agg_mode): each rank runs one PPO update on its half of a fixed global rollout
 (whole groups of 2 responses); rank 0 saves the resulting weights for comparison with a single-process update
 on the whole batch.
 mode "train": the real build_run and train, checking after every step that all ranks hold
@@ -35,14 +35,22 @@ def close_group():
     dist.destroy_process_group()
 
 
-def fixed_rollout(actor, batch, prompt_len, response_len, seed=0):
-    """A deterministic rollout of `batch` rows (same on every process), as the tensors of an Experience."""
+TOOL_GAPS = [1, 2]  # response positions that a tool's result holds in the rollouts with gaps (multi-turn)
+
+
+def fixed_rollout(actor, batch, prompt_len, response_len, seed=0, gaps=False):
+    """A deterministic rollout of `batch` rows (same on every process), as the tensors of an Experience. With
+    `gaps`, the response positions TOOL_GAPS of each row are a tool's result: read (attention mask) but not the
+    policy's (response_mask 0), as in a multi-turn rollout."""
     g = torch.Generator().manual_seed(seed)
     T = prompt_len + response_len
     input_ids = torch.randint(3, 6400, (batch, T), generator=g)
     lengths = torch.tensor([response_len, 2, 5, 3][:batch])
-    response_mask = (torch.arange(response_len)[None] < lengths[:, None]).float()
-    attention_mask = torch.cat([torch.ones(batch, prompt_len), response_mask], 1).long()
+    real = (torch.arange(response_len)[None] < lengths[:, None]).float()
+    attention_mask = torch.cat([torch.ones(batch, prompt_len), real], 1).long()
+    response_mask = real.clone()
+    if gaps:
+        response_mask[:, TOOL_GAPS] = 0
     with torch.no_grad():
         old_logprobs = actor(input_ids, attention_mask, response_len, 1.0)[0]
     rewards = torch.randn(batch, response_len, generator=g) * response_mask
@@ -153,8 +161,8 @@ def main():
     if mode == "update":
         init_distributed_mode("cpu")
         rank, world = get_rank(), dist.get_world_size()
-        actor, critic = tiny_models(sys.argv[3])
-        rollout = fixed_rollout(actor, 4, 6, 5)
+        actor, critic = tiny_models(sys.argv[3].removesuffix("-gaps"))
+        rollout = fixed_rollout(actor, 4, 6, 5, gaps=sys.argv[3].endswith("-gaps"))
         share = 4 // world
         mine = {k: v[rank * share:(rank + 1) * share] for k, v in rollout.items()}
         ddp = torch.nn.parallel.DistributedDataParallel

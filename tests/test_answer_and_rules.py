@@ -64,7 +64,7 @@ def test_correctness_reward_uses_the_answer(prompt):
 def fixed_generate(responses):
     def generate(model, tokenizer, samples, *args, **kwargs):
         assert len(samples) == len(responses)
-        return list(responses), torch.ones(len(samples), dtype=torch.bool), torch.full((len(samples),), 5.0)
+        return list(responses), torch.ones(len(samples), dtype=torch.bool), torch.full((len(samples),), 5.0), None
     return generate
 
 
