@@ -420,3 +420,35 @@ class ToolRunner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---------------------------------------------------------------- flags
+
+def add_tool_flags(parser):
+    """The tool-use flags, shared by train_ppo.py and scripts/eval_policy.py (same names, same meaning)."""
+    group = parser.add_argument_group("tool use (multi-turn rollouts, docs/tools.md)")
+    group.add_argument("--tools", default=None, metavar="FILE.py",
+                       help="Python functions the policy may call (the file's TOOLS list, else its public "
+                            "functions; schemas from their signatures and docstrings). Each response is then up "
+                            "to --max_turns turns: the policy's <tool_call>{json}</tool_call>s run between "
+                            "them and their results come back as tool messages, read but never trained on. "
+                            "Rows may declare their own tools (a 'tools' column, or MiniMind's system message "
+                            "field); default: none (one turn)")
+    group.add_argument("--max_turns", type=int, default=None,
+                       help="with --tools: the policy's turns per response, each up to --max_gen_len tokens "
+                            "(default 3, as minimind-3's agent RL)")
+    group.add_argument("--tool_timeout", type=float, default=5.0,
+                       help="seconds a tool call may run; then it is stopped and the policy reads an error")
+    group.add_argument("--tool_max_chars", type=int, default=2048,
+                       help="a tool's result is cut to this many characters (minimind-3's 2048)")
+    return group
+
+
+def check_tool_flags(args, error):
+    """Resolve --max_turns (3 with --tools) and refuse what cannot be meant; `error(message)` stops (argparse's)."""
+    if args.max_turns is not None and not args.tools:
+        error(f"--max_turns {args.max_turns} needs --tools FILE.py: without tools a response is one turn")
+    if args.tools:
+        args.max_turns = 3 if args.max_turns is None else args.max_turns
+        if args.max_turns < 1 or not args.tool_timeout > 0 or args.tool_max_chars < 1:
+            error("--max_turns and --tool_max_chars must be >= 1 and --tool_timeout > 0")

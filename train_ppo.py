@@ -43,7 +43,7 @@ from model.lora import copy_sharing, fit_models
 from model.policy import Policy
 from model.sampling import ends_with_stop, position_ids_from_mask, sample_responses, stop_token_ids
 from multi_turn import check_tool_template, sample_with_tools
-from tools import ToolRunner
+from tools import add_tool_flags, check_tool_flags, ToolRunner
 from reward import add_reward_flags, build_reward, default_reward_model, reward_model_from_flags
 from reward_functions import check_labels, NonFiniteRolloutError, RewardFunction
 from trainer_utils import (all_names, all_reduce_dict, all_reduce_sum, build_cosine_scheduler, get_rank, get_rng_state,
@@ -1158,21 +1158,7 @@ def parse_args(argv=None):
     rollout.add_argument("--rollout_is_threshold", type=float, default=2.0, help="the upper threshold (verl's)")
     rollout.add_argument("--rollout_is_threshold_low", type=float, default=None,
                          help="the lower threshold; default: none (truncate), 1 / threshold (mask)")
-    tool_use = p.add_argument_group("tool use (multi-turn rollouts, docs/tools.md)")
-    tool_use.add_argument("--tools", default=None, metavar="FILE.py",
-                          help="Python functions the policy may call (the file's TOOLS list, else its public "
-                               "functions; schemas from their signatures and docstrings). Each response is then up "
-                               "to --max_turns turns: the policy's <tool_call>{json}</tool_call>s run between "
-                               "them and their results come back as tool messages, read but never trained on. "
-                               "Rows may declare their own tools (a 'tools' column, or MiniMind's system message "
-                               "field); default: none (one turn)")
-    tool_use.add_argument("--max_turns", type=int, default=None,
-                          help="with --tools: the policy's turns per response, each up to --max_gen_len tokens "
-                               "(default 3, as minimind-3's agent RL)")
-    tool_use.add_argument("--tool_timeout", type=float, default=5.0,
-                          help="seconds a tool call may run; then it is stopped and the policy reads an error")
-    tool_use.add_argument("--tool_max_chars", type=int, default=2048,
-                          help="a tool's result is cut to this many characters (minimind-3's 2048)")
+    add_tool_flags(p)
     add_reward_flags(p)
     ppo = p.add_argument_group("PPO")
     ppo.add_argument("--policy_loss", default="ppo", choices=list(POLICY_LOSSES),
@@ -1320,12 +1306,8 @@ def parse_args(argv=None):
         p.error(f"--thinking_ratio must be in [0, 1], got {args.thinking_ratio}")
     if args.max_seq_len is not None and args.max_seq_len < 1:
         p.error(f"--max_seq_len must be >= 1, got {args.max_seq_len}")
-    if args.max_turns is not None and not args.tools:
-        p.error(f"--max_turns {args.max_turns} needs --tools FILE.py: without tools a response is one turn")
+    check_tool_flags(args, p.error)
     if args.tools:
-        args.max_turns = 3 if args.max_turns is None else args.max_turns
-        if args.max_turns < 1 or not args.tool_timeout > 0 or args.tool_max_chars < 1:
-            p.error("--max_turns and --tool_max_chars must be >= 1 and --tool_timeout > 0")
         if args.overlong_buffer_len:
             p.error("--overlong_buffer_len with --tools: DAPO's overlong shaping measures one turn against "
                     "--max_gen_len, and a tool response has several")

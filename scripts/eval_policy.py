@@ -27,6 +27,7 @@ from evaluation import evaluate, markdown_table
 from model.loading import default_tokenizer_path, init_model
 from reward import add_reward_flags, build_reward, default_reward_model, reward_model_from_flags
 from reward_functions import RewardFunction
+from tools import add_tool_flags, check_tool_flags, ToolRunner
 from trainer_utils import is_hf_folder, user_errors
 
 DEMO_EVAL = os.path.join(ROOT, "dataset", "rlaif-eval.jsonl")
@@ -35,7 +36,8 @@ DEMO_EVAL = os.path.join(ROOT, "dataset", "rlaif-eval.jsonl")
 FROM_RUN = ("prompt_key", "label_key", "max_seq_len", "max_gen_len", "batch_size", "seed", "thinking_ratio",
             "apply_chat_template", "dtype",
             "reward_model_path", "reward_input", "reward_label", "reward_dtype", "reward_batch_size", "reasoning",
-            "reward_rules", "rm_clip", "correctness_reward", "reward_fn", "missing_eos_penalty")
+            "reward_rules", "rm_clip", "correctness_reward", "reward_fn", "missing_eos_penalty",
+            "tools", "max_turns", "tool_timeout", "tool_max_chars")
 
 
 def parser():
@@ -70,6 +72,7 @@ def parser():
     p.add_argument("--show", type=int, default=0, help="print the first N prompts and each model's response")
     p.add_argument("--json_out", default=None, help="also write the metrics here")
     add_reward_flags(p)
+    add_tool_flags(p)
     return p
 
 
@@ -101,6 +104,7 @@ def parse_args(argv=None):
         p.set_defaults(**settings)
         args = p.parse_args(argv)  # flags given here still win
     args.run_args = run_args
+    check_tool_flags(args, p.error)
     default_reward_model(args, os.path.abspath(args.data_path) == DEMO_EVAL)  # the run's, when it has run_args
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
@@ -115,6 +119,7 @@ def main(argv=None):
     autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype)) \
         if args.dtype != "float32" else contextlib.nullcontext()
     results, responses, datasets = {}, {}, {}
+    tool_runner = ToolRunner(args.tools, args.tool_timeout, args.tool_max_chars) if args.tools else None
     for name, weight in (("base", args.base), ("trained", args.trained)):
         if not weight:
             continue
@@ -123,12 +128,14 @@ def main(argv=None):
         model, tokenizer = init_model(weight, args.save_dir, tokenizer_path, args.device)
         dataset = RLAIFDataset(args.data_path, tokenizer, max_length=args.max_seq_len,
                                thinking_ratio=args.thinking_ratio, seed=args.seed, prompt_key=args.prompt_key,
-                               label_key=args.label_key, apply_chat_template=bool(args.apply_chat_template))
+                               label_key=args.label_key, apply_chat_template=bool(args.apply_chat_template),
+                               tools=tool_runner.schemas if tool_runner else None)
         samples = dataset.samples[:args.limit or None]  # epoch 0's draws, as the trainer's evaluation
         # and the reward the trainer would give this model (its generation's rules unless --reward_rules)
         reward = build_reward(args, model.config, reward_model, functions)
         metrics, responses[name] = evaluate(model.eval(), tokenizer, samples, reward, args.batch_size,
-                                            args.max_gen_len, args.device, args.temperature, autocast)
+                                            args.max_gen_len, args.device, args.temperature, autocast, tool_runner,
+                                            args.max_turns or 1)
         results[name], datasets[name] = dict(path=weight, rules=reward.rules, **metrics), samples
         del model
     n = len(next(iter(datasets.values())))
@@ -142,6 +149,8 @@ def main(argv=None):
             print(f"\n--- {name}, prompt {i}: {sample['prompt']!r}"
                   + (f" (answer {sample['answer']})" if sample["answer"] else ""))
             print(f"[{name}] {responses[name][i]!r}")
+    if tool_runner:
+        tool_runner.close()
     if args.json_out:
         with open(args.json_out + ".tmp", "w") as f:
             json.dump(dict(data_path=args.data_path, temperature=args.temperature, models=results), f, indent=2)

@@ -211,6 +211,10 @@ def test_a_run_with_tools_trains_on_the_policys_turns(kit, tmp_path, estimator):
     assert called and called[0]["turns"][1] == {"role": "tool", "name": "add", "content": "5"}
     # the whole text (what reward functions read) holds the tool's block; response_tokens counts the policy's own
     assert "<tool_response>" in called[0]["response"] and called[0]["response_tokens"] < len(called[0]["response"])
+    if estimator == "grpo":  # eval_policy reads the run's tools from run_args.json and evaluates as the trainer
+        from scripts import eval_policy
+        results = eval_policy.main(["--trained", str(out / "ppo_actor_64.pth"), "--limit", "2", "--device", "cpu"])
+        assert results["trained"]["tool_call_rate"] == 1.0 and results["trained"]["accuracy"] == 1.0
 
 
 # ----------------------------------------------------------------------------- the update, 2 ranks, resume
