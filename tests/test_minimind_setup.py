@@ -34,6 +34,16 @@ TEMPLATES = {
                   "defined and open_thinking %}{{ '<think>\\n' }}{% else %}{{ '<think>\\n\\n</think>\\n\\n' }}"
                   "{% endif %}{% endif %}"),
 }
+# minimind-3's tool rendering as docs/tools.md describes it: the tools in the system turn (after its own text), calls
+# asked for as <tool_call> JSON, a `tool` message inside a user turn as <tool_response>
+TOOL_TURNS = (
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools>\nCall a tool as "
+    "<tool_call>\n{\"name\": ..., \"arguments\": {...}}\n</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n"
+    "</tool_response><|im_end|>\n{% elif not (tools and loop.first and m['role'] == 'system') %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}")
+TEMPLATES["minimind3_tools"] = TEMPLATES["minimind3"].replace(TURNS, TOOL_TURNS)
 OPEN, CLOSED = "<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 

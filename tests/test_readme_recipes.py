@@ -108,7 +108,7 @@ def minimind_checkout(tmp_path, template):
 def test_the_minimind_recipes_run_on_a_checkout_of_stand_ins(tmp_path, monkeypatch, rules, template):
     """The MiniMind2, minimind-3 and minimind-3 GRPO (CISPO) commands, verbatim but for SHORT, as one process
     (torchrun's N processes take one process's step: tests/test_ddp.py)."""
-    found = [cmd for cmd in commands(README, ("torchrun",)) if "--reward_rules" in cmd]
+    found = [cmd for cmd in commands(README, ("torchrun",)) if "--reward_rules" in cmd and "--tools" not in cmd]
     by_kind = {("cispo" if "--policy_loss" in cmd else cmd[cmd.index("--reward_rules") + 1]): cmd for cmd in found}
     assert set(by_kind) == {"minimind2", "minimind3", "cispo"}
     cmd = by_kind[rules]
@@ -181,3 +181,47 @@ def test_the_resume_recipe_continues_the_demo(tmp_path, monkeypatch):
     run(demo + ["--max_steps", "1"])
     run(cmd[2:] + demo + ["--max_steps", "2"])
     assert [m["step"] for m in metrics(tmp_path / "out") if "reward" in m] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- tool use
+def tool_tokenizer(folder, template="minimind3_tools"):
+    """The project tokenizer with a chat template that renders tools (test_minimind_setup.TEMPLATES)."""
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "model")
+    tokenizer.chat_template = TEMPLATES[template]
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_tool_use_recipe_with_its_calculator_and_reward(tmp_path, monkeypatch):
+    """The README's tool, reward and command, verbatim, on a tiny Qwen2 stand-in whose template renders tools: the
+    tool computes, the run logs tool use, and every logged reward is the README's function of the logged turns."""
+    from tools import ToolRunner
+    text = section("Tool use (multi-turn)")
+    monkeypatch.chdir(tmp_path)
+    save_tiny_hf_model("qwen2", tmp_path / "Qwen2.5-0.5B-Instruct", tool_tokenizer(tmp_path / "tok"))
+    tool_code, reward_code = re.findall(r"```python\n(.*?)```", text, re.S)
+    (tmp_path / "my_tools.py").write_text(tool_code)
+    (tmp_path / "my_reward.py").write_text(reward_code)
+    with ToolRunner(tmp_path / "my_tools.py") as runner:
+        assert runner.names == ["calculator"]
+        assert runner.run({"name": "calculator", "arguments": {"expression": "(17 + 25) * 3"}}) == "126"
+        assert "ValueError" in runner.run({"name": "calculator", "arguments": {"expression": "2 ** 99999999"}})
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} * {b}?"}], "answer": str(a * b)}
+            for a in range(10, 18) for b in (3, 25)]
+    (tmp_path / "arithmetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (cmd,) = commands(text)
+    run(cmd[2:] + SHORT + ["--log_samples", "64", "--max_turns", "2"])
+    (step,) = [m for m in metrics(tmp_path / "out") if "tool_call_rate" in m]
+    assert step["turns"] >= 1.0
+    namespace = {}
+    exec(reward_code, namespace)
+    samples = [json.loads(line) for line in open(tmp_path / "out" / "samples.jsonl")]
+    by_question = {r["prompt"][0]["content"]: r["answer"] for r in rows}
+    assert len(samples) == 64
+    for s in samples:
+        answer = next(a for q, a in by_question.items() if q in s["prompt"])
+        assert s["reward_custom"] == namespace["final_answer"]([s["turns"]], [answer])[0]
+    # a number only the tool wrote earns nothing: the reward reads the final turn
+    turns = [{"role": "assistant", "content": "<tool_call>x</tool_call>"}, {"role": "tool", "content": "126"},
+             {"role": "assistant", "content": "done"}]
+    assert namespace["final_answer"]([turns], ["126"]) == [0.0]
