@@ -118,7 +118,8 @@ def evaluation_sums(model, tokenizer, samples, reward, batch_size, max_gen_len, 
             chunk = samples[i:i + batch_size]
             if tool_use:
                 turn_kwargs = dict(transcripts=tool_use["transcripts"][i:i + batch_size],
-                             unfinished=tool_use["unfinished"][i:i + batch_size])
+                                   unfinished=tool_use["unfinished"][i:i + batch_size],
+                                   tools=[s.get("tools") for s in chunk])
             total, parts = reward([s["prompt"] for s in chunk], texts[i:i + batch_size],
                                   [s["answer"] for s in chunk], [s.get("messages") for s in chunk],
                                   has_eos[i:i + batch_size], [s.get("row") for s in chunk], **turn_kwargs)

@@ -5,7 +5,6 @@ Used by train_ppo.py (rollouts), evaluation.py (held-out evaluation) and the scr
 reward is (total [B], parts {name: [B]}); every part is logged on its own.
 """
 import functools
-import importlib.util
 import inspect
 import json
 import math
@@ -14,6 +13,7 @@ import re
 
 import torch
 
+from dataset.lm_dataset import tool_name
 from model.loading import check_rope_base, trusts_remote_code
 from reward_functions import NonFiniteRolloutError, reward_parts
 from trainer_utils import InputError, MissingFileError
@@ -195,7 +195,7 @@ def is_correct(response, truth):
     return truth is not None and final_answer(response) == truth.strip()
 
 
-REWARD_RULES = ("minimind2", "minimind3", "minimind3_cjk", "none")
+REWARD_RULES = ("minimind2", "minimind3", "minimind3_cjk", "minimind3_agent", "none")
 RULE_PARTS = dict(minimind2=("format", "tags"), minimind3=("length", "think", "repetition"),
                   minimind3_cjk=("length", "think", "repetition"))
 ASSISTANT_START = "<|im_start|>assistant\n"
@@ -283,6 +283,7 @@ NUMERAL = r"[-+]?\d+(?:\.\d+)?"  # a plain decimal: no exponent, no leading dot
 FREE_NUMERAL = re.compile(rf"(?<![\w.]){NUMERAL}(?![\w.])")
 AGENT_CLIP = 3.0
 AGENT_PARTS = ("tags", "length", "think", "rm", "repetition", "tool_calls", "gt", "unfinished", "clip")
+RULE_PARTS["minimind3_agent"] = AGENT_PARTS
 MINIMIND3_TOOLS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "minimind3_tools.py")
 
 
@@ -329,19 +330,16 @@ def required_arguments_present(schema):
 def tool_checks(schemas):
     """valid_arguments(name, arguments) for minimind3_agent_reward from tool schemas: required_arguments_present
     of the named tool's schema; False for a tool without a schema."""
-    checks = {schema["function"]["name"]: required_arguments_present(schema) for schema in schemas}
+    checks = {tool_name(schema): required_arguments_present(schema) for schema in schemas}
     return lambda name, arguments: name in checks and checks[name](arguments)
 
 
 @functools.lru_cache(maxsize=None)
 def minimind3_tool_checks():
-    """tool_checks of MiniMind-3's six mock tools (examples/minimind3_tools.py, schemas by transformers'
-    get_json_schema): minimind3_agent_reward's default, MiniMind-3's own argument checks."""
-    from transformers.utils import get_json_schema
-    spec = importlib.util.spec_from_file_location("minimind3_tools", MINIMIND3_TOOLS_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return tool_checks([get_json_schema(tool) for tool in module.TOOLS])
+    """tool_checks of MiniMind-3's six mock tools (examples/minimind3_tools.py, with the schemas --tools gives
+    them): minimind3_agent_reward's default, MiniMind-3's own argument checks."""
+    from tools import load_tools, tool_schemas
+    return tool_checks(tool_schemas(load_tools(MINIMIND3_TOOLS_FILE)))
 
 
 def answer_part(turn):
@@ -452,7 +450,7 @@ class Reward:
         self.missing_eos_penalty = missing_eos_penalty
 
     def __call__(self, prompts, responses, answers=None, messages=None, has_eos=None, rows=None, transcripts=None,
-                 unfinished=None):
+                 unfinished=None, tools=None):
         """prompts: the rendered prompt texts; messages: each row's chat as the data gave it (None for
         plain-text rows); has_eos [B] bool: the response ended its turn (for `missing_eos`); rows: each data row's
         other columns (RLAIFDataset's `row`; None where unknown), for reward functions. The reward model's
@@ -461,9 +459,10 @@ class Reward:
         user's query itself.
 
         With tools (multi-turn rollouts) `transcripts` holds each response's turns as messages (assistant
-        turns and tool results) and `unfinished` [B] whether it still called tools at its last turn. The rules,
-        the reward model and --correctness_reward then read the final assistant turn; reward functions read the
-        whole response (every turn and tool result, as rendered), TRL's functions the turns as `completions`."""
+        turns and tool results), `unfinished` [B] whether it still called tools at its last turn and `tools` each
+        prompt's tool schemas. The rules, the reward model and --correctness_reward then read the final assistant
+        turn; reward functions read the whole response (every turn and tool result, as rendered), TRL's functions
+        the turns as `completions`; minimind3_agent reads every turn (agent_parts)."""
         B = len(responses)
         functions_read = responses
         if transcripts is not None:
@@ -481,7 +480,9 @@ class Reward:
             messages = [{"role": r, "content": c.strip()} for r, c in CHATML_TURN.findall(prompt)] or \
                 (given[i][:-1] if reply else given[i]) or [{"role": "user", "content": prompt}]
             turn = reply + response if reply else scored_turn(prompt, response)
-            if not self.reasoning or self.rules == "none":
+            if self.rules == "minimind3_agent" and self.reasoning:
+                chats.append(collapse_history(messages))  # the query; agent_parts adds the answer it scores
+            elif not self.reasoning or self.rules == "none":
                 chats.append(messages + [{"role": "assistant", "content": turn}])
             elif self.rules in ("minimind3", "minimind3_cjk"):
                 tokens = CJK_TOKENS if self.rules == "minimind3_cjk" else WORD_TOKENS
@@ -495,9 +496,11 @@ class Reward:
                     answer_chats.append(messages + [{"role": "assistant", "content": answer}])
                     answer_rows.append(i)
                 rule_parts.append(parts)
+        if self.rules == "minimind3_agent" and self.reasoning:  # the reward model is one of its rules' parts
+            rule_parts = self.agent_parts(chats, transcripts, unfinished, tools, rows, responses)
         parts = {name: torch.tensor([p[name] for p in rule_parts], dtype=torch.float32) for name in
                  (rule_parts[0] if rule_parts else {})}
-        if self.reward_model is not None:
+        if self.reward_model is not None and "rm" not in parts:
             parts["rm"] = self.reward_model_part(chats, answer_chats, answer_rows, responses)
         if self.correctness:
             parts["correctness"] = torch.tensor([self.correctness * is_correct(r, a)
@@ -513,6 +516,38 @@ class Reward:
         if self.missing_eos_penalty and has_eos is not None:  # TRL's missing_eos_penalty, a part of its own
             parts["missing_eos"] = -self.missing_eos_penalty * (~has_eos.cpu()).float()
         return sum(values for name, values in parts.items() if "/" not in name), parts  # diagnostics: not added
+
+    def agent_parts(self, queries, transcripts, unfinished, tools, rows, responses):
+        """minimind-3's agent reward of each response (minimind3_agent_reward): its assistant turns, its row's `gt`
+        and tools (arguments checked against the prompt's own tool schemas), `unfinished`; the reward model scores
+        (query, answer) of the rollouts without a tool call, clipped by --rm_clip. Returns [parts]."""
+        if transcripts is None:
+            raise InputError("--reward_rules minimind3_agent scores tool conversations: it needs --tools FILE.py")
+        B = len(transcripts)
+        tools = tools or [None] * B
+        rows = rows or [None] * B
+
+        def score(i, rm_score):
+            turns = [m["content"] for m in transcripts[i] if m["role"] == "assistant"]
+            gt = (rows[i] or {}).get("gt") or []
+            names = [tool_name(t) for t in tools[i] or ()]
+            return minimind3_agent_reward(turns, gt if isinstance(gt, list) else [gt], names, bool(unfinished[i]),
+                                          rm_score, tool_checks(tools[i]) if tools[i] else None)[1]
+
+        scored = {}  # sample -> the answer the reward model scores (rollouts without a tool call)
+
+        def wanted(i):  # a first pass notes the answers to score
+            def note(answer):
+                scored[i] = answer
+                return 0.0
+            return note if self.reward_model is not None else None
+        parts = [score(i, wanted(i)) for i in range(B)]
+        if scored:
+            chats = [queries[i] + [{"role": "assistant", "content": answer}] for i, answer in scored.items()]
+            rm = self.reward_model_part(chats, [], [], [responses[i] for i in scored])
+            for (i, _), value in zip(scored.items(), rm.tolist()):
+                parts[i] = score(i, lambda answer: value)
+        return parts
 
     def describe(self):
         """What this reward is made of, in one line (the start-up log)."""
@@ -576,8 +611,9 @@ def add_reward_flags(parser):
     group.add_argument("--reward_rules", default=None, choices=list(REWARD_RULES),
                        help="minimind2: format + tags, RM blended whole/answer-only; minimind3: length + thinking + "
                             "repetition, RM of (history as one user message, answer); minimind3_cjk: minimind3 with "
-                            "repetition counted per CJK character (this project's); none: no rules, RM of the whole "
-                            "chat. Default: none with --reward_fn, else the generation of MiniMind weights (none for "
+                            "repetition counted per CJK character (this project's); minimind3_agent (with --tools): "
+                            "minimind-3's agent reward of every turn, the row's gt and tools, RM on answers "
+                            "without a tool call; none: no rules, RM of the whole chat. Default: none with --reward_fn, else the generation of MiniMind weights (none for "
                             "other models)")
     group.add_argument("--rm_clip", type=float, default=3.0,
                        help="reward-model scores are clipped to [-rm_clip, rm_clip]; 0 = no clipping")

@@ -267,7 +267,8 @@ def sample_and_reward(batch, old_actor, reward, tokenizer, args, autocast, tool_
                               turns=torch.tensor([sum(m["role"] == "assistant" for m in t) for t in transcripts]))
     t1 = synced_time(device)
     responses = decode_responses(tokenizer, response_ids, response_mask)
-    turns = {} if transcripts is None else dict(transcripts=transcripts, unfinished=tool_stats["unfinished"])
+    turns = {} if transcripts is None else dict(transcripts=transcripts, unfinished=tool_stats["unfinished"],
+                                                tools=batch["tools"])
     scores, parts = reward(batch["prompts"], responses, batch["answers"], batch["messages"], has_eos, batch["rows"],
                            **turns)
     if args.overlong_buffer_len:

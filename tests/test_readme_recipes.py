@@ -225,3 +225,24 @@ def test_the_tool_use_recipe_with_its_calculator_and_reward(tmp_path, monkeypatc
     turns = [{"role": "assistant", "content": "<tool_call>x</tool_call>"}, {"role": "tool", "content": "126"},
              {"role": "assistant", "content": "done"}]
     assert namespace["final_answer"]([turns], ["126"]) == [0.0]
+
+
+def test_the_minimind3_agent_recipe_runs_on_a_checkout_of_stand_ins(tmp_path, monkeypatch):
+    """minimind-3's agent RL command, verbatim but for SHORT, on MiniMind's agent data layout (tools as a JSON string
+    in the system message, a gt list) with a minimind-3 template that renders tools, and the shipped mock tools."""
+    (cmd,) = [cmd for cmd in commands(README, ("torchrun",)) if "--tools" in cmd]
+    assert cmd[cmd.index("--reward_rules") + 1] == "minimind3_agent"
+    work = minimind_checkout(tmp_path, "minimind3_tools")
+    from tools import load_tools, tool_schemas
+    schemas = tool_schemas(load_tools(ROOT / "examples" / "minimind3_tools.py"))
+    rows = [{"conversations": [{"role": "system", "content": "", "tools": json.dumps(schemas[:2], ensure_ascii=False)},
+                               {"role": "user", "content": f"What is {a} * 3?"},
+                               {"role": "assistant", "content": "无"}], "gt": [str(a * 3)]} for a in range(12)]
+    (tmp_path / "minimind" / "dataset" / "agent_rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(work)
+    argv = trainer_argv(cmd)
+    argv[argv.index("--tools") + 1] = str(ROOT / "examples" / "minimind3_tools.py")  # the checkout has no examples/
+    run(argv + SHORT + ["--dtype", "float32"])
+    (step,) = [m for m in metrics(tmp_path / "minimind" / "out") if "reward" in m]
+    assert {f"reward_{p}" for p in ("tags", "rm", "tool_calls", "gt", "unfinished", "clip")} <= set(step)
+    assert "tool_call_rate" in step and (tmp_path / "minimind" / "out" / "agent_64.pth").exists()
