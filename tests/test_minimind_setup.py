@@ -391,7 +391,7 @@ def test_a_prompt_ending_with_an_assistant_message_is_continued(tokenizers, tmp_
 def test_readme_minimind3_grpo_command_has_minimind3s_defaults():
     """The README's one command for minimind-3's train_grpo.py: its documented defaults (docs/minimind.md
     "MiniMind-3's GRPO and CISPO defaults"), one optimizer step per rollout."""
-    [cmd] = [cmd for cmd in readme_torchrun_commands() if "--policy_loss" in cmd]
+    [cmd] = [cmd for cmd in readme_torchrun_commands() if "--policy_loss" in cmd and "--tools" not in cmd]
     args = train_ppo.parse_args(cmd[4:])
     assert (args.adv_estimator, args.policy_loss, args.clip_epsilon, args.clip_epsilon_high) == ("grpo", "cispo", 0.2, 5.0)
     assert (args.n_samples_per_prompt, args.kl_mode, args.kl_estimator, args.kl_coef) == (6, "loss", "k3", 0.1)
@@ -399,6 +399,24 @@ def test_readme_minimind3_grpo_command_has_minimind3s_defaults():
     assert (args.max_seq_len, args.max_gen_len, args.thinking_ratio) == (768, 1024, 0.9)
     assert args.ppo_epochs == 1 and args.mini_batch_size == args.batch_size * args.n_samples_per_prompt
     assert (args.reward_rules, args.tokenizer_path) == ("minimind3", "../minimind/model")
+
+
+def test_readme_minimind3_agent_command_has_train_agents_defaults():
+    """The README's command for minimind-3's train_agent.py: its defaults (docs/minimind.md "MiniMind-3's agentic
+    RL"): 4 responses per prompt, CISPO capped at 5.0, k3 KL in the loss at 0.1, 3 turns of 768 tokens, tools under a
+    1 s limit, temperature 0.8, thinking open in 10% of prompts, its reward."""
+    [cmd] = [cmd for cmd in readme_torchrun_commands() if "--tools" in cmd]
+    args = train_ppo.parse_args(cmd[4:])
+    assert (args.adv_estimator, args.policy_loss, args.clip_epsilon_high, args.n_samples_per_prompt) == \
+        ("grpo", "cispo", 5.0, 4)
+    assert (args.kl_mode, args.kl_estimator, args.kl_coef, args.loss_agg_mode) == ("loss", "k3", 0.1,
+                                                                                 "seq-mean-token-mean")
+    assert (args.max_turns, args.max_gen_len, args.tool_timeout, args.temperature, args.thinking_ratio) == \
+        (3, 768, 1.0, 0.8, 0.1)
+    assert (args.learning_rate, args.grad_clip, args.batch_size, args.ppo_epochs) == (3e-7, 1.0, 2, 1)
+    assert args.mini_batch_size == args.batch_size * args.n_samples_per_prompt
+    assert (args.reward_rules, args.tools, args.tool_max_chars) == ("minimind3_agent", "examples/minimind3_tools.py",
+                                                                    2048)
 
 
 def test_verls_rows_keep_a_trailing_assistant_message_as_a_finished_turn(tokenizers, tmp_path):

@@ -312,3 +312,18 @@ def test_sigkill_inside_a_tool_call_then_resume_is_the_uninterrupted_run(kit, tm
         open(log).read()[-3000:]
     assert "resumed from" in open(log).read()
     assert_same_run(save_dir, reference, 4, "checkpoints/ppo_actor_64_resume.pth")
+
+
+def test_dynamic_sampling_keeps_each_rows_turns_with_it():
+    """Samples.select and concat_samples (dynamic sampling) move each row's turns and tool counts with its tokens."""
+    from test_policy_losses import draw
+    from train_ppo import concat_samples
+    parts = []
+    for tag in (1, 2):
+        s = draw([0.0, 1.0, 1.0, 1.0], 3, tag)
+        s.transcripts = [[{"role": "assistant", "content": f"{tag}.{i}"}] for i in range(4)]
+        s.tool_stats = {"tool_calls": torch.tensor([10 * tag + i for i in range(4)])}
+        parts.append(s.select(torch.tensor([3, 0])))
+    both = concat_samples(parts, 0)
+    assert [t[0]["content"] for t in both.transcripts] == both.responses == ["1.3", "1.0", "2.3", "2.0"]
+    assert both.tool_stats["tool_calls"].tolist() == [13, 10, 23, 20]

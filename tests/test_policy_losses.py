@@ -132,7 +132,7 @@ def draw(scores, prompt_len, tag):
     prompt_mask[2:, 0] = 0
     response_mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
     return Samples(torch.full((4, prompt_len), tag) * prompt_mask, prompt_mask, torch.full((4, 3), tag) * response_mask,
-                   response_mask, -torch.rand(4, 3), torch.tensor(scores), {"rm": torch.tensor(scores)},
+                   response_mask, response_mask, -torch.rand(4, 3), torch.tensor(scores), {"rm": torch.tensor(scores)},
                    torch.tensor([True, True, False, True]), [f"{tag}.{i}" for i in range(4)],
                    [f"prompt {tag}.{i // 2}" for i in range(4)], torch.tensor([0, 0, 1, 1]),
                    dict(generate=1.0, reward=0.5))
