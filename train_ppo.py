@@ -638,7 +638,10 @@ def build_models(args, reward_functions):
     lm, tokenizer = init_model(args.from_weight, args.save_dir, args.tokenizer_path, build_device,
                                hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                                use_moe=None if args.use_moe is None else bool(args.use_moe))
-    warning = check_position_limit(lm, args.max_seq_len, args.max_gen_len)  # a too-short table is refused
+    # a too-short table is refused (with --tools: every turn's tokens; the tools' results come on top)
+    warning = check_position_limit(lm, args.max_seq_len, args.max_gen_len * (args.max_turns or 1),
+                                   gen_flags=args.tools and f"--max_gen_len {args.max_gen_len} x --max_turns "
+                                                            f"{args.max_turns}")
     if warning:
         Logger(warning)
     # dropout off (eval mode) everywhere, as TRL disables it: PPO's ratio compares two forwards of one policy,

@@ -134,8 +134,9 @@ def balance_loss_coef(model):
         else None
 
 
-def check_position_limit(model, max_seq_len, max_gen_len, flag="--from_weight"):
-    """Prompts of up to --max_seq_len tokens and --max_gen_len new ones reach position max_seq_len + max_gen_len - 1.
+def check_position_limit(model, max_seq_len, max_gen_len, flag="--from_weight", gen_flags=None):
+    """Prompts of up to --max_seq_len tokens and --max_gen_len new ones reach position max_seq_len + max_gen_len - 1
+    (`gen_flags`: how the flags make max_gen_len, when it is not --max_gen_len alone).
     A learned position table (GPT-2's wpe, OPT's embed_positions) shorter than that would be indexed past its end
     mid-run (an IndexError on CPU, a device-side assert on CUDA): refused. A RoPE model past its
     max_position_embeddings only extrapolates: a warning."""
@@ -146,10 +147,11 @@ def check_position_limit(model, max_seq_len, max_gen_len, flag="--from_weight"):
     embeddings = model.get_input_embeddings()
     learned = [m.num_embeddings for m in model.modules()
                if isinstance(m, torch.nn.Embedding) and m is not embeddings and limit <= m.num_embeddings <= limit + 2]
-    message = (f"--max_seq_len {max_seq_len} + --max_gen_len {max_gen_len} = {max_seq_len + max_gen_len} positions, "
+    message = (f"--max_seq_len {max_seq_len} + {gen_flags or f'--max_gen_len {max_gen_len}'} = "
+               f"{max_seq_len + max_gen_len} positions, "
                f"but the policy ({type(model).__name__}) was trained on {limit}")
     if learned:
-        raise InputError(f"{message}, and its position table ends there: lower the two flags so that their sum "
+        raise InputError(f"{message}, and its position table ends there: lower the flags so that the sum "
                          f"is at most {limit}")
     return f"warning: {message} (max_position_embeddings); it extrapolates beyond them"
 

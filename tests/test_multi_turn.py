@@ -327,3 +327,12 @@ def test_dynamic_sampling_keeps_each_rows_turns_with_it():
     both = concat_samples(parts, 0)
     assert [t[0]["content"] for t in both.transcripts] == both.responses == ["1.3", "1.0", "2.3", "2.0"]
     assert both.tool_stats["tool_calls"].tolist() == [13, 10, 23, 20]
+
+
+def test_the_position_check_counts_every_turn():
+    """A learned position table must hold the prompt and every turn: refused at start-up, naming the flags."""
+    from hf_models import tiny_hf_model
+    from model.loading import check_position_limit
+    with pytest.raises(InputError, match=r"--max_seq_len 20 \+ --max_gen_len 20 x --max_turns 3 = 80 positions"):
+        check_position_limit(tiny_hf_model("gpt2", positions=64), 20, 60,
+                             gen_flags="--max_gen_len 20 x --max_turns 3")
