@@ -215,7 +215,9 @@ def build_reward_model(actor, max_positions):
 
 # ----------------------------------------------------------------------------- training loop
 def train(name, params, loss_fn, steps, lr, log_every):
-    """AdamW with warmup and cosine decay (the trainer's schedule) on loss_fn(step)."""
+    """AdamW with warmup and cosine decay (the trainer's schedule) on loss_fn(step); 0 steps: nothing."""
+    if steps <= 0:
+        return 0.0
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     scheduler = build_cosine_scheduler(optimizer, steps, warmup_steps=min(50, steps // 10))
