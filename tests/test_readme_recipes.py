@@ -209,7 +209,7 @@ def test_the_tool_use_recipe_with_its_calculator_and_reward(tmp_path, monkeypatc
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} * {b}?"}], "answer": str(a * b)}
             for a in range(10, 18) for b in (3, 25)]
     (tmp_path / "arithmetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (cmd,) = commands(text)
+    cmd = next(c for c in commands(text) if "my_tools.py" in c)
     run(cmd[2:] + SHORT + ["--log_samples", "64", "--max_turns", "2"])
     (step,) = [m for m in metrics(tmp_path / "out") if "tool_call_rate" in m]
     assert step["turns"] >= 1.0
@@ -246,3 +246,15 @@ def test_the_minimind3_agent_recipe_runs_on_a_checkout_of_stand_ins(tmp_path, mo
     (step,) = [m for m in metrics(tmp_path / "minimind" / "out") if "reward" in m]
     assert {f"reward_{p}" for p in ("tags", "rm", "tool_calls", "gt", "unfinished", "clip")} <= set(step)
     assert "tool_call_rate" in step and (tmp_path / "minimind" / "out" / "agent_64.pth").exists()
+
+
+def test_the_tool_demo_command_runs_on_the_shipped_kit(tmp_path, monkeypatch):
+    """The README's tool demo command, verbatim but for SHORT, on the shipped demo/tools kit: the policy calls the
+    calculator and the evaluation reports tool use."""
+    (cmd,) = [c for c in commands(section("Tool use (multi-turn)")) if "demo/tools/calculator.py" in c]
+    monkeypatch.chdir(ROOT)
+    run(cmd[2:] + SHORT + ["--save_dir", str(tmp_path / "out"), "--eval_limit", "8", "--batch_size", "2",
+                           "--mini_batch_size", "8", "--max_gen_len", "64"])
+    (step,) = [m for m in metrics(tmp_path / "out") if "tool_call_rate" in m]
+    assert step["tool_call_rate"] > 0 and step["turns"] > 1
+    assert [m["eval_tool_call_rate"] for m in metrics(tmp_path / "out") if "eval_tool_call_rate" in m][0] > 0
