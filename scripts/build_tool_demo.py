@@ -4,7 +4,7 @@ but can call a calculator, and RL (GRPO) that teaches it to call the tool and co
     python scripts/build_tool_demo.py             # full size: demo/tools/, ~8 min on 2 cores
     python scripts/build_tool_demo.py --tiny ...  # a miniature kit in seconds (tests)
 
-and then GRPO on it (~6 min on 2 cores; held-out accuracy ~40% -> ~99%, tool calls -> 100%):
+and then GRPO on it (~6 min on 2 cores; greedy held-out accuracy 48% -> 99%, tool calls 65% -> 100%, at step 20 already):
 
     python train_ppo.py --from_weight demo/tools/full_sft_128.pth --tokenizer_path demo/tools/tokenizer \
         --data_path demo/tools/train.jsonl --eval_data_path demo/tools/eval.jsonl \
