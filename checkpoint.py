@@ -251,20 +251,19 @@ def save_checkpoint(run, rng_state):
         if learner.actor_peft is not None:  # the adapter, and the merged policy where users look for the policy
             with atomic_folder(lora_folder_path(args.save_dir, args.save_weight)) as folder:
                 learner.actor_peft.save_pretrained(folder)
-        if not sharded:
-            # MiniMind's .pth is float16: merged straight into it, unless a float32 transformers folder is written too
-            half = not is_hf_folder(args.from_weight) and not args.save_hf
-            weights = merged_state_dict(lm, torch.float16 if half else torch.float32) \
-                if learner.actor_peft is not None else lm.state_dict()
+        # the policy: FSDP's gathered weights, else the model's own (a LoRA policy merged one weight at a time into
+        # a transformers folder, straight into float16 for MiniMind's .pth)
         if is_hf_folder(args.from_weight):
-            save_hf_folder(lm, run.tokenizer, policy_path(args, config), state_dict=weights)
+            save_hf_folder(lm, run.tokenizer, policy_path(args, config), state_dict=weights if sharded else None)
         else:
-            save_weights(weights, policy_path(args, config))
+            save_weights(weights if sharded else merged_state_dict(lm, torch.float16) if learner.actor_peft is not None
+                         else lm, policy_path(args, config))
             if args.save_hf:
                 save_hf_folder(lm, run.tokenizer, hf_folder_path(args.save_dir, args.save_weight, hidden, moe),
-                               state_dict=weights)
-        del weights  # a LoRA policy's merged copy: freed before the resume record is built and written
-        if not sharded:
+                               state_dict=weights if sharded else None)
+        if sharded:
+            del weights  # the gathered policy: freed before the resume checkpoint is written
+        else:
             save_resume(dict(checkpoint_record(run), rng_states=rng_states), path, keep=args.keep_checkpoints)
     if sharded:
         fsdp.save_sharded(record, sharded_parts(run), fsdp.sharded_path(path), args.keep_checkpoints)

@@ -354,9 +354,21 @@ MAX_SHARD_SIZE = "1GB"
 
 def save_hf_folder(model, tokenizer, folder, state_dict=None):
     """save_pretrained (model and tokenizer) that never leaves a half-written folder (atomic_folder);
-    `state_dict`: the weights to write instead of the model's own (a LoRA policy's merged weights)."""
+    `state_dict`: the weights to write instead of the model's own (FSDP's gathered policy). A model with LoRA
+    adapters is written merged, one weight at a time: save_pretrained writes the base (the model's own tensors,
+    no copy), then each adapted weight is overwritten in place by its merged value (model/lora.py's
+    merge_into_safetensors), so the save never holds a merged copy of the model."""
+    from model.lora import adapter_layers, base_state_dict, merge_into_safetensors, merged_state_dict
+    model = unwrap_model(model)
+    lora = state_dict is None and bool(adapter_layers(model))
     with atomic_folder(folder) as tmp:
-        unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, max_shard_size=MAX_SHARD_SIZE)
+        model.save_pretrained(tmp, state_dict=base_state_dict(model) if lora else state_dict,
+                              max_shard_size=MAX_SHARD_SIZE)
+        if lora and merge_into_safetensors(model, tmp):  # a weight conversion moved an adapted weight
+            for name in os.listdir(tmp):
+                if name.endswith((".safetensors", ".safetensors.index.json")):
+                    os.remove(os.path.join(tmp, name))
+            model.save_pretrained(tmp, state_dict=merged_state_dict(model), max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
 
 

@@ -10,7 +10,11 @@ merged weights, under the base model's own key names.
 import contextlib
 import copy
 import functools
+import glob
+import json
+import os
 import re
+import struct
 import types
 
 import torch
@@ -63,37 +67,92 @@ def base_key(name):
     return re.sub(r"(\.base_layer)+(?=\.|$)", "", name)
 
 
-@torch.no_grad()
-def merged_state_dict(model, dtype=torch.float32):
-    """`model`'s weights with every LoRA adapter merged in (W + scale * B A, peft's get_delta_weight), for every
-    module peft wraps: linear layers, and single parameters (peft's ParamWrapper: the fused experts and routers of
-    a transformers 5 MoE), under the base model's own key names, on the CPU (a merged copy on the GPU would
-    need the model's size again at each save). The sum is taken in float32 and every floating tensor comes back
-    in float32, the precision the trainer holds the policy in: a small update added to bfloat16 weights (the
-    frozen base on CUDA, keep_frozen_in) would round away. What MiniMind's .pth and save_pretrained hold. With
-    `dtype` (MiniMind's float16 .pth) each merged weight is cast to it at once: no float32 copy of every adapted
-    weight is alive beside the model. `model` is left as it is."""
+def lora_layers(model):
+    """{the adapted weight's key in the base model's own terms: peft's layer} for every module peft wraps: linear
+    layers, and single parameters (peft's ParamWrapper: the fused experts and routers of a transformers 5 MoE)."""
     from peft.tuners.lora import LoraLayer
-    merged = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            parameter = getattr(module, "parameter_name", None) or "weight"
-            weight = getattr(module.get_base_layer(), parameter)
-            delta = sum(module.get_delta_weight(adapter).float() for adapter in module.active_adapters)
-            merged[f"{base_key(name)}.{parameter}"] = (weight.detach().float() + delta).to("cpu", dtype)
-    state, converted = {}, {}  # converted: one cast per storage, so tied weights stay one tensor
+    return {f"{base_key(name)}.{getattr(module, 'parameter_name', None) or 'weight'}": module
+            for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+@torch.no_grad()
+def merged_weight(layer, dtype=torch.float32):
+    """One adapted weight with its adapters merged in (W + scale * B A, peft's get_delta_weight), on the CPU. The sum
+    is taken in float32, the precision the trainer holds the policy in: a small update added to bfloat16 weights
+    (the frozen base on CUDA, keep_frozen_in) would round away; then cast to `dtype`."""
+    weight = getattr(layer.get_base_layer(), getattr(layer, "parameter_name", None) or "weight")
+    delta = sum(layer.get_delta_weight(adapter).float() for adapter in layer.active_adapters)
+    return (weight.detach().float() + delta).to("cpu", dtype)
+
+
+@torch.no_grad()
+def base_state_dict(model, dtype=torch.float32, merge=False):
+    """`model`'s weights under the base model's own key names (peft's `.base_layer` taken out, the adapters left out),
+    on the CPU, floating tensors in `dtype`: a tensor already on the CPU in `dtype` is the model's own (no copy),
+    others are cast once per storage, so tied weights stay one tensor. merge=True: each adapted weight is
+    merged_weight instead, made one by one and cast at once (MiniMind's float16 .pth: no float32 copy of every
+    adapted weight beside the model). `model` is left as it is."""
+    layers = lora_layers(model) if merge else {}
+    state, converted = {}, {}
     for key, value in model.state_dict().items():
         if ".lora_" in key:
             continue
         clean = base_key(key)
-        if clean in merged or not value.is_floating_point():
-            state[clean] = merged[clean] if clean in merged else value.cpu()
-            continue
-        tensor = (value.data_ptr(), value.shape, value.dtype)
-        if tensor not in converted:
-            converted[tensor] = value.to("cpu", dtype)
-        state[clean] = converted[tensor]
+        if clean in layers:
+            state[clean] = merged_weight(layers[clean], dtype)
+        elif not value.is_floating_point():
+            state[clean] = value.cpu()
+        else:
+            tensor = (value.data_ptr(), value.shape, value.dtype)
+            if tensor not in converted:
+                converted[tensor] = value.to("cpu", dtype)
+            state[clean] = converted[tensor]
     return state
+
+
+def merged_state_dict(model, dtype=torch.float32):
+    """`model`'s weights with every LoRA adapter merged in, under the base model's own key names, on the CPU, in
+    `dtype` (float32 by default): what MiniMind's .pth and save_pretrained hold."""
+    return base_state_dict(model, dtype, merge=True)
+
+
+def safetensors_offsets(path):
+    """{tensor name: (dtype, shape, first byte, end byte)} of a .safetensors file, from its header (an 8-byte
+    little-endian header size, then a JSON header whose data_offsets count from the header's end)."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    return {name: (entry["dtype"], entry["shape"], 8 + size + entry["data_offsets"][0], 8 + size + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+@torch.no_grad()
+def merge_into_safetensors(model, folder):
+    """Merge `model`'s adapters into the .safetensors files save_pretrained wrote in `folder` from
+    base_state_dict(model): each adapted weight, found there as the float32 base weight it was, is overwritten in
+    place by merged_weight (same dtype and shape, so the same bytes): one merged weight in memory at a time, where
+    a merged state dict would hold a second copy of every adapted weight while the folder is written. Returns the
+    adapted keys not found as they are in the model (a transformers 5 weight conversion renamed, split or
+    transformed them); the caller then writes merged_state_dict instead."""
+    layers, found = lora_layers(model), set()
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        offsets = safetensors_offsets(path)
+        with open(path, "r+b") as f:  # plain reads and writes: a memory map's pages would count in the resident set
+            for key in sorted(offsets.keys() & layers.keys()):
+                dtype, shape, begin, end = offsets[key]
+                layer = layers[key]
+                base = getattr(layer.get_base_layer(), getattr(layer, "parameter_name", None) or "weight").detach()
+                if dtype != "F32" or list(base.shape) != shape:
+                    continue
+                written = torch.empty(shape, dtype=torch.float32)
+                f.seek(begin)
+                if f.readinto(written.view(torch.uint8).numpy().data) != end - begin or \
+                        not torch.equal(written, base.to("cpu", torch.float32)):
+                    continue
+                f.seek(begin)
+                f.write(merged_weight(layer).contiguous().view(torch.uint8).numpy().data)
+                found.add(key)
+    return sorted(layers.keys() - found)
 
 
 def trainable_state_dict(model):

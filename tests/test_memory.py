@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_ppo
@@ -19,6 +20,8 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.policy import Policy
 from model.sampling import sample_responses
 from trainer_utils import load_resume, load_state_dict_file, unwrap_model
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 TOKENIZER = str(ROOT / "model")
 
@@ -445,6 +448,47 @@ def test_transformers_folders_are_written_in_bounded_shards(tmp_path, monkeypatc
     ids, mask, _ = batch()
     with torch.no_grad():
         assert torch.equal(loaded(ids, attention_mask=mask).logits, lm(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mixtral"])
+def test_a_lora_policy_is_saved_merged_one_weight_at_a_time(arch, tmp_path, monkeypatch):
+    """save_hf_folder of a LoRA model writes what peft's merge_and_unload + save_pretrained write: the same keys,
+    dtypes and values (float32 rounding), in several shards, and from_pretrained loads it to the merged model's
+    logits. Llama (untied), Qwen2 (tied embedding and head) and GPT-2 (Conv1D, stored transposed) are patched in
+    place, with no merged state dict of the model (merged_state_dict is never called); where save_pretrained
+    writes an adapted weight under other names (transformers 5 splits Mixtral's fused experts) the folder is
+    written from merged_state_dict instead."""
+    import safetensors.torch
+    import model.lora as lora
+    import trainer_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm = tiny_lm(arch)
+    peft_model = add_lora(lm, 4, 8)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    reference = copy.deepcopy(peft_model).merge_and_unload()  # peft's own merge
+    monkeypatch.setattr(trainer_utils, "MAX_SHARD_SIZE", "50KB")
+    calls, real = [], lora.merged_state_dict
+    monkeypatch.setattr(lora, "merged_state_dict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer_utils.save_hf_folder(lm, AutoTokenizer.from_pretrained(TOKENIZER), tmp_path / "ours")
+    reference.save_pretrained(tmp_path / "peft", max_shard_size="50KB")
+
+    def tensors(folder):
+        files = sorted(folder.glob("*.safetensors"))
+        return len(files), {k: v for f in files for k, v in safetensors.torch.load_file(f).items()}
+    (n_ours, ours), (_, theirs) = tensors(tmp_path / "ours"), tensors(tmp_path / "peft")
+    assert n_ours > 2 and ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), k
+    renamed = not set(lora.lora_layers(lm)) <= set(theirs)
+    assert bool(calls) == renamed and renamed == (arch == "mixtral" and TRANSFORMERS_5)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits,
+                              atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- a critic from a reward model
