@@ -18,8 +18,8 @@ from model.lora import load_trainable_state_dict, merged_state_dict, trainable_s
 from reward import Reward
 from trainer_utils import (all_reduce_sum, atomic_folder, gather_rng_states, get_rank, get_world_size, hf_folder_path,
                            InputError, is_hf_folder, is_main_process, load_resume, Logger, lora_folder_path,
-                           OutputError, resolve_weight, resume_file_pattern, resume_path, save_hf_folder, save_resume,
-                           save_weights, set_rng_state, setup_seed, truncate_metrics, unwrap_model,
+                           OutputError, release_free_memory, resolve_weight, resume_file_pattern, resume_path,
+                           save_hf_folder, save_resume, save_weights, set_rng_state, setup_seed, truncate_metrics, unwrap_model,
                            weight_file_pattern, weight_path)
 
 
@@ -103,20 +103,26 @@ def weights_fingerprint(model):
     from another (a resume checks that its reference, a LoRA policy's base included, is the one the run
     started from). A sharded model's are summed over its shards: the same on every rank (a collective)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    sums = torch.stack([tensor_sums(t) for t in map(fsdp.local_tensor, frozen)])
+    buffers = {}  # one float64 work buffer per device, reused for every tensor
+    sums = torch.stack([tensor_sums(t, buffer=buffers.setdefault(t.device, torch.empty(
+        2 ** 20, dtype=torch.float64, device=t.device))) for t in map(fsdp.local_tensor, frozen)])
     return (all_reduce_sum(sums) if fsdp.is_sharded(model) else sums).cpu()
 
 
 @torch.no_grad()
-def tensor_sums(tensor, chunk=2 ** 20):
-    """[2] float64: the tensor's sum and sum of absolute values, a chunk of elements at a time: summing in
-    float64 at once would make a float64 copy of the whole tensor (and abs() another), 1.5 GB for a
-    152k x 896 embedding, at every save."""
+def tensor_sums(tensor, chunk=2 ** 20, buffer=None):
+    """[2] float64: the tensor's sum and sum of absolute values, a chunk of elements at a time, each chunk cast into
+    one float64 work `buffer` (of at least `chunk` elements; made here when not given): summing in float64 at once
+    would make a float64 copy of the whole tensor (and abs() another), 1.5 GB for a 152k x 896 embedding, and a
+    fresh float64 chunk per piece left the allocator holding ~250 MB after the fingerprint of a 125M model."""
     flat = tensor.detach().reshape(-1)
+    if buffer is None:
+        buffer = torch.empty(min(chunk, flat.numel()), dtype=torch.float64, device=flat.device)
     total = torch.zeros(2, dtype=torch.float64, device=flat.device)
     for piece in flat.split(chunk):
-        piece = piece.double()
-        total += torch.stack([piece.sum(), piece.abs().sum()])
+        work = buffer[:piece.numel()].copy_(piece)
+        total[0] += work.sum()
+        total[1] += work.abs_().sum()
     return total
 
 
@@ -263,7 +269,8 @@ def save_checkpoint(run, rng_state):
                                state_dict=weights if sharded else None)
         if sharded:
             del weights  # the gathered policy: freed before the resume checkpoint is written
-        else:
+        release_free_memory()  # what writing the policy freed, before the resume record is built
+        if not sharded:
             save_resume(dict(checkpoint_record(run), rng_states=rng_states), path, keep=args.keep_checkpoints)
     if sharded:
         fsdp.save_sharded(record, sharded_parts(run), fsdp.sharded_path(path), args.keep_checkpoints)

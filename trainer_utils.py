@@ -2,6 +2,7 @@
 batching, the LR schedule, file names, crash-safe checkpoint I/O, RNG state capture for exact
 resume, the metrics and samples files, and stop signals."""
 import contextlib
+import ctypes
 import glob
 import json
 import math
@@ -350,6 +351,16 @@ def atomic_folder(folder):
 # safetensors serialises a shard into one bytes object before writing it: at transformers 5's default of 50 GB a
 # whole float32 7B policy (28 GB) would be copied at each save; shards of this size bound that transient
 MAX_SHARD_SIZE = "1GB"
+
+
+def release_free_memory():
+    """Hand the memory freed so far back to the system (glibc's malloc_trim): the C allocator keeps freed blocks
+    resident in its arenas, so the pieces of a save would otherwise hold what the previous piece freed. A no-op
+    where the C library has no malloc_trim (macOS, musl)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def save_hf_folder(model, tokenizer, folder, state_dict=None):

@@ -122,7 +122,8 @@ def safetensors_offsets(path):
     with open(path, "rb") as f:
         size = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(size))
-    return {name: (entry["dtype"], entry["shape"], 8 + size + entry["data_offsets"][0], 8 + size + entry["data_offsets"][1])
+    start = 8 + size
+    return {name: (entry["dtype"], entry["shape"], start + entry["data_offsets"][0], start + entry["data_offsets"][1])
             for name, entry in header.items() if name != "__metadata__"}
 
 

@@ -294,7 +294,8 @@ def bench_run(args):
                     force_full_length(lm, run.tokenizer.eos_token_id)
                 else:
                     force_varied_lengths(lm, run.tokenizer.eos_token_id, args.max_gen_len)
-            policy_params = sum(p.numel() for p in unwrap_model(run.learner.actor).lm.parameters())
+            policy_params = sum(p.numel() for name, p in unwrap_model(run.learner.actor).lm.named_parameters()
+                                if ".lora_" not in name)  # the policy's own, not its adapters
             reset_peak_memory(args.device)  # the peak of the training steps, the models in memory included
             peaks = {}  # after each step, before that step's save: the steps' own peak, not the final save's
 

@@ -229,12 +229,14 @@ def test_lora_trains_the_adapter_only_and_the_reference_is_the_base(tiny_kit, tm
 @pytest.mark.parametrize("arch", ["minimind", "llama", "mixtral"])
 def test_lora_saves_an_adapter_peft_loads_and_the_merged_policy(arch, tiny_kit, tmp_path):
     """{save_weight}_lora/ loaded onto the base with peft gives the trainer's logits; the merged policy (MiniMind's
-    .pth with MiniMind's keys, or the transformers folder) equals base + adapter. Mixtral: under transformers 5
-    peft wraps its fused experts and routers as single parameters (ParamWrapper), merged and saved too."""
+    .pth with MiniMind's keys, MiniMind's --save_hf export, or the transformers folder) equals base + adapter.
+    Mixtral: under transformers 5 peft wraps its fused experts and routers as single parameters (ParamWrapper),
+    merged and saved too."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     if arch == "minimind":
-        flags, base_path = lora_flags(tiny_kit, tmp_path / "run", "--max_steps", "2"), tiny_kit["actor"]
+        flags = lora_flags(tiny_kit, tmp_path / "run", "--max_steps", "2", "--save_hf", "1")
+        base_path = tiny_kit["actor"]
     else:
         base_path = save_tiny_hf_model(arch, tmp_path / arch, TOKENIZER)
         flags = llama_lora_flags(base_path, tiny_kit, tmp_path / "run", "--max_steps", "2")
@@ -260,6 +262,8 @@ def test_lora_saves_an_adapter_peft_loads_and_the_merged_policy(arch, tiny_kit, 
             merged.load_state_dict({k: v.float() for k, v in load_state_dict_file(tmp_path / "run" /
                                                                                  "ppo_actor_64.pth").items()})
             tolerance = 5e-2  # the .pth is float16, as MiniMind's
+            exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "ppo_actor_64_hf").eval()  # float32
+            assert (exported(ids, attention_mask=mask).logits - want).abs().max() < 1e-5
         else:
             merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "ppo_actor_hf").eval()
             tolerance = 1e-5
