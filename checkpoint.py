@@ -19,8 +19,8 @@ from reward import Reward
 from trainer_utils import (all_reduce_sum, atomic_folder, gather_rng_states, get_rank, get_world_size, hf_folder_path,
                            InputError, is_hf_folder, is_main_process, load_resume, Logger, lora_folder_path,
                            OutputError, release_free_memory, resolve_weight, resume_file_pattern, resume_path,
-                           save_hf_folder, save_resume, save_weights, set_rng_state, setup_seed, truncate_metrics, unwrap_model,
-                           weight_file_pattern, weight_path)
+                           save_hf_folder, save_resume, save_weights, set_rng_state, setup_seed, truncate_metrics,
+                           unwrap_model, weight_file_pattern, weight_path)
 
 
 @dataclass
@@ -103,9 +103,12 @@ def weights_fingerprint(model):
     from another (a resume checks that its reference, a LoRA policy's base included, is the one the run
     started from). A sharded model's are summed over its shards: the same on every rank (a collective)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    buffers = {}  # one float64 work buffer per device, reused for every tensor
-    sums = torch.stack([tensor_sums(t, buffer=buffers.setdefault(t.device, torch.empty(
-        2 ** 20, dtype=torch.float64, device=t.device))) for t in map(fsdp.local_tensor, frozen)])
+    buffers, sums = {}, []  # one float64 work buffer per device, reused for every tensor
+    for tensor in map(fsdp.local_tensor, frozen):
+        if tensor.device not in buffers:
+            buffers[tensor.device] = torch.empty(2 ** 20, dtype=torch.float64, device=tensor.device)
+        sums.append(tensor_sums(tensor, buffer=buffers[tensor.device]))
+    sums = torch.stack(sums)
     return (all_reduce_sum(sums) if fsdp.is_sharded(model) else sums).cpu()
 
 

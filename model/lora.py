@@ -75,14 +75,18 @@ def lora_layers(model):
             for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+def base_weight(layer):
+    """The frozen weight a peft layer adapts: its base layer's `weight`, or the parameter a ParamWrapper wraps."""
+    return getattr(layer.get_base_layer(), getattr(layer, "parameter_name", None) or "weight")
+
+
 @torch.no_grad()
 def merged_weight(layer, dtype=torch.float32):
     """One adapted weight with its adapters merged in (W + scale * B A, peft's get_delta_weight), on the CPU. The sum
     is taken in float32, the precision the trainer holds the policy in: a small update added to bfloat16 weights
     (the frozen base on CUDA, keep_frozen_in) would round away; then cast to `dtype`."""
-    weight = getattr(layer.get_base_layer(), getattr(layer, "parameter_name", None) or "weight")
     delta = sum(layer.get_delta_weight(adapter).float() for adapter in layer.active_adapters)
-    return (weight.detach().float() + delta).to("cpu", dtype)
+    return (base_weight(layer).detach().float() + delta).to("cpu", dtype)
 
 
 @torch.no_grad()
@@ -142,7 +146,7 @@ def merge_into_safetensors(model, folder):
             for key in sorted(offsets.keys() & layers.keys()):
                 dtype, shape, begin, end = offsets[key]
                 layer = layers[key]
-                base = getattr(layer.get_base_layer(), getattr(layer, "parameter_name", None) or "weight").detach()
+                base = base_weight(layer).detach()
                 if dtype != "F32" or list(base.shape) != shape:
                     continue
                 written = torch.empty(shape, dtype=torch.float32)

@@ -20,7 +20,6 @@ small 1.95 s/step, 262 generated tokens/s end to end, peak RSS 907 MB; mm2 5.2 s
 """
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import math
@@ -48,7 +47,7 @@ from model.sampling import sample_categorical, sample_responses
 from reward import load_reward_model
 from model.policy import Policy
 from core_algos import compute_advantages
-from trainer_utils import unwrap_model
+from trainer_utils import release_free_memory, unwrap_model
 
 PRESETS = {
     "small": dict(hidden_size=256, num_hidden_layers=4, batch_size=8, mini_batch_size=4, ppo_epochs=2,
@@ -210,8 +209,8 @@ def reset_peak_memory(device):
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    release_free_memory()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:  # not Linux: the peak of the whole process
