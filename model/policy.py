@@ -7,7 +7,8 @@ and 1024 tokens that is 9.3 GiB per tensor, several alive at once. Where a micro
 exceed CHUNK_ELEMENTS, the LM head runs on chunks of positions inside torch.utils.checkpoint: one chunk's
 logits exist at a time, in the forward and again, recomputed, in the backward. Where they fit, the head runs
 once, plainly: recomputing it would cost time (a small model's head is a large share of its FLOPs) and save
-little. The numbers are those of the full computation (to float rounding).
+little. Within a chunk, TokenLogprobs' backward keeps one [B, c, V] tensor where autograd keeps five. The
+numbers are those of the full computation (to float rounding).
 """
 import contextlib
 
@@ -22,25 +23,67 @@ from model.sampling import position_ids_from_mask
 CHUNK_ELEMENTS = 2 ** 26  # float32 logits per chunk: 256 MiB
 
 
-def entropy_from_logits(logits):
-    """H = logsumexp(z) - sum(softmax(z) * z) per position; a -inf logit (p = 0) adds nothing."""
-    p = logits.softmax(-1)
-    return logits.logsumexp(-1) - torch.where(p > 0, p * logits, 0.0).sum(-1)
+class TokenLogprobs(torch.autograd.Function):
+    """log pi(targets) [B, c] and the entropy H [B, c] of logits [B, c, V] / temperature, with a backward that
+    keeps one full-vocab tensor where autograd keeps five.
+
+    Autograd through logsumexp and gather saves the logits and, in the backward, makes exp(z - lse), its
+    product with the gradient, a zero tensor for the gather's scatter and their sum: five [B, c, V] float32
+    tensors at once, 190 MB at Qwen's vocabulary and 64 tokens. The gradient has a closed form in the softmax p:
+        d log p(a) / dz = onehot(a) - p,        dH / dz = -p (z - E_p[z]),  E_p[z] = lse - H,
+    so the forward saves p alone (and z where the entropy is in the loss) and the backward writes the gradient
+    into p's own storage. Same numbers as autograd's to float rounding (tests/test_memory.py). The saved p is
+    consumed: a second backward through the same graph (retain_graph) fails loudly on its version counter.
+    `entropy`: "none" (logprobs only), "value" (H without gradient) or "grad".
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, entropy):
+        z = logits.float()
+        if temperature != 1.0:  # x / 1 == x: skip a full-vocab pass and its backward
+            z = z / temperature
+        shift = z.amax(-1, keepdim=True)  # [B, c, 1]: logsumexp's max shift (none for a row of infinities)
+        shift = torch.where(shift.isinf(), 0.0, shift)
+        p = (z - shift).exp_()  # [B, c, V], normalised below: the one tensor the backward needs
+        total = p.sum(-1, keepdim=True)
+        p.div_(total)
+        lse = (shift + total.log()).squeeze(-1)  # [B, c]
+        logprobs = z.gather(-1, targets[..., None]).squeeze(-1) - lse
+        ctx.temperature, ctx.entropy, ctx.dtype = temperature, entropy, logits.dtype
+        if entropy == "none":
+            ctx.save_for_backward(p, targets)
+            return logprobs
+        # H = lse - sum p z; a -inf logit (p = 0) adds nothing (0 * -inf is NaN, made 0)
+        H = lse - (p * z).nan_to_num_(nan=0.0).sum(-1)
+        if entropy == "grad":
+            ctx.save_for_backward(p, targets, z, lse - H)
+        else:
+            ctx.save_for_backward(p, targets)
+            ctx.mark_non_differentiable(H)
+        return logprobs, H
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropy=None):
+        p, targets, *z_and_mean = ctx.saved_tensors
+        g = grad_logprobs[..., None]  # [B, c, 1]
+        if ctx.entropy == "grad":  # -p * (g + g_H (z - E_p[z])) + g onehot
+            z, mean_z = z_and_mean
+            centred = (z - mean_z[..., None]).masked_fill_(p == 0, 0.0)  # p = 0 (a -inf logit): no term, not NaN
+            p.mul_(centred.mul_(grad_entropy[..., None]).add_(g))
+        else:  # -p * g + g onehot
+            p.mul_(g)
+        grad = p.neg_().scatter_add_(-1, targets[..., None], g)
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.dtype), None, None, None
 
 
 def token_logprobs(hidden, head, targets, temperature, entropy):
-    """log-probs [B, c] of `targets` [B, c] under head(hidden) / temperature (gather - logsumexp, never a full
-    log_softmax), and their entropy [B, c] (H = logsumexp(z) - sum softmax(z) z) when `entropy` is "value"
-    (no gradient) or "grad"."""
-    logits = head(hidden).float()  # [B, c, V]
-    if temperature != 1.0:  # x / 1 == x: skip a full-vocab pass and its backward
-        logits = logits / temperature
-    lse = logits.logsumexp(-1)
-    logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
-    if entropy == "none":
-        return logprobs, None
-    with contextlib.nullcontext() if entropy == "grad" else torch.no_grad():
-        return logprobs, entropy_from_logits(logits)
+    """log-probs [B, c] of `targets` [B, c] under head(hidden) / temperature, and their entropy [B, c] when
+    `entropy` is "value" (no gradient) or "grad" (else None): TokenLogprobs on the head's logits [B, c, V]."""
+    out = TokenLogprobs.apply(head(hidden), targets, temperature, entropy)
+    return (out, None) if entropy == "none" else out
 
 
 class Policy(nn.Module):

@@ -45,7 +45,7 @@ from dataset.lm_dataset import PromptCollator, RLAIFDataset
 from model.loading import init_model
 from model.sampling import sample_categorical, sample_responses
 from reward import load_reward_model
-from model.policy import Policy
+from model.policy import Policy, TokenLogprobs
 from core_algos import compute_advantages
 from trainer_utils import release_free_memory, unwrap_model
 
@@ -590,8 +590,31 @@ def run_ablations(args):
         ablate("token_sampling", "sample_categorical: one uniform + binary search per row",
                "torch.multinomial: an exponential draw per vocabulary entry",
                lambda: sample_categorical(probs), lambda: torch.multinomial(probs, 1).squeeze(-1), args, compare=False)
-    # (6) one AdamW step on the actor's parameters (~16 per PPO step at the presets, actor and critic)
+        # (6) the update's log-prob gradient through the logits at the response positions
+        logits = model(full_ids, attention_mask=full_mask).logits[:, -G - 1:-1]
+        ablate_logprob_backward(logits, full_ids[:, -G:], args)
+    # (7) one AdamW step on the actor's parameters (~16 per PPO step at the presets, actor and critic)
     ablate_adamw(model, args)
+
+
+def ablate_logprob_backward(logits, targets, args):
+    """TokenLogprobs (the softmax saved, the gradient written into it) vs autograd through logsumexp and gather:
+    forward and backward to the logits [B, R, V], the gradients compared."""
+    weights = torch.randn(targets.shape, device=args.device)
+
+    def gradient(logprobs_of):
+        z = logits.detach().requires_grad_()
+        (weights * logprobs_of(z)).sum().backward()
+        return z.grad
+
+    def autograd_logprobs(z):
+        z = z.float()
+        return z.gather(-1, targets[..., None]).squeeze(-1) - z.logsumexp(-1)
+    with torch.enable_grad():
+        ablate("logprob_backward", "TokenLogprobs: the softmax saved, the gradient written into it",
+               "autograd through logsumexp and gather",
+               lambda: gradient(lambda z: TokenLogprobs.apply(z, targets, 1.0, "none")),
+               lambda: gradient(autograd_logprobs), args)
 
 
 def ablate_adamw(model, args):

@@ -26,7 +26,7 @@ def test_ablations_match_their_naive_references(capsys):
     bench_ppo.main(MICRO + ["--ablations"])
     lines = json_lines(capsys)
     assert [l["ablation"] for l in lines] == ["generation", "generation", "rollout_logprobs", "gae", "reward_scoring",
-                                              "token_sampling", "optimizer_step"]
+                                              "token_sampling", "logprob_backward", "optimizer_step"]
     assert all(l["ours_s"] > 0 and l["naive_s"] > 0 for l in lines)
     assert all(l["max_abs_diff"] < 1e-4 for l in lines if "max_abs_diff" in l)
 

@@ -128,18 +128,19 @@ def test_gradient_checkpointing_resume_is_exact(tiny_kit, tmp_path):
 @pytest.mark.parametrize("arch", ["minimind", "llama", "gpt2"])
 def test_chunked_logprobs_equal_the_full_computation_and_never_hold_all_logits(arch, monkeypatch):
     """Log-probs, entropy and their gradients by chunks of 2 positions equal those of full logits [B, R, V]
-    (1e-6), and no float tensor as large as [B, R, V] is ever made, forward or backward."""
+    through autograd in float64 (to float32 rounding), and no float tensor as large as [B, R, V] is ever made,
+    forward or backward."""
     lm = tiny_lm(arch)
     ids, mask, R = batch(B=4, T=30, R=24)  # B * R > hidden: one [B, R, V] tensor outweighs a weight's gradient
     policy = Policy(lm)
     assert policy.chunked
+    reference = copy.deepcopy(lm).double()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    logits = lm(ids, attention_mask=mask, position_ids=positions).logits[:, -R - 1:-1].float() / 0.8
+    logits = reference(ids, attention_mask=mask, position_ids=positions).logits[:, -R - 1:-1] / 0.8
     want_logp = logits.log_softmax(-1).gather(-1, ids[:, -R:, None]).squeeze(-1)
     want_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
     (want_logp.sum() - 0.1 * want_entropy.sum()).backward()
-    want_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
-    lm.zero_grad()
+    want_grads = {n: p.grad for n, p in reference.named_parameters()}
     V = lm.get_output_embeddings().out_features
     monkeypatch.setattr(policy_module, "CHUNK_ELEMENTS", 4 * 2 * V)  # 2 positions per chunk
     sizes = []
@@ -154,9 +155,10 @@ def test_chunked_logprobs_equal_the_full_computation_and_never_hold_all_logits(a
     with Sizes():
         logp, entropy, _ = policy(ids, mask, R, 0.8, "grad")
         (logp.sum() - 0.1 * entropy.sum()).backward()
-    assert torch.allclose(logp, want_logp, atol=1e-6) and torch.allclose(entropy, want_entropy, atol=1e-5)
-    for n, p in lm.named_parameters():
-        assert torch.allclose(p.grad, want_grads[n], atol=1e-6, rtol=1e-4), n
+    assert torch.allclose(logp.double(), want_logp, atol=1e-5) and torch.allclose(entropy.double(), want_entropy,
+                                                                                  atol=1e-5)
+    for n, p in lm.named_parameters():  # float32 autograd itself is 3e-6 to 7e-6 away from float64 here
+        assert torch.allclose(p.grad.double(), want_grads[n], atol=2e-5, rtol=1e-4), n
     assert max(sizes) < 4 * R * V, (max(sizes), 4 * R * V)  # never one [B, R, V] tensor
 
 
@@ -183,6 +185,61 @@ def test_logits_within_the_budget_are_one_plain_head_with_the_same_numbers(arch,
     assert torch.allclose(plain_logp, logp, atol=1e-6) and torch.allclose(plain_entropy, entropy, atol=1e-5)
     for n in grads:
         assert torch.allclose(plain_grads[n], grads[n], atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("entropy", ["none", "value", "grad"])
+@pytest.mark.parametrize("temperature, dtype", [(1.0, torch.float32), (0.7, torch.float32), (1.0, torch.bfloat16)])
+def test_token_logprobs_backward_is_autograds_with_one_full_vocab_tensor(entropy, temperature, dtype):
+    """token_logprobs' log-probs, entropy and gradients through a frozen LM head equal float64 log_softmax through
+    autograd (a banned -inf logit included), while its backward makes no [B, R, V] tensor beyond the saved softmax
+    it writes the gradient into (one more with the entropy in the loss); a second backward fails loudly."""
+    g = torch.Generator().manual_seed(0)
+    B, R, H, V = 3, 5, 16, 1000
+    head = torch.nn.Linear(H, V).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+        head.bias[7] = float("-inf")  # a banned token: p = 0
+    head.to(dtype)
+    hidden = torch.randn(B, R, H, generator=g).to(dtype)
+    targets = torch.randint(8, V, (B, R), generator=g)
+    weights, entropy_weights = torch.randn(B, R, generator=g), torch.randn(B, R, generator=g)
+
+    reference = hidden.double().requires_grad_()
+    log_p = (torch.nn.functional.linear(reference, head.weight.double(), head.bias.double()) / temperature
+             ).log_softmax(-1)
+    want_logp = log_p.gather(-1, targets[..., None]).squeeze(-1)
+    want_entropy = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+    ((weights * want_logp).sum() + (entropy_weights * want_entropy).sum() * (entropy == "grad")).backward()
+
+    ours = hidden.clone().requires_grad_()
+    logp, ent = policy_module.token_logprobs(ours, head, targets, temperature, entropy)
+    assert (ent is None) == (entropy == "none") and (ent is None or ent.requires_grad == (entropy == "grad"))
+    loss = (weights * logp).sum() + ((entropy_weights * ent).sum() if entropy == "grad" else 0.0)
+    full_vocab = []
+
+    class FullVocab(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a)}
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(t) and t.numel() == B * R * V and t.is_floating_point() \
+                        and t.untyped_storage().data_ptr() not in inputs:  # a new tensor, not an in-place result
+                    full_vocab.append(func)
+            return out
+    with FullVocab():
+        loss.backward(retain_graph=True)
+    expected = {"none": [], "value": [], "grad": [torch.ops.aten.sub.Tensor]}[entropy]  # z - E_p[z]
+    if dtype != torch.float32:
+        expected = expected + [torch.ops.aten._to_copy.default]  # the float32 gradient back to the head's dtype
+    assert full_vocab == expected, full_vocab
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    assert torch.allclose(logp.double(), want_logp, **tol)
+    if ent is not None:
+        assert torch.isfinite(ent).all() and torch.allclose(ent.double(), want_entropy, **tol)
+    assert ours.grad.dtype == dtype and torch.isfinite(ours.grad).all()
+    assert torch.allclose(ours.grad.double(), reference.grad, **tol)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # the saved softmax was consumed
 
 
 # ----------------------------------------------------------------------------- LoRA

@@ -221,14 +221,18 @@ def test_non_finite_reward_names_the_sample():
         reward_of(rm)([PROMPT] * 2, [GOOD, PLAIN])
 
 
-def test_entropy_from_logits():
-    from model.policy import entropy_from_logits
+def test_entropy_of_the_scored_logits():
+    from model.policy import token_logprobs
+
+    def entropy(logits):
+        return token_logprobs(logits, torch.nn.Identity(), torch.zeros(logits.shape[:-1], dtype=torch.long), 1.0,
+                              "value")[1]
     uniform = torch.zeros(2, 3, 10)
-    assert torch.allclose(entropy_from_logits(uniform), torch.full((2, 3), math.log(10)))
+    assert torch.allclose(entropy(uniform), torch.full((2, 3), math.log(10)))
     p = torch.tensor([0.7, 0.2, 0.1])
-    assert torch.allclose(entropy_from_logits(p.log()), -(p * p.log()).sum(), atol=1e-6)
-    masked = torch.tensor([0.0, 0.0, float("-inf")])  # a banned token contributes nothing, not NaN
-    assert torch.allclose(entropy_from_logits(masked), torch.tensor(math.log(2)))
+    assert torch.allclose(entropy(p.log()[None]), -(p * p.log()).sum(), atol=1e-6)
+    masked = torch.tensor([[0.0, 0.0, float("-inf")]])  # a banned token contributes nothing, not NaN
+    assert torch.allclose(entropy(masked), torch.tensor(math.log(2)))
 
 
 # ----------------------------------------------------------------------------- where the KL penalty goes
