@@ -211,10 +211,6 @@ def test_token_logprobs_backward_is_autograds_with_one_full_vocab_tensor(entropy
     want_entropy = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
     ((weights * want_logp).sum() + (entropy_weights * want_entropy).sum() * (entropy == "grad")).backward()
 
-    ours = hidden.clone().requires_grad_()
-    logp, ent = policy_module.token_logprobs(ours, head, targets, temperature, entropy)
-    assert (ent is None) == (entropy == "none") and (ent is None or ent.requires_grad == (entropy == "grad"))
-    loss = (weights * logp).sum() + ((entropy_weights * ent).sum() if entropy == "grad" else 0.0)
     full_vocab = []
 
     class FullVocab(TorchDispatchMode):
@@ -226,12 +222,23 @@ def test_token_logprobs_backward_is_autograds_with_one_full_vocab_tensor(entropy
                         and t.untyped_storage().data_ptr() not in inputs:  # a new tensor, not an in-place result
                     full_vocab.append(func)
             return out
+    ours = hidden.clone().requires_grad_()
+    logits = head(ours)
+    with FullVocab():
+        logp, ent = policy_module.token_logprobs(logits, torch.nn.Identity(), targets, temperature, entropy)
+    del logits
+    # the forward: the logits' float32 copy and tempered copy where there is one, and p (z - shift, exponentiated
+    # and normalised in place); the entropy's sum p z is taken by eighths of the vocabulary
+    cast = [torch.ops.aten._to_copy.default] if dtype != torch.float32 else []
+    tempered = [torch.ops.aten.div.Tensor] if temperature != 1.0 else []
+    assert full_vocab == cast + tempered + [torch.ops.aten.sub.Tensor], full_vocab
+    assert (ent is None) == (entropy == "none") and (ent is None or ent.requires_grad == (entropy == "grad"))
+    loss = (weights * logp).sum() + ((entropy_weights * ent).sum() if entropy == "grad" else 0.0)
+    full_vocab.clear()
     with FullVocab():
         loss.backward(retain_graph=True)
     expected = {"none": [], "value": [], "grad": [torch.ops.aten.sub.Tensor]}[entropy]  # z - E_p[z]
-    if dtype != torch.float32:
-        expected = expected + [torch.ops.aten._to_copy.default]  # the float32 gradient back to the head's dtype
-    assert full_vocab == expected, full_vocab
+    assert full_vocab == expected + cast, full_vocab  # cast: the float32 gradient back to the head's dtype
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     assert torch.allclose(logp.double(), want_logp, **tol)
     if ent is not None:
