@@ -227,11 +227,13 @@ def peak_rss_mb():
 
 
 def force_full_length(model, eos_token_id):
-    """Pin the EOS logit to -1e4 so sampling never stops early. Finite, not -inf: the update's entropy term
-    sums softmax * logits, and 0 * -inf is NaN. Put on the actor, the old actor and the reference, so
-    sampling and every scoring pass see the same distribution."""
+    """Pin the EOS logit to -1e4 so sampling never stops early. Put on the actor, the old actor and the
+    reference, so sampling and every scoring pass see the same distribution. Written in place, outside autograd,
+    so that the bench adds no logits-sized copy (forward or backward) to the memory it measures: its softmax
+    probability is exactly 0 in float32, so the gradient is the same as through a constant."""
     def hook(module, inputs, logits):
-        return logits.index_fill(-1, torch.tensor([eos_token_id], device=logits.device), -1e4)
+        with torch.no_grad():
+            logits[..., eos_token_id] = -1e4
     model.lm_head.register_forward_hook(hook)
     return model
 
@@ -258,7 +260,18 @@ def config_of(args):
                 max_tokens_per_micro_batch=args.max_tokens_per_micro_batch, compile=args.compile,
                 dtype=args.dtype, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
                 lora_rank=args.lora_rank,
-                threads=torch.get_num_threads(), torch=torch.__version__)
+                threads=torch.get_num_threads(), torch=torch.__version__, allocator=c_allocator())
+
+
+def c_allocator():
+    """The C library's allocator and its environment settings: on CPU, peak RSS depends on them (docs/memory.md)."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION")  # the glibc running, e.g. "glibc 2.36"
+    except (AttributeError, ValueError, OSError):
+        libc = None
+    settings = " ".join(f"{name}={value}" for name, value in sorted(os.environ.items())
+                        if name.startswith("MALLOC_") or name == "GLIBC_TUNABLES")
+    return " ".join(filter(None, [libc or "not glibc", settings]))
 
 
 def bench_run(args):

@@ -11,9 +11,11 @@ def json_lines(capsys):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-def test_bench_prints_one_json_line_with_full_length_responses(capsys):
+def test_bench_prints_one_json_line_with_full_length_responses(capsys, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # read, not applied: glibc reads it at start-up
     bench_ppo.main(MICRO)
     (result,) = json_lines(capsys)  # train_ppo's log went to stderr
+    assert result["config"]["allocator"].endswith(" MALLOC_MMAP_THRESHOLD_=131072")  # where RSS figures came from
     assert result["config"]["hidden_size"] == 32 and result["config"]["steps"] == 3
     assert result["avg_response_len"] == 4  # EOS pinned: every response runs to max_gen_len
     assert result["s_per_step"]["min"] <= result["s_per_step"]["median"] <= result["s_per_step"]["max"]
