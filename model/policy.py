@@ -32,32 +32,39 @@ class TokenLogprobs(torch.autograd.Function):
     tensors at once, 190 MB at Qwen's vocabulary and 64 tokens. The gradient has a closed form in the softmax p:
         d log p(a) / dz = onehot(a) - p,        dH / dz = -p (z - E_p[z]),  E_p[z] = lse - H,
     so the forward saves p alone (and z where the entropy is in the loss) and the backward writes the gradient
-    into p's own storage. Same numbers as autograd's to float rounding (tests/test_memory.py). The saved p is
+    into p's own storage; p is made in the storage of the logits' float32 or tempered copy where there is one. Same numbers as autograd's to float rounding (tests/test_memory.py). The saved p is
     consumed: a second backward through the same graph (retain_graph) fails loudly on its version counter.
     `entropy`: "none" (logprobs only), "value" (H without gradient) or "grad".
     """
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, entropy):
-        z = logits.float()
+        z = logits.float()  # the logits themselves where they are float32, else a float32 copy of our own
         if temperature != 1.0:  # x / 1 == x: skip a full-vocab pass and its backward
-            z = z / temperature
+            z = z / temperature if z is logits else z.div_(temperature)
+        # where z is our own copy and the backward does not need it, p takes its storage: the forward then makes
+        # no full-vocab tensor beyond that copy (bfloat16 logits on a GPU: 6 bytes per logit at the peak, not 10)
+        p_in_z = z is not logits and entropy != "grad"
         shift = z.amax(-1, keepdim=True)  # [B, c, 1]: logsumexp's max shift (none for a row of infinities)
         shift = torch.where(shift.isinf(), 0.0, shift)
-        p = (z - shift).exp_()  # [B, c, V], normalised below: the one tensor the backward needs
+        target_z = z.gather(-1, targets[..., None]).squeeze(-1)  # [B, c], taken before z may become p
+        p = (z.sub_(shift) if p_in_z else z - shift).exp_()  # [B, c, V], normalised below: what the backward needs
         total = p.sum(-1, keepdim=True)
         p.div_(total)
         lse = (shift + total.log()).squeeze(-1)  # [B, c]
-        logprobs = z.gather(-1, targets[..., None]).squeeze(-1) - lse
+        logprobs = target_z - lse
         ctx.temperature, ctx.entropy, ctx.dtype = temperature, entropy, logits.dtype
         if entropy == "none":
             ctx.save_for_backward(p, targets)
             return logprobs
-        # H = lse - sum p z, by eighths of the vocabulary (no third full-vocab tensor); a -inf logit (p = 0) adds
-        # nothing (0 * -inf is NaN, made 0)
+        # H = lse - sum p z = -sum p log p, by eighths of the vocabulary (no further full-vocab tensor); a -inf
+        # logit (p = 0) adds nothing (0 * -inf is NaN, made 0)
         part = -(-z.shape[-1] // 8)
-        H = lse - sum((p_part * z_part).nan_to_num_(nan=0.0).sum(-1)
-                      for p_part, z_part in zip(p.split(part, -1), z.split(part, -1)))
+        if p_in_z:  # z is gone: log p = z - lse
+            H = -sum((q * q.log()).nan_to_num_(nan=0.0).sum(-1) for q in p.split(part, -1))
+        else:
+            H = lse - sum((p_part * z_part).nan_to_num_(nan=0.0).sum(-1)
+                          for p_part, z_part in zip(p.split(part, -1), z.split(part, -1)))
         if entropy == "grad":
             ctx.save_for_backward(p, targets, z, lse - H)
         else:

@@ -227,11 +227,13 @@ def test_token_logprobs_backward_is_autograds_with_one_full_vocab_tensor(entropy
     with FullVocab():
         logp, ent = policy_module.token_logprobs(logits, torch.nn.Identity(), targets, temperature, entropy)
     del logits
-    # the forward: the logits' float32 copy and tempered copy where there is one, and p (z - shift, exponentiated
-    # and normalised in place); the entropy's sum p z is taken by eighths of the vocabulary
+    # the forward: z, the logits' float32 copy or tempered copy where there is one (a copy is tempered in place),
+    # and p (z - shift, exponentiated and normalised in place), made in z's storage where z is a copy the backward
+    # does not need; the entropy's sum is taken by eighths of the vocabulary
     cast = [torch.ops.aten._to_copy.default] if dtype != torch.float32 else []
-    tempered = [torch.ops.aten.div.Tensor] if temperature != 1.0 else []
-    assert full_vocab == cast + tempered + [torch.ops.aten.sub.Tensor], full_vocab
+    tempered = [torch.ops.aten.div.Tensor] if temperature != 1.0 and dtype == torch.float32 else []
+    p_in_z = bool(cast + tempered) and entropy != "grad"
+    assert full_vocab == cast + tempered + ([] if p_in_z else [torch.ops.aten.sub.Tensor]), full_vocab
     assert (ent is None) == (entropy == "none") and (ent is None or ent.requires_grad == (entropy == "grad"))
     loss = (weights * logp).sum() + ((entropy_weights * ent).sum() if entropy == "grad" else 0.0)
     full_vocab.clear()
