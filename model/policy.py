@@ -32,8 +32,9 @@ class TokenLogprobs(torch.autograd.Function):
     tensors at once, 190 MB at Qwen's vocabulary and 64 tokens. The gradient has a closed form in the softmax p:
         d log p(a) / dz = onehot(a) - p,        dH / dz = -p (z - E_p[z]),  E_p[z] = lse - H,
     so the forward saves p alone (and z where the entropy is in the loss) and the backward writes the gradient
-    into p's own storage; p is made in the storage of the logits' float32 or tempered copy where there is one. Same numbers as autograd's to float rounding (tests/test_memory.py). The saved p is
-    consumed: a second backward through the same graph (retain_graph) fails loudly on its version counter.
+    into p's own storage; p is made in the storage of the logits' float32 or tempered copy where there is one.
+    Same numbers as autograd's to float rounding (tests/test_memory.py). The saved p is consumed: a second
+    backward through the same graph (retain_graph) fails loudly on its version counter.
     `entropy`: "none" (logprobs only), "value" (H without gradient) or "grad".
     """
 
@@ -61,7 +62,7 @@ class TokenLogprobs(torch.autograd.Function):
         # logit (p = 0) adds nothing (0 * -inf is NaN, made 0)
         part = -(-z.shape[-1] // 8)
         if p_in_z:  # z is gone: log p = z - lse
-            H = -sum((q * q.log()).nan_to_num_(nan=0.0).sum(-1) for q in p.split(part, -1))
+            H = -sum(q.log().mul_(q).nan_to_num_(nan=0.0).sum(-1) for q in p.split(part, -1))
         else:
             H = lse - sum((p_part * z_part).nan_to_num_(nan=0.0).sum(-1)
                           for p_part, z_part in zip(p.split(part, -1), z.split(part, -1)))
